@@ -1,0 +1,39 @@
+"""One exception family for llama_export; every message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class LlamaExportError(Exception):
+    """Base class: a user-facing error whose message says what to do."""
+
+
+class ConfigError(LlamaExportError, ValueError):
+    """A model or parallel configuration that cannot work."""
+
+
+class ParallelError(ConfigError):
+    """A tensor-parallel degree that does not fit the model."""
+
+
+class CheckpointError(LlamaExportError):
+    """A checkpoint that is missing, truncated, or does not match its config."""
+
+
+class InputError(LlamaExportError, ValueError):
+    """Bad run-time input: token ids, prompt length, batch shape."""
+
+
+class ArtifactError(LlamaExportError):
+    """An export directory or manifest that is incomplete, tampered with or unsafe."""
+
+
+class BackendUnavailableError(LlamaExportError):
+    """An optional backend whose library is not installed (the message says what to install)."""
+
+
+class RankFailedError(LlamaExportError):
+    """A rank process died or a collective timed out."""
+
+
+class ToleranceError(LlamaExportError):
+    """A backend disagreed with the eager reference beyond the stated tolerance."""

@@ -1,0 +1,125 @@
+"""Checkpoint loading: config, then exactly one rank's slices, then a ready `Transformer`.
+
+Formats (detected from the files present):
+- Meta: `params.json` + `consolidated.NN.pth` (any number of source shards, resharded to any valid tp).
+- Hugging Face: `config.json` + `model.safetensors` or `model.safetensors.index.json` + shards.
+
+A rank reads only its own slices: `.pth` files are memory-mapped (`torch.load(mmap=True,
+weights_only=True)`) and safetensors are sliced lazily, so peak memory tracks the rank's share.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llama_export.config import ModelConfig, load_json
+from llama_export.errors import CheckpointError
+from llama_export.model.transformer import Transformer
+from llama_export.parallel.comm import Communicator
+from llama_export.parallel.plan import RankShape, Slice, shard_slice
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointFormat(str, enum.Enum):
+    META = "meta"
+    HF = "hf"
+
+
+def detect_format(path: Path) -> CheckpointFormat:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist; pass --checkpoint DIR")
+    if (path / "params.json").is_file():
+        return CheckpointFormat.META
+    if (path / "config.json").is_file():
+        return CheckpointFormat.HF
+    raise CheckpointError(
+        f"{path} holds neither params.json (Meta format) nor config.json (Hugging Face format); "
+        "point --checkpoint at the folder that contains them"
+    )
+
+
+def load_config(path: Path, *, max_seq_len: int | None = None) -> ModelConfig:
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt is CheckpointFormat.META:
+        params = load_json(path / "params.json")
+        kwargs = {"max_seq_len": max_seq_len} if max_seq_len else {}
+        return ModelConfig.from_meta_params(params, **kwargs)
+    return ModelConfig.from_hf_config(load_json(path / "config.json"), max_seq_len=max_seq_len)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Global parameter shapes, by Meta name, implied by the config."""
+    hd, d = cfg.head_dim, cfg.dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "attention.wq.weight": (cfg.n_heads * hd, d),
+            p + "attention.wk.weight": (cfg.n_kv_heads * hd, d),
+            p + "attention.wv.weight": (cfg.n_kv_heads * hd, d),
+            p + "attention.wo.weight": (d, cfg.n_heads * hd),
+            p + "feed_forward.w1.weight": (cfg.hidden_dim, d),
+            p + "feed_forward.w2.weight": (d, cfg.hidden_dim),
+            p + "feed_forward.w3.weight": (cfg.hidden_dim, d),
+            p + "attention_norm.weight": (d,),
+            p + "ffn_norm.weight": (d,),
+        }
+    shapes["norm.weight"] = (d,)
+    shapes["output.weight"] = (cfg.vocab_size, d)
+    return shapes
+
+
+def pad_to(t: Tensor, sl: Slice) -> Tensor:
+    """Zero-pad `t` along `sl.dim` to `sl.stop - sl.start` (vocabulary padding of the last rank)."""
+    if sl.dim is None or t.shape[sl.dim] == sl.stop - sl.start:
+        return t
+    shape = list(t.shape)
+    shape[sl.dim] = sl.stop - sl.start
+    out = t.new_zeros(shape)
+    out.narrow(sl.dim, 0, t.shape[sl.dim]).copy_(t)
+    return out
+
+
+def load_rank_state(path: Path, shape: RankShape, *, dtype: torch.dtype) -> dict[str, Tensor]:
+    """This rank's parameter slices, by Meta name, cast to `dtype`."""
+    from llama_export.model import hf_format, meta_format
+
+    path = Path(path)
+    shapes = expected_shapes(shape.cfg)
+    if detect_format(path) is CheckpointFormat.META:
+        reader = meta_format.MetaReader(path, shapes)
+    else:
+        reader = hf_format.HFReader(path, shape.cfg, shapes)
+    with reader:
+        state = {}
+        for name in shapes:
+            sl = shard_slice(name, shape)
+            state[name] = pad_to(reader.read(name, sl), sl).to(dtype).contiguous()
+    return state
+
+
+def build_model(
+    path: Path,
+    *,
+    tp: int = 1,
+    rank: int = 0,
+    comm: Communicator | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_seq_len: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Transformer:
+    """Config + rank `rank`'s weights from `path`, as a ready eval-mode `Transformer`."""
+    cfg = load_config(path, max_seq_len=max_seq_len)
+    with torch.device("meta"):
+        model = Transformer(cfg, tp=tp, rank=rank, comm=comm)
+    state = load_rank_state(path, model.shape, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()

@@ -1,0 +1,147 @@
+"""Hugging Face checkpoints: `config.json` + safetensors (single file or sharded with an index).
+
+Names map to Meta's, and q/k rows are permuted from HF's rotate-half layout to Meta's interleaved one.
+HF's conversion script turns Meta's per-head row order (i, half) into (half, i):
+    w_hf = w_meta.view(heads, hd/2, 2, dim).transpose(1, 2).reshape(heads*hd, dim)
+so the inverse, applied per head to any head-aligned row slice, is
+    w_meta = w_hf.view(heads, 2, hd/2, dim).transpose(1, 2).reshape(heads*hd, dim)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import ExitStack
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from llama_export.config import ModelConfig
+from llama_export.errors import CheckpointError
+from llama_export.parallel.plan import Slice
+
+_LAYER_MAP = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_MAP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def hf_name(meta_name: str) -> str:
+    if meta_name in _TOP_MAP:
+        return _TOP_MAP[meta_name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", meta_name)
+    return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+
+
+def rotate_half_to_interleaved(w: Tensor, head_dim: int) -> Tensor:
+    """Permute head-aligned q/k rows from HF rotate-half order to Meta interleaved order."""
+    rows, cols = w.shape
+    return w.reshape(rows // head_dim, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def interleaved_to_rotate_half(w: Tensor, head_dim: int) -> Tensor:
+    """Inverse of `rotate_half_to_interleaved` (Meta -> HF, as HF's conversion script does)."""
+    rows, cols = w.shape
+    return w.reshape(rows // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+class HFReader:
+    """Lazy slices of HF safetensors, returned under Meta names in Meta layout."""
+
+    def __init__(self, path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.path = Path(path)
+        self.cfg = cfg
+        self.shapes = shapes
+        self._stack = ExitStack()
+        self.files: dict[str, str] = {}  # hf name -> file name
+        self.handles: dict[str, object] = {}
+        raw = json.loads((self.path / "config.json").read_text())
+        for key in ("attention_bias", "mlp_bias"):
+            if raw.get(key):
+                raise CheckpointError(f"config.json sets {key}=true; LLaMA without biases is supported only")
+
+    def __enter__(self) -> HFReader:
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.is_file():
+            try:
+                self.files = dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e}); copy it again") from None
+        elif single.is_file():
+            self.files = {}
+        else:
+            found = sorted(p.name for p in self.path.glob("*.bin"))
+            hint = " (PyTorch .bin weights: re-save them with save_pretrained(safe_serialization=True))" if found else ""
+            raise CheckpointError(f"{self.path} has config.json but no model.safetensors or its index{hint}")
+        names = set(self.files.values()) or {"model.safetensors"}
+        for fname in sorted(names):
+            f = self.path / fname
+            if not f.is_file():
+                raise CheckpointError(f"{f} is listed in the safetensors index but missing; copy it there")
+            try:
+                self.handles[fname] = self._stack.enter_context(safe_open(str(f), framework="pt"))
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"cannot read {f} ({e}); the file is truncated or corrupt: copy it again") from None
+        if not self.files:
+            h = self.handles["model.safetensors"]
+            self.files = {k: "model.safetensors" for k in h.keys()}
+        self._check()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _source(self, meta_name: str) -> str:
+        name = hf_name(meta_name)
+        if name not in self.files and meta_name == "output.weight" and self.cfg.tie_word_embeddings:
+            return hf_name("tok_embeddings.weight")
+        return name
+
+    def _check(self) -> None:
+        missing = sorted(hf_name(n) for n in self.shapes if self._source(n) not in self.files)
+        if missing:
+            more = " ..." if len(missing) > 5 else ""
+            raise CheckpointError(
+                f"{self.path}: tensors missing from the safetensors files: {missing[:5]}{more}; "
+                "check that config.json belongs to these weights"
+            )
+        for meta_name, want in self.shapes.items():
+            src = self._source(meta_name)
+            got = tuple(self.handles[self.files[src]].get_slice(src).get_shape())
+            if got != want:
+                raise CheckpointError(
+                    f"{src} has shape {got} but config.json implies {want}; "
+                    "check that config.json belongs to these weights"
+                )
+
+    def read(self, meta_name: str, sl: Slice) -> Tensor:
+        src = self._source(meta_name)
+        view = self.handles[self.files[src]].get_slice(src)
+        size = view.get_shape()[sl.dim] if sl.dim is not None else 0
+        stop = min(sl.stop, size)
+        try:
+            if sl.dim is None:
+                t = view[:]
+            elif sl.dim == 0:
+                t = view[sl.start : stop]
+            else:
+                t = view[:, sl.start : stop]
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read {src} from {self.files[src]} ({e}); the file is corrupt") from None
+        if meta_name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = rotate_half_to_interleaved(t, self.cfg.head_dim)
+        return t

@@ -1,0 +1,104 @@
+"""Communicators: the only way model code talks to other ranks.
+
+Three implementations of one small interface:
+- `LocalComm`: TP=1, every collective is the identity.
+- `DistComm`: `torch.distributed` (NCCL for CUDA tensors, gloo for CPU).
+- `ExportComm`: emits `llama_export::all_reduce` / `all_gather` marker ops that export turns into
+  `AllReduce` / `AllGather` nodes, where the partition pass later cuts the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class Communicator(Protocol):
+    rank: int
+    world_size: int
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        """Sum of `x` over all ranks (out of place)."""
+        ...
+
+    def all_gather(self, x: Tensor, dim: int) -> Tensor:
+        """Concatenation of every rank's `x` along `dim`, in rank order."""
+        ...
+
+
+class LocalComm:
+    """Single-rank communicator."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        return x
+
+    def all_gather(self, x: Tensor, dim: int) -> Tensor:
+        return x
+
+
+class DistComm:
+    """`torch.distributed` communicator over the default (or a given) process group."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        # gloo sums half-precision tensors poorly (and not at all for bf16 in some builds): reduce in
+        # fp32 and cast back. NCCL reduces natively.
+        self._upcast = dist.get_backend(group) == "gloo"
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        y = x.float() if (self._upcast and x.dtype != torch.float32) else x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
+        return y.to(x.dtype)
+
+    def all_gather(self, x: Tensor, dim: int) -> Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=dim)
+
+
+# ---- export markers ------------------------------------------------------------------------------
+@torch.library.custom_op("llama_export::all_reduce", mutates_args=())
+def all_reduce_marker(x: Tensor, world_size: int) -> Tensor:
+    """Marker for a sum over `world_size` ranks; only traced, never executed."""
+    raise RuntimeError("llama_export::all_reduce is an export marker; run eager models with DistComm")
+
+
+@all_reduce_marker.register_fake
+def _(x: Tensor, world_size: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("llama_export::all_gather", mutates_args=())
+def all_gather_marker(x: Tensor, dim: int, world_size: int) -> Tensor:
+    """Marker for a concatenation over `world_size` ranks; only traced, never executed."""
+    raise RuntimeError("llama_export::all_gather is an export marker; run eager models with DistComm")
+
+
+@all_gather_marker.register_fake
+def _(x: Tensor, dim: int, world_size: int) -> Tensor:
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * world_size
+    return x.new_empty(shape)
+
+
+class ExportComm:
+    """Communicator used while tracing rank `rank` of `world_size` for export."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        return all_reduce_marker(x, self.world_size)
+
+    def all_gather(self, x: Tensor, dim: int) -> Tensor:
+        return all_gather_marker(x, dim % x.dim(), self.world_size)
