@@ -1,0 +1,99 @@
+"""Thin argparse front end: `llama-export {export,run,compare,build}`. Only this module prints errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from llama_export.config import Backend, Precision
+from llama_export.errors import LlamaExportError
+
+
+def _add_run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="generate across N rank processes on the eager, ort or trt backend",
+        description="Greedy or sampled generation. Starts --tp rank processes itself (or runs under torchrun).",
+    )
+    src = p.add_argument_group("model source")
+    src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (eager; default: the built-in demo model)")
+    src.add_argument("--artifacts", type=Path, help="export directory with manifest.json (ort; for trt the engines directory)")
+    p.add_argument("--backend", type=Backend, choices=list(Backend), default=Backend.EAGER,
+                   help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree = number of rank processes")
+    p.add_argument("--dtype", type=Precision, choices=list(Precision), default=Precision.FP32,
+                   help="eager weight/activation dtype (exports carry their own)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text prompt (tokenized with the checkpoint's or export's tokenizer.model)")
+    prompt.add_argument("--batch", type=Path, help="file with one prompt per line, run as one batch")
+    prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3 (batch rows separated by ';')")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (ort/eager: cpu in CI)")
+    p.add_argument("--json", type=Path, dest="json_out",
+                   help="write generated ids and every step's full last-token logits as JSON")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args, argv: list[str]) -> int:
+    from llama_export.runner.generate import SamplingConfig
+    from llama_export.runner.run import RunOptions, parse_prompt_ids, run
+
+    prompts = None
+    if args.prompt is not None:
+        prompts = (args.prompt,)
+    elif args.batch is not None:
+        prompts = tuple(line.rstrip("\n").replace("\\n", "\n") for line in args.batch.read_text().splitlines() if line.strip())
+    opts = RunOptions(
+        backend=args.backend,
+        tp=args.tp,
+        max_new_tokens=args.max_new_tokens,
+        checkpoint=args.checkpoint,
+        artifacts=args.artifacts,
+        dtype=args.dtype,
+        prompt_ids=parse_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None,
+        prompts=prompts,
+        sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
+        json_out=args.json_out,
+        device=args.device,
+    )
+    return run(opts, argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-export",
+        description="Export LLaMA-family models to tensor-parallel ONNX / TensorRT and run them.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args, argv)
+    except LlamaExportError as e:
+        import os
+
+        rank = os.environ.get("RANK")
+        prefix = f"error (rank {rank}): " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else "error: "
+        print(prefix + str(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
