@@ -10,11 +10,14 @@ so the inverse, applied per head to any head-aligned row slice, is
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
 from contextlib import ExitStack
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
+import torch
 from torch import Tensor
 
 from llama_export.config import ModelConfig
@@ -68,6 +71,7 @@ class HFReader:
         self._stack = ExitStack()
         self.files: dict[str, str] = {}  # hf name -> file name
         self.handles: dict[str, object] = {}
+        self.raw: dict[str, RawSafetensors] = {}
         raw = json.loads((self.path / "config.json").read_text())
         for key in ("attention_bias", "mlp_bias"):
             if raw.get(key):
@@ -130,18 +134,66 @@ class HFReader:
 
     def read(self, meta_name: str, sl: Slice) -> Tensor:
         src = self._source(meta_name)
-        view = self.handles[self.files[src]].get_slice(src)
-        size = view.get_shape()[sl.dim] if sl.dim is not None else 0
-        stop = min(sl.stop, size)
-        try:
-            if sl.dim is None:
-                t = view[:]
-            elif sl.dim == 0:
-                t = view[sl.start : stop]
-            else:
-                t = view[:, sl.start : stop]
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read {src} from {self.files[src]} ({e}); the file is corrupt") from None
+        fname = self.files[src]
+        if fname not in self.raw:
+            self.raw[fname] = RawSafetensors(self.path / fname)
+        t = self.raw[fname].read(src, sl)
         if meta_name.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = rotate_half_to_interleaved(t, self.cfg.head_dim)
         return t
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_BLOCK_BYTES = 8 << 20
+
+
+class RawSafetensors:
+    """Slices of one safetensors file read with `pread`, never through a memory map.
+
+    `safe_open` has already validated the file; this only parses the documented header (8-byte
+    little-endian length + JSON with dtype, shape and data_offsets) to find where each tensor lives,
+    so that a column slice is read row block by row block without mapping (and so without making
+    resident) the whole tensor.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(n))
+        self.base = 8 + n
+
+    def read(self, name: str, sl: Slice) -> Tensor:
+        info = self.header[name]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{name} in {self.path} has dtype {info['dtype']}; expected F32, F16 or BF16")
+        shape = list(info["shape"])
+        begin = self.base + info["data_offsets"][0]
+        esize = torch.empty((), dtype=dtype).element_size()
+        row = (int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1) * esize
+        with open(self.path, "rb") as f:
+            fd = f.fileno()
+            if sl.dim is None or sl.dim == 0:
+                lo, hi = (0, shape[0]) if sl.dim is None else (sl.start, min(sl.stop, shape[0]))
+                out = torch.empty([hi - lo, *shape[1:]], dtype=dtype)
+                _pread_into(fd, out, begin + lo * row)
+                return out
+            out = torch.empty([shape[0], min(sl.stop, shape[1]) - sl.start, *shape[2:]], dtype=dtype)
+            step = max(1, _BLOCK_BYTES // row)
+            for r0 in range(0, shape[0], step):
+                r1 = min(shape[0], r0 + step)
+                block = torch.empty([r1 - r0, *shape[1:]], dtype=dtype)
+                _pread_into(fd, block, begin + r0 * row)
+                out[r0:r1] = block[:, sl.start : sl.start + out.shape[1]]
+            return out
+
+
+def _pread_into(fd: int, t: Tensor, offset: int) -> None:
+    buf = memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"unexpected end of file at byte {offset + done}; the file is truncated")
+        done += n

@@ -7,9 +7,12 @@ norms. The global tensor is the concatenation of the shards; any target slice is
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -101,20 +104,79 @@ class MetaReader:
         if src_dim is None or len(pieces) == 1:
             full = pieces[0]
             if sl.dim is None:
-                return full.clone()
-            return full.narrow(sl.dim, sl.start, min(sl.stop, full.shape[sl.dim]) - sl.start).clone()
+                return copy_and_release(full)
+            return copy_and_release(full, sl.dim, sl.start, min(sl.stop, full.shape[sl.dim]))
         if sl.dim is None or sl.dim != src_dim:
             # Target splits another dim (or none): cut each piece, then concatenate along the source dim.
-            cut = [p if sl.dim is None else p.narrow(sl.dim, sl.start, sl.stop - sl.start) for p in pieces]
+            cut = [copy_and_release(p) if sl.dim is None else copy_and_release(p, sl.dim, sl.start, sl.stop)
+                   for p in pieces]
             return torch.cat(cut, dim=src_dim)
         out, offset = [], 0
         for p in pieces:
             size = p.shape[src_dim]
             lo, hi = max(sl.start, offset), min(sl.stop, offset + size)
             if lo < hi:
-                out.append(p.narrow(src_dim, lo - offset, hi - lo))
+                out.append(copy_and_release(p, src_dim, lo - offset, hi - offset))
             offset += size
         return torch.cat(out, dim=src_dim)
+
+
+_BLOCK_BYTES = 8 << 20
+
+
+def copy_and_release(t: Tensor, dim: int | None = None, start: int = 0, stop: int = 0) -> Tensor:
+    """Copy `t` (or `t.narrow(dim, start, stop - start)`) out of a memory-mapped shard, block by block,
+    telling the kernel after each block that the mapped file pages are no longer needed.
+
+    Without the release, a column slice (dim 1) touches every page of the tensor and the whole file
+    would end up resident in this process; with it, peak memory is this rank's share plus one block.
+    """
+    if dim is None:
+        dim, start, stop = 0, 0, t.shape[0] if t.dim() else 1
+        if t.dim() == 0:
+            return t.clone()
+    out = torch.empty(*t.shape[:dim], stop - start, *t.shape[dim + 1 :], dtype=t.dtype)
+    rows = t.shape[0]
+    row_bytes = max(1, t[0].numel() * t.element_size()) if rows else 1
+    step = max(1, _BLOCK_BYTES // row_bytes)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if dim == 0:
+            lo, hi = max(r0, start), min(r1, stop)
+            if lo < hi:
+                out[lo - start : hi - start] = t[lo:hi]
+        else:
+            out[r0:r1] = t[r0:r1].narrow(dim, start, stop - start)
+        _release(t[r0:r1])
+    return out
+
+
+def _release(block: Tensor) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages under `block` (Linux; a no-op elsewhere)."""
+    if _LIBC is None or not block.is_contiguous():
+        return
+    page = _PAGE
+    begin = block.data_ptr()
+    end = begin + block.numel() * block.element_size()
+    a = -(-begin // page) * page
+    b = (end // page) * page
+    if b > a:
+        _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # 4 = MADV_DONTNEED
+
+
+def _load_libc():
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def to_meta_params(cfg: ModelConfig, *, multiple_of: int, ffn_dim_multiplier: float | None = None) -> dict:
