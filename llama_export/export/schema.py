@@ -36,3 +36,35 @@ COLLECTIVE_OPS = (ALL_REDUCE, ALL_GATHER)
 DIM_BATCH = "batch"
 DIM_SEQ = "seq"
 DIM_PAST = "past"
+
+
+def register_onnx_schemas() -> None:
+    """Register the four ops with `onnx.defs` (idempotent), so that onnxscript can emit them and
+    `onnx.checker` validates their inputs, outputs, types and attributes."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    float_types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    P, A = OpSchema.FormalParameter, OpSchema.Attribute
+    specs = [
+        (RMS_NORM, "y = x / sqrt(mean(x^2, -1) + epsilon) * weight, normalised in fp32",
+         [P("x", "T"), P("weight", "T")], [P("y", "T")], [("T", float_types, "activation type")],
+         [A("epsilon", onnx.helper.make_attribute("epsilon", 1e-5), "added to the mean square")]),
+        (ROPE, "rotary position embedding of x [B, S, H, D] with cos/sin [S, D/2] (fp32)",
+         [P("x", "T"), P("cos", "F"), P("sin", "F")], [P("y", "T")],
+         [("T", float_types, "activation type"), ("F", ["tensor(float)"], "rotation tables")],
+         [A("interleaved", onnx.helper.make_attribute("interleaved", 1), "1: pairs (2i, 2i+1); 0: (i, i+D/2)")]),
+        (ALL_REDUCE, "sum over tensor-parallel ranks (partition marker)",
+         [P("x", "T")], [P("y", "T")], [("T", float_types, "")],
+         [A("world_size", OpSchema.AttrType.INT, "number of ranks")]),
+        (ALL_GATHER, "concatenation over tensor-parallel ranks along axis (partition marker)",
+         [P("x", "T")], [P("y", "T")], [("T", float_types, "")],
+         [A("axis", OpSchema.AttrType.INT, "non-negative axis"), A("world_size", OpSchema.AttrType.INT, "ranks")]),
+    ]
+    for name, doc, inputs, outputs, types, attrs in specs:
+        if onnx.defs.has(name, DOMAIN):
+            continue
+        onnx.defs.register_schema(
+            OpSchema(name, DOMAIN, VERSION, doc=doc, inputs=inputs, outputs=outputs,
+                     type_constraints=types, attributes=attrs)
+        )

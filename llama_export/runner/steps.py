@@ -94,22 +94,25 @@ def build_step(opts, *, comm: Communicator, device: torch.device, batch: int):
         )
         step: StepFn = model
         return step, model.empty_cache(batch), model.cfg, eos_id
+    from llama_export.export.manifest import load_manifest
     from llama_export.runner.stitch import segmented_step
 
-    backend = _open_backend(opts, comm.rank, device)
-    step, cache, cfg = segmented_step(opts.artifacts, backend, comm=comm, batch=batch)
+    manifest = load_manifest(opts.artifacts)
+    backend = open_backend(opts.backend, manifest, opts.artifacts, rank=comm.rank, device=device)
+    step, cache, cfg = segmented_step(manifest, backend, comm=comm, batch=batch)
     return step, cache, cfg, eos_id
 
 
-def _open_backend(opts, rank: int, device: torch.device):
-    if opts.backend is Backend.ORT:
+def open_backend(backend: Backend, manifest, root: Path, *, rank: int, device: torch.device):
+    """The RankBackend of `backend` for one rank of an export (or engine) directory."""
+    if backend is Backend.ORT:
         from llama_export.backends.ort import OrtBackend
 
-        return OrtBackend(opts.artifacts, rank=rank, device=device)
-    if opts.backend is Backend.TENSORRT:
+        return OrtBackend(manifest, root, rank=rank, device=device)
+    if backend is Backend.TENSORRT:
         try:
             from llama_export.backends.tensorrt.runner import TensorRTBackend
         except ImportError as e:
             raise BackendUnavailableError(f"the TensorRT backend is not available here ({e})") from None
-        return TensorRTBackend(opts.artifacts, rank=rank, device=device)
-    raise InputError(f"unknown backend {opts.backend!r}; choose eager, ort or trt")
+        return TensorRTBackend(root, rank=rank, device=device)
+    raise InputError(f"unknown backend {backend!r}; choose eager, ort or trt")

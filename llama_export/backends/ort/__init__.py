@@ -1,0 +1,84 @@
+"""ONNX Runtime backend: one InferenceSession per segment of one rank.
+
+Sessions are created from the canonical custom-node graphs, lowered in memory (`lowering.py`).
+onnxruntime is imported lazily, so that importing llama_export never needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor
+
+from llama_export.errors import ArtifactError, BackendUnavailableError
+from llama_export.export.manifest import Manifest, resolve_inside
+
+log = logging.getLogger(__name__)
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
+    return onnxruntime
+
+
+class OrtBackend:
+    """RankBackend over ONNX Runtime sessions (CPU execution provider; CUDA where onnxruntime-gpu is)."""
+
+    def __init__(self, manifest: Manifest, root: Path, *, rank: int, device: torch.device,
+                 threads: int | None = None) -> None:
+        from llama_export.backends.ort.lowering import lower_for_ort
+
+        ort = _ort()
+        self.device = torch.device(device)
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailableError(
+                    "--device cuda with the ort backend needs onnxruntime-gpu (pip install onnxruntime-gpu); "
+                    "this onnxruntime has only " + ", ".join(ort.get_available_providers()))
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), *providers]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        opts.log_severity_level = 3
+        self.sessions = []
+        self.segments = manifest.rank(rank).segments
+        for seg in self.segments:
+            path = resolve_inside(root, seg.file)
+            try:
+                model = onnx.load(str(path))
+            except Exception as e:  # protobuf DecodeError and friends
+                raise ArtifactError(f"{seg.file} is not a readable ONNX model ({type(e).__name__}); re-export") from None
+            lowered = lower_for_ort(model)
+            self.sessions.append(
+                ort.InferenceSession(lowered.SerializeToString(), sess_options=opts, providers=providers))
+        log.info("rank %d: %d ONNX Runtime sessions on %s", rank, len(self.sessions), providers[0])
+
+    def run_segment(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
+        seg = self.segments[index]
+        np_feeds = {name: _to_numpy(t) for name, t in feeds.items()}
+        outs = self.sessions[index].run([o.name for o in seg.outputs], np_feeds)
+        return {o.name: torch.from_numpy(v).to(self.device) for o, v in zip(seg.outputs, outs)}
+
+    def close(self) -> None:
+        self.sessions.clear()
+
+    def __enter__(self) -> OrtBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _to_numpy(t: Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        raise BackendUnavailableError("ONNX Runtime's CPU provider has no bf16 kernels; export fp32 or fp16")
+    return t.detach().cpu().contiguous().numpy()

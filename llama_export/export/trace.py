@@ -1,0 +1,112 @@
+"""Trace one tensor-parallel rank of the eager model into an ONNX graph (torch.onnx.export, dynamo).
+
+RMSNorm and RoPE become `llama_export.RMSNorm` / `llama_export.RoPE` nodes, collectives become
+`AllReduce` / `AllGather` markers (the model is built with an `ExportComm`), and the KV cache is explicit
+graph I/O:
+
+    inputs   tokens [batch, seq] int64, past_key_{i} / past_value_{i} [batch, kv_heads, past, head_dim]
+    outputs  logits [batch, vocab] fp32, present_key_{i} / present_value_{i} [batch, kv_heads, past+seq, head_dim]
+
+One graph serves prefill (past = 0) and decode (seq = 1). Example inputs use sizes >= 2 on every
+dynamic dimension, since a size of 1 would be specialised into the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import onnx
+import onnxscript
+import torch
+from torch import Tensor, nn
+
+from llama_export.export import schema
+from llama_export.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+OPSET = 23
+# onnxruntime 1.31 rejects IR version 14 (which onnx 1.23 writes by default); IR 10 is what opset 23
+# was introduced with and what every runtime we target loads.
+IR_VERSION = 10
+
+
+def input_names(n_layers: int) -> list[str]:
+    return ["tokens"] + [f"past_key_{i}" for i in range(n_layers)] + [f"past_value_{i}" for i in range(n_layers)]
+
+
+def output_names(n_layers: int) -> list[str]:
+    return (["logits"] + [f"present_key_{i}" for i in range(n_layers)]
+            + [f"present_value_{i}" for i in range(n_layers)])
+
+
+def _translation_table() -> dict:
+    schema.register_onnx_schemas()
+    custom = onnxscript.values.Opset(schema.DOMAIN, schema.VERSION)
+
+    def rms_norm(x, weight, eps: float):
+        return custom.RMSNorm(x, weight, epsilon=eps)
+
+    def rope(x, cos, sin, interleaved: bool):
+        return custom.RoPE(x, cos, sin, interleaved=int(interleaved))
+
+    def all_reduce(x, world_size: int):
+        return custom.AllReduce(x, world_size=world_size)
+
+    def all_gather(x, dim: int, world_size: int):
+        return custom.AllGather(x, axis=dim, world_size=world_size)
+
+    ops = torch.ops.llama_export
+    return {
+        ops.rms_norm.default: rms_norm,
+        ops.rope.default: rope,
+        ops.all_reduce.default: all_reduce,
+        ops.all_gather.default: all_gather,
+    }
+
+
+class _Flat(nn.Module):
+    """Presents the model with flat KV-cache arguments so that graph I/O names are stable."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+        self.n = model.cfg.n_layers
+
+    def forward(self, tokens: Tensor, *cache: Tensor):
+        logits, keys, values = self.model(tokens, list(cache[: self.n]), list(cache[self.n :]))
+        return (logits, *keys, *values)
+
+
+def trace_rank(model: Transformer, *, max_batch: int) -> onnx.ModelProto:
+    """ONNX graph of `model` (one rank, built with an ExportComm for tp > 1)."""
+    cfg = model.cfg
+    n = cfg.n_layers
+    p = next(model.parameters())
+    b, s, past = 2, 3, 4  # >= 2 on every dynamic dimension
+    tokens = torch.randint(0, cfg.vocab_size, (b, s))
+    kv = model.shape.local_kv_heads
+    cache = [torch.zeros(b, kv, past, cfg.head_dim, dtype=p.dtype) for _ in range(2 * n)]
+    batch = torch.export.Dim(schema.DIM_BATCH, min=1, max=max_batch)
+    seq = torch.export.Dim(schema.DIM_SEQ, min=1, max=cfg.max_seq_len)
+    past_dim = torch.export.Dim(schema.DIM_PAST, min=0, max=cfg.max_seq_len - 1)
+    dynamic = {"tokens": {0: batch, 1: seq}, "cache": tuple({0: batch, 2: past_dim} for _ in range(2 * n))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
+        program = torch.onnx.export(
+            _Flat(model).eval(),
+            (tokens, *cache),
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            custom_translation_table=_translation_table(),
+            input_names=input_names(n),
+            output_names=output_names(n),
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+            external_data=False,
+        )
+    proto = program.model_proto
+    proto.ir_version = IR_VERSION
+    return proto
