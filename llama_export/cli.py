@@ -64,6 +64,56 @@ def _cmd_run(args, argv: list[str]) -> int:
     return run(opts, argv)
 
 
+def _add_export_parser(sub) -> None:
+    from llama_export.export.exporter import ExportOptions
+
+    d = ExportOptions(checkpoint=Path("."))
+    p = sub.add_parser(
+        "export",
+        help="export per-rank ONNX segments + manifest and validate them on ONNX Runtime",
+        description="Export every tensor-parallel rank of a checkpoint to ONNX subgraphs cut at the "
+        "collectives, validate each variant on ONNX Runtime (CPU) against the eager model, and print "
+        "a table. Exits 1 if a variant misses its tolerance. With no arguments: the built-in demo model "
+        "at TP=1 and TP=2, fp32.",
+    )
+    add_export_arguments(p, d)
+    p.set_defaults(func=_cmd_export)
+
+
+def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
+    p.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (default: the built-in demo model)")
+    p.add_argument("--tp", type=int, nargs="+", default=None, help="tensor-parallel degree(s) (default: 1 2)")
+    p.add_argument("--dtype", type=Precision, nargs="+", choices=list(Precision), default=[d.dtype],
+                   help="graph dtype(s); bf16 graphs are for GPU backends and are not run on ORT CPU")
+    p.add_argument("--out", type=Path, default=d.out, help="output root; writes OUT/<name>/tp<N>-<dtype>/")
+    p.add_argument("--name", help="model name in the output path (default: the checkpoint folder's name)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="largest batch the graphs accept")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, default=8, help="greedy decode steps checked after the prefill")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime check")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _cmd_export(args, argv: list[str]) -> int:
+    from llama_export.export.exporter import ExportOptions
+    from llama_export.export.job import format_table, run_job
+    from llama_export.runner.steps import default_checkpoint
+
+    base = ExportOptions(checkpoint=args.checkpoint or default_checkpoint(), out=args.out,
+                         model_name=args.name, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                         progress=not args.no_progress)
+    tps = args.tp or ([1, 2] if args.checkpoint is None else [1])
+    reports = run_job(base, tps, args.dtype, validate=not args.no_validate, steps=args.steps)
+    print(format_table(reports))
+    for r in reports:
+        print(f"  {r.variant}: {r.path}")
+    failed = [r.variant for r in reports if not r.ok]
+    if failed:
+        print(f"error: {', '.join(failed)} exceeded the tolerance against eager", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-export",
@@ -71,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_export_parser(sub)
     _add_run_parser(sub)
     return parser
 

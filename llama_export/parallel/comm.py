@@ -1,10 +1,11 @@
 """Communicators: the only way model code talks to other ranks.
 
-Three implementations of one small interface:
+Implementations of one small interface:
 - `LocalComm`: TP=1, every collective is the identity.
 - `DistComm`: `torch.distributed` (NCCL for CUDA tensors, gloo for CPU).
 - `ExportComm`: emits `llama_export::all_reduce` / `all_gather` marker ops that export turns into
   `AllReduce` / `AllGather` nodes, where the partition pass later cuts the graph.
+- `ThreadComm`: every rank as a thread of one process (validation and comparison).
 """
 
 from __future__ import annotations
@@ -102,3 +103,72 @@ class ExportComm:
 
     def all_gather(self, x: Tensor, dim: int) -> Tensor:
         return all_gather_marker(x, dim % x.dim(), self.world_size)
+
+
+# ---- all ranks in one process --------------------------------------------------------------------
+class ThreadGroup:
+    """Runs every rank of a TP group as a thread of this process, with real data exchange.
+
+    Used by export validation and `compare` to check all ranks without starting processes; the rank
+    code is exactly what runs under `DistComm`. Sums are taken in rank order on every rank, so all
+    ranks see bit-identical results. A rank that raises breaks the barrier, so no rank can hang.
+    """
+
+    def __init__(self, world_size: int, *, timeout_s: float = 120.0) -> None:
+        import threading
+
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size, timeout=timeout_s)
+        self.slots: list[Tensor | None] = [None] * world_size
+
+    def comm(self, rank: int) -> ThreadComm:
+        return ThreadComm(self, rank)
+
+    def exchange(self, rank: int, x: Tensor) -> list[Tensor]:
+        self.slots[rank] = x
+        self.barrier.wait()
+        parts = list(self.slots)
+        self.barrier.wait()  # nobody overwrites a slot before every rank has read them all
+        return parts  # type: ignore[return-value]
+
+    def run(self, fn):
+        """`[fn(rank, comm) for every rank]`, each rank in its own thread; re-raises the first error."""
+        import threading
+
+        results: list = [None] * self.world_size
+        errors: list[BaseException | None] = [None] * self.world_size
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = fn(rank, self.comm(rank))
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
+                errors[rank] = e
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,), name=f"rank{r}") for r in range(self.world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)),
+                     next((e for e in errors if e is not None), None))
+        if first is not None:
+            raise first
+        return results
+
+
+class ThreadComm:
+    def __init__(self, group: ThreadGroup, rank: int) -> None:
+        self.group = group
+        self.rank = rank
+        self.world_size = group.world_size
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        parts = self.group.exchange(self.rank, x)
+        out = parts[0].float()  # fp32 accumulation, as DistComm does on gloo
+        for p in parts[1:]:
+            out = out + p.float()
+        return out.to(x.dtype)
+
+    def all_gather(self, x: Tensor, dim: int) -> Tensor:
+        return torch.cat(self.group.exchange(self.rank, x), dim=dim)

@@ -1,0 +1,90 @@
+"""The main job: export one or more variants of a checkpoint, validate each on ONNX Runtime, report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llama_export.compare import Comparison
+from llama_export.config import Precision
+from llama_export.export.exporter import ExportOptions, export
+from llama_export.export.manifest import load_manifest
+from llama_export.export.passes.verify import custom_node_counts
+from llama_export.export.schema import COMPUTE_OPS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VariantReport:
+    variant: str
+    path: Path
+    segments: int
+    nodes: int
+    custom_nodes: int
+    export_s: float
+    comparison: Comparison | None  # None: not validated (bf16 on CPU, or --no-validate)
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.comparison is None or bool(self.comparison)
+
+
+def _graph_stats(path: Path) -> tuple[int, int, int]:
+    import onnx
+
+    from llama_export.export.manifest import resolve_inside
+
+    m = load_manifest(path)
+    nodes = custom = 0
+    for seg in m.rank(0).segments:
+        model = onnx.load(str(resolve_inside(path, seg.file)), load_external_data=False)
+        nodes += len(model.graph.node)
+        counts = custom_node_counts(model)
+        custom += sum(counts[o] for o in COMPUTE_OPS)
+    return len(m.rank(0).segments), nodes, custom
+
+
+def run_job(base: ExportOptions, tps: list[int], dtypes: list[Precision], *, validate: bool = True,
+            steps: int = 8) -> list[VariantReport]:
+    from llama_export.export.validate import validate_export
+
+    reports = []
+    for dtype in dtypes:
+        for tp in tps:
+            opts = ExportOptions(checkpoint=base.checkpoint, out=base.out, tp=tp, dtype=dtype,
+                                 model_name=base.model_name, max_batch=base.max_batch,
+                                 max_seq_len=base.max_seq_len, progress=base.progress)
+            t0 = time.perf_counter()
+            path = export(opts)
+            dt = time.perf_counter() - t0
+            segs, nodes, custom = _graph_stats(path)
+            cmp, note = None, ""
+            if not validate:
+                note = "not validated (--no-validate)"
+            elif dtype is Precision.BF16:
+                note = "not run: ONNX Runtime CPU has no bf16 kernels (checked with onnx.checker only)"
+            else:
+                cmp = validate_export(path, base.checkpoint, steps=steps)
+            reports.append(VariantReport(opts.variant, path, segs, nodes, custom, dt, cmp, note))
+    return reports
+
+
+def format_table(reports: list[VariantReport]) -> str:
+    head = (f"{'variant':<12} {'segs/rank':>9} {'nodes':>6} {'custom':>6} {'max abs':>9} {'cosine':>10} "
+            f"{'top-1':>6} {'greedy':>6} {'export s':>8} {'check s':>7}  result")
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        c = r.comparison
+        if c is None:
+            lines.append(f"{r.variant:<12} {r.segments:>9} {r.nodes:>6} {r.custom_nodes:>6} {'-':>9} {'-':>10} "
+                         f"{'-':>6} {'-':>6} {r.export_s:>8.1f} {'-':>7}  {r.note}")
+        else:
+            verdict = "ok" if c else f"FAIL (tolerance {c.tolerance:.0e})"
+            lines.append(f"{r.variant:<12} {r.segments:>9} {r.nodes:>6} {r.custom_nodes:>6} {c.max_abs:>9.2e} "
+                         f"{c.min_cosine:>10.6f} {c.top1:>6.3f} {c.tokens_agree:>6.3f} {r.export_s:>8.1f} "
+                         f"{c.seconds:>7.1f}  {verdict}")
+    return "\n".join(lines)
