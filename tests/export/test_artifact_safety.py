@@ -1,0 +1,132 @@
+"""Tampered, truncated or unsafe artifacts give a clear error; interrupted exports leave no trace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from llama_export.errors import ArtifactError
+from llama_export.export import exporter
+from llama_export.export.exporter import ExportOptions, export
+from llama_export.export.manifest import load_manifest, sha256_file
+from tests.helpers import random_meta_state, run_cli, tiny_config, write_meta
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety")
+    cfg = tiny_config("mha")
+    ckpt = write_meta(root / "mha", cfg, random_meta_state(cfg, seed=4))
+    path = export(ExportOptions(checkpoint=ckpt, out=root / "graphs", tp=2, progress=False))
+    return ckpt, path
+
+
+@pytest.fixture
+def copy(good, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(good[1], dst)
+    return dst
+
+
+def _manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+def _save(path, data):
+    (path / "manifest.json").write_text(json.dumps(data))
+
+
+def _cli_error(path, match):
+    r = run_cli("run", "--artifacts", str(path), "--backend", "ort", "--tp", "2", "--prompt-ids", "1,2,3",
+                "--max-new-tokens", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert match in r.stderr, r.stderr
+
+
+def test_hand_edited_onnx_is_detected(copy):
+    f = copy / "rank0" / "01_layers.0.attention.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 .* was modified or truncated after export; re-export"):
+        load_manifest(copy)
+    _cli_error(copy, "was modified or truncated")
+
+
+def test_truncated_onnx_is_detected(copy):
+    f = copy / "rank1" / "00_embed.onnx"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="modified or truncated"):
+        load_manifest(copy)
+
+
+def test_manifest_hash_mismatch(copy):
+    d = _manifest(copy)
+    d["ranks"][0]["segments"][0]["sha256"] = "0" * 64
+    _save(copy, d)
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_manifest(copy)
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "rank0/../../x.onnx", ""])
+def test_manifest_paths_may_not_leave_the_directory(copy, bad):
+    d = _manifest(copy)
+    d["ranks"][0]["segments"][0]["file"] = bad
+    _save(copy, d)
+    with pytest.raises(ArtifactError, match="leaves the export directory"):
+        load_manifest(copy)
+
+
+def test_symlink_out_of_the_directory_is_refused(copy, tmp_path):
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(copy / "rank0" / "00_embed.onnx", outside)
+    (copy / "rank0" / "00_embed.onnx").unlink()
+    (copy / "rank0" / "00_embed.onnx").symlink_to(outside)
+    with pytest.raises(ArtifactError, match="resolves outside"):
+        load_manifest(copy)
+    _cli_error(copy, "resolves outside")
+
+
+def test_missing_file_and_malformed_manifest(copy):
+    (copy / "rank1" / "02_layers.0.ffn.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing; re-export"):
+        load_manifest(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_manifest(copy)
+    _save(copy, {"format": "llama_export.manifest", "format_version": 1})
+    with pytest.raises(ArtifactError, match="malformed"):
+        load_manifest(copy)
+
+
+def test_interrupted_export_leaves_earlier_artifacts_intact(good, monkeypatch):
+    ckpt, path = good
+    before = {p.relative_to(path): sha256_file(p) for p in path.rglob("*") if p.is_file()}
+    calls = {"n": 0}
+    real = exporter.export_rank
+
+    def dies_on_second_rank(opts, rank, root):
+        calls["n"] += 1
+        if rank == 1:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C halfway
+        return real(opts, rank, root)
+
+    monkeypatch.setattr(exporter, "export_rank", dies_on_second_rank)
+    with pytest.raises(KeyboardInterrupt):
+        export(ExportOptions(checkpoint=ckpt, out=path.parents[1], tp=2, progress=False))
+    assert calls["n"] == 2
+    after = {p.relative_to(path): sha256_file(p) for p in path.rglob("*") if p.is_file()}
+    assert after == before
+    load_manifest(path)
+    leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
+
+
+def test_reexport_replaces_the_directory_whole(good):
+    ckpt, path = good
+    again = export(ExportOptions(checkpoint=ckpt, out=path.parents[1], tp=2, progress=False))
+    assert again == path
+    load_manifest(path)
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
