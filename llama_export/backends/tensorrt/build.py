@@ -1,0 +1,267 @@
+"""Build per-rank TensorRT engines from an export directory (loader side of the TensorRT backend).
+
+    artifacts/manifest.json ──► per rank, per segment:
+        lower (lowering.py) ──► structure key (structure.py)
+            first of its key ──► build: strongly typed network, prefill + decode profiles,
+                                 shared timing cache, REFIT flag           ──► rank<r>/<segment>.plan
+            same key again   ──► rename its ONNX into the first one's names, refit the first
+                                 engine with these weights, serialize       ──► rank<r>/<segment>.plan
+    out/build_manifest.json: TensorRT version, GPU, profiles, sha256 of every input ONNX and plan,
+                             refit sources and engine I/O names per segment.
+
+Everything is written to a temporary directory beside `out_dir` and renamed into place when complete.
+TensorRT 11 API used (Python API docs, "Builder", "IBuilderConfig", "OnnxParser", "Refitter",
+"ITimingCache"): networks are always strongly typed there (the STRONGLY_TYPED flag is accepted and
+ignored), precision comes from the ONNX. Written against the documentation; it has not run here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from llama_export.backends.tensorrt import lowering, profiles, structure
+from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
+from llama_export.errors import ArtifactError, BackendUnavailableError
+from llama_export.export.manifest import Manifest, Segment, load_manifest, resolve_inside, sha256_file
+
+log = logging.getLogger(__name__)
+
+BUILD_MANIFEST = "build_manifest.json"
+BUILD_FORMAT = "llama_export.trt_build"
+TIMING_CACHE = "timing.cache"
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """One segment's engine, as build_manifest.json lists it."""
+
+    rank: int
+    segment: str
+    onnx_sha256: str  # the exported segment, as in manifest.json
+    plan: str  # relative path
+    plan_sha256: str
+    structure_key: str
+    refit_from: str | None  # "rank<r>/<segment>" whose engine was refit, or None if built
+    io_names: dict[str, str] = field(default_factory=dict)  # manifest tensor name -> engine tensor name
+
+
+def assemble_build_manifest(
+    manifest: Manifest,
+    records: Sequence[EngineRecord],
+    profile_dicts: dict[str, list[dict[str, Any]]],
+    *,
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: tuple[int, int],
+    plugins: str,
+) -> dict[str, Any]:
+    """The build_manifest.json content (pure: no TensorRT, no files)."""
+    builds = sum(r.refit_from is None for r in records)
+    return {
+        "format": BUILD_FORMAT,
+        "format_version": 1,
+        "model_name": manifest.model_name,
+        "variant": manifest.variant,
+        "tp": manifest.tp,
+        "dtype": manifest.dtype.value,
+        "tensorrt_version": tensorrt_version,
+        "gpu": {"name": gpu_name, "compute_capability": f"{compute_capability[0]}.{compute_capability[1]}"},
+        "plugins": plugins,
+        "profile_names": list(profiles.PROFILE_NAMES),
+        "max_batch": manifest.max_batch,
+        "max_seq_len": manifest.model.max_seq_len,
+        "engines_built": builds,
+        "engines_refit": len(records) - builds,
+        "engines": [
+            {
+                "rank": r.rank,
+                "segment": r.segment,
+                "onnx_sha256": r.onnx_sha256,
+                "plan": r.plan,
+                "plan_sha256": r.plan_sha256,
+                "structure_key": r.structure_key,
+                "refit_from": r.refit_from,
+                "io_names": r.io_names,
+                "profiles": profile_dicts[f"rank{r.rank}/{r.segment}"],
+            }
+            for r in records
+        ],
+    }
+
+
+def default_out_dir(manifest: Manifest, root: Path = Path("engines")) -> Path:
+    """engines/<model_name>/<variant>, next to graphs/<model_name>/<variant>."""
+    return root / manifest.model_name / manifest.variant
+
+
+class _Builder:
+    """Holds the TensorRT builder, logger and the timing cache shared by every segment."""
+
+    def __init__(self, trt: Any, cache_path: Path | None, *, aot_plugins: bool, workspace_gib: float) -> None:
+        self.trt = trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.builder = trt.Builder(self.logger)
+        self.aot_plugins = aot_plugins
+        self.workspace = int(workspace_gib * (1 << 30))
+        config = self.builder.create_builder_config()
+        blob = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+        self.timing_cache = config.create_timing_cache(blob)
+
+    def _network_flags(self) -> int:
+        F = self.trt.NetworkDefinitionCreationFlag
+        flags = 1 << int(F.STRONGLY_TYPED)  # ignored (always on) in TensorRT 11, required on 10.x
+        prefer = "PREFER_AOT_PYTHON_PLUGINS" if self.aot_plugins else "PREFER_JIT_PYTHON_PLUGINS"
+        if hasattr(F, prefer):
+            flags |= 1 << int(getattr(F, prefer))
+        return flags
+
+    def build(self, onnx_path: Path, profs: Sequence[profiles.Profile]) -> bytes:
+        trt = self.trt
+        network = self.builder.create_network(self._network_flags())
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ArtifactError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+        config = self.builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace)
+        config.set_flag(trt.BuilderFlag.REFIT)
+        config.set_timing_cache(self.timing_cache, ignore_mismatch=False)
+        for p in profs:
+            op = self.builder.create_optimization_profile()
+            for name, (lo, opt, hi) in p.shapes.items():
+                op.set_shape(name, lo, opt, hi)
+            config.add_optimization_profile(op)
+        plan = self.builder.build_serialized_network(network, config)
+        if plan is None:
+            raise ArtifactError(f"TensorRT failed to build an engine for {onnx_path.name} (see its log above)")
+        return bytes(plan)
+
+    def refit(self, base_plan: bytes, renamed_onnx: Path) -> bytes:
+        trt = self.trt
+        engine = trt.Runtime(self.logger).deserialize_cuda_engine(base_plan)
+        refitter = trt.Refitter(engine, self.logger)
+        parser_refitter = trt.OnnxParserRefitter(refitter, self.logger)
+        if not parser_refitter.refit_from_file(str(renamed_onnx)) or not refitter.refit_cuda_engine():
+            missing = refitter.get_missing_weights()
+            raise ArtifactError(f"refitting from {renamed_onnx.name} failed; missing weights: {missing[:5]}")
+        return bytes(engine.serialize())
+
+    def serialized_cache(self) -> bytes:
+        return bytes(self.timing_cache.serialize())
+
+
+def _gpu() -> tuple[str, tuple[int, int]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("building TensorRT engines needs a CUDA GPU and a CUDA build of torch")
+    return torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+
+
+def build_engines(
+    artifacts_dir: Path,
+    out_dir: Path,
+    *,
+    ranks: Sequence[int] | None = None,
+    refit: bool = True,
+    aot_plugins: bool = True,
+    workspace_gib: float = 4.0,
+    timing_cache: Path | None = None,
+) -> Path:
+    """Build engines for `ranks` (default all) of the export in `artifacts_dir` into `out_dir`.
+
+    `refit=False` builds every segment from scratch. `timing_cache` (default out_dir/timing.cache of a
+    previous build) seeds the cache; the updated cache is written with the engines. Returns `out_dir`.
+    """
+    trt = import_tensorrt()
+    register_plugins()
+    gpu_name, cc = _gpu()
+    artifacts_dir, out_dir = Path(artifacts_dir), Path(out_dir)
+    manifest = load_manifest(artifacts_dir)
+    ranks = list(range(manifest.tp)) if ranks is None else list(ranks)
+    for r in ranks:
+        manifest.rank(r)  # validates
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        builder = _Builder(trt, timing_cache or out_dir / TIMING_CACHE, aot_plugins=aot_plugins,
+                           workspace_gib=workspace_gib)
+        records: list[EngineRecord] = []
+        profile_dicts: dict[str, list[dict[str, Any]]] = {}
+        first: dict[str, tuple[str, onnx.ModelProto, bytes]] = {}  # key -> (id, lowered model, plan)
+        total = sum(len(manifest.rank(r).segments) for r in ranks)
+        for r in ranks:
+            (tmp / f"rank{r}").mkdir()
+            for seg in manifest.rank(r).segments:
+                rec, profs = _one_segment(builder, manifest, artifacts_dir, tmp, r, seg, first, refit=refit)
+                records.append(rec)
+                profile_dicts[f"rank{r}/{seg.name}"] = [p.to_dict() for p in profs]
+                log.info("[%d/%d] rank %d %s: %s", len(records), total, r, seg.name,
+                         f"refit from {rec.refit_from}" if rec.refit_from else "built")
+        (tmp / TIMING_CACHE).write_bytes(builder.serialized_cache())
+        doc = assemble_build_manifest(
+            manifest, records, profile_dicts, tensorrt_version=trt.__version__, gpu_name=gpu_name,
+            compute_capability=cc, plugins="aot" if aot_plugins else "jit",
+        )
+        (tmp / BUILD_MANIFEST).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        for f in tmp.rglob("*.trt.onnx*"):
+            f.unlink()  # lowered graphs were inputs to the builder only
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _one_segment(
+    builder: _Builder,
+    manifest: Manifest,
+    artifacts_dir: Path,
+    tmp: Path,
+    rank: int,
+    seg: Segment,
+    first: dict[str, tuple[str, onnx.ModelProto, bytes]],
+    *,
+    refit: bool,
+) -> tuple[EngineRecord, tuple[profiles.Profile, ...]]:
+    src = resolve_inside(artifacts_dir, seg.file)
+    lowered_path = tmp / f"rank{rank}" / f"{seg.name}.trt.onnx"
+    lowered = lowering.lower_file(src, lowered_path)
+    key = structure.structure_key(lowered)
+    seg_id = f"rank{rank}/{seg.name}"
+    profs = profiles.plan_profiles(seg.inputs, max_batch=manifest.max_batch, max_seq_len=manifest.model.max_seq_len)
+    io_names = {t.name: t.name for t in (*seg.inputs, *seg.outputs)}
+    refit_from = None
+    if refit and key in first:
+        refit_from, reference, base_plan = first[key]
+        renamed_path = tmp / f"rank{rank}" / f"{seg.name}.refit.trt.onnx"
+        onnx.save(structure.rename_like(lowered, reference), str(renamed_path))
+        plan = builder.refit(base_plan, renamed_path)
+        io_names = structure.io_name_map(lowered, reference)
+    else:
+        # Profiles use the segment's own names; an engine refit later keeps this engine's names.
+        plan = builder.build(lowered_path, profs)
+        first.setdefault(key, (seg_id, lowered, plan))
+    plan_rel = f"rank{rank}/{seg.name}.plan"
+    (tmp / plan_rel).write_bytes(plan)
+    rec = EngineRecord(
+        rank=rank, segment=seg.name, onnx_sha256=seg.sha256, plan=plan_rel, plan_sha256=sha256_file(tmp / plan_rel),
+        structure_key=key, refit_from=refit_from, io_names=io_names,
+    )
+    return rec, profs

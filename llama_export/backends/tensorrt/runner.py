@@ -1,0 +1,149 @@
+"""`TensorRTBackend`: the RankBackend that runs one rank's engines (runner side of the TensorRT backend).
+
+Per `run_segment(k, feeds)` (TensorRT 11 Python API, "IExecutionContext"):
+
+    feeds (torch CUDA tensors, manifest names)
+      └─► pick the profile whose ranges hold the shapes (decode for seq 1, else prefill)
+      └─► context[profile]: set_input_shape + set_tensor_address for every input
+      └─► outputs allocated from context.get_tensor_shape(name) (known once input shapes are set)
+      └─► execute_async_v3(torch stream) ─► {manifest name: torch tensor}
+
+Zero-length tensors (an empty KV cache, past = 0) are legal TensorRT inputs ("empty tensors"); their
+data pointer would be null, so they are bound to a small valid scratch buffer instead. Refit engines
+keep the tensor names of the engine they were refit from; build_manifest.json maps them.
+Written against the TensorRT documentation; it has not run in this project's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llama_export.backends.tensorrt import profiles
+from llama_export.backends.tensorrt.build import BUILD_FORMAT, BUILD_MANIFEST
+from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
+from llama_export.errors import ArtifactError, BackendUnavailableError, InputError
+from llama_export.export.manifest import resolve_inside, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def _torch_dtype(trt: Any, dt: Any) -> torch.dtype:
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}
+    if dt not in table:
+        raise ArtifactError(f"engine tensor dtype {dt} has no torch equivalent here")
+    return table[dt]
+
+
+class _Segment:
+    def __init__(self, trt: Any, runtime: Any, plan: bytes, entry: dict[str, Any]) -> None:
+        self.engine = runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise ArtifactError(f"TensorRT could not deserialize {entry['plan']} (built with another version/GPU?)")
+        self.io_names: dict[str, str] = entry["io_names"]
+        self.profiles = tuple(
+            profiles.Profile(p["name"], {k: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"]))
+                                         for k, v in p["shapes"].items()})
+            for p in entry["profiles"]
+        )
+        self.contexts: dict[int, Any] = {}
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+
+    def context(self, profile: int, stream: torch.cuda.Stream) -> Any:
+        if profile not in self.contexts:
+            ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(profile, stream.cuda_stream)
+            self.contexts[profile] = ctx
+        return self.contexts[profile]
+
+
+class TensorRTBackend:
+    """Runs rank `rank`'s engines from `build_dir` (written by `build_engines`) on CUDA `device`."""
+
+    def __init__(self, build_dir: Path, rank: int, device: torch.device | str = "cuda") -> None:
+        self.trt = import_tensorrt()
+        self.device = torch.device(device)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                f"the TensorRT backend needs a CUDA device and a CUDA build of torch (device={self.device}, "
+                f"cuda available={torch.cuda.is_available()})"
+            )
+        register_plugins()  # JIT plugin implementations, and plugin creators for deserialization
+        build_dir = Path(build_dir)
+        path = build_dir / BUILD_MANIFEST
+        if not path.is_file():
+            raise ArtifactError(f"{build_dir} has no {BUILD_MANIFEST}; run `llama-export build` first")
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("format") != BUILD_FORMAT:
+            raise ArtifactError(f"{path} is not a llama_export TensorRT build manifest")
+        entries = [e for e in doc["engines"] if e["rank"] == rank]
+        if not entries:
+            raise ArtifactError(f"{build_dir} has no engines for rank {rank}")
+        self.rank = rank
+        self._logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self._runtime = self.trt.Runtime(self._logger)
+        self._stream = torch.cuda.Stream(device=self.device)
+        self._empty = torch.empty(256, dtype=torch.uint8, device=self.device)  # address for empty tensors
+        self._segments: list[_Segment] = []
+        with torch.cuda.device(self.device):
+            for e in entries:
+                plan_path = resolve_inside(build_dir, e["plan"])
+                if sha256_file(plan_path) != e["plan_sha256"]:
+                    raise ArtifactError(f"{e['plan']} does not match its sha256 in {BUILD_MANIFEST}; rebuild")
+                self._segments.append(_Segment(self.trt, self._runtime, plan_path.read_bytes(), e))
+        log.info("rank %d: loaded %d TensorRT engine(s) from %s", rank, len(self._segments), build_dir)
+
+    def run_segment(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Run segment `index` on CUDA tensors named as in manifest.json; returns the outputs likewise."""
+        seg = self._segments[index]
+        engine_to_manifest = {v: k for k, v in seg.io_names.items()}
+        wanted = {engine_to_manifest.get(n, n) for n in seg.inputs}
+        if set(feeds) != wanted:
+            raise InputError(f"segment {index} takes {sorted(wanted)}, got {sorted(feeds)}")
+        shapes = {name: tuple(t.shape) for name, t in feeds.items()}
+        profile = profiles.choose_profile(seg.profiles, shapes)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        ctx = seg.context(profile, self._stream)
+        keep = []
+        for name in seg.inputs:
+            t = feeds[engine_to_manifest.get(name, name)]
+            want = _torch_dtype(self.trt, seg.engine.get_tensor_dtype(name))
+            t = t.to(self.device, want).contiguous()
+            keep.append(t)
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._empty.data_ptr())
+        outputs = {}
+        for name in seg.outputs:
+            shape = tuple(ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise InputError(f"output {name} has unresolved shape {shape}; check the input shapes")
+            out = torch.empty(shape, dtype=_torch_dtype(self.trt, seg.engine.get_tensor_dtype(name)), device=self.device)
+            ctx.set_tensor_address(name, out.data_ptr() if out.numel() else self._empty.data_ptr())
+            outputs[engine_to_manifest.get(name, name)] = out
+        if not ctx.execute_async_v3(self._stream.cuda_stream):
+            raise ArtifactError(f"TensorRT failed to run segment {index} of rank {self.rank}")
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        for t in (*keep, *outputs.values()):
+            t.record_stream(self._stream)
+        return outputs
+
+    def close(self) -> None:
+        """Drop contexts and engines (frees their device memory)."""
+        for seg in self._segments:
+            seg.contexts.clear()
+        self._segments.clear()
+
+    def __enter__(self) -> TensorRTBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

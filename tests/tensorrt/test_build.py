@@ -1,0 +1,130 @@
+"""Pure parts of the engine build (manifest assembly, CLI hooks) and the TensorRT-only paths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from llama_export.backends.tensorrt import add_build_arguments, build, profiles, run_build, structure
+from llama_export.config import ModelConfig, Precision
+from llama_export.errors import BackendUnavailableError
+from llama_export.export.manifest import Manifest, RankEntry, Segment, TensorSpec, sha256_file
+from tests.tensorrt.graphs import attention_like_segment
+
+try:  # the bindings can be installed yet fail to load libnvinfer: only an import tells
+    import tensorrt  # noqa: F401
+
+    HAVE_TRT = True
+except (ImportError, OSError):
+    HAVE_TRT = False
+HAVE_CUDA = False
+try:
+    import torch
+
+    HAVE_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    pass
+needs_trt = pytest.mark.skipif(
+    not (HAVE_TRT and HAVE_CUDA),
+    reason=f"needs TensorRT 11 (installed: {HAVE_TRT}) and a CUDA GPU (available: {HAVE_CUDA})",
+)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _export_dir(tmp_path: Path, n_layers: int = 3) -> tuple[Path, Manifest]:
+    """An export directory of layer segments built by hand (no exporter needed)."""
+    specs_in = (TensorSpec("x", "float16", ("batch", "seq", 8)), TensorSpec("cos", "float32", ("seq", 2)),
+                TensorSpec("sin", "float32", ("seq", 2)))
+    specs_out = (TensorSpec("y", "float16", ("batch", "seq", 2, 4)),)
+    segs = []
+    (tmp_path / "rank0").mkdir()
+    for layer in range(n_layers):
+        rel = f"rank0/layer{layer}.onnx"
+        onnx.save(attention_like_segment(layer, seed=layer), str(tmp_path / rel))
+        segs.append(Segment(f"layer{layer}", rel, sha256_file(tmp_path / rel), "attention", layer,
+                            specs_in, specs_out, None))
+    m = Manifest(model_name="tiny", variant="tp1-fp16", model=ModelConfig(8, n_layers, 2, 2, 32, 16, max_seq_len=16),
+                 tp=1, dtype=Precision.FP16, opset=21, ir_version=10, max_batch=2,
+                 ranks=(RankEntry(0, tuple(segs)),), inputs=("x",), outputs=("y",), exporter_version="test")
+    (tmp_path / "manifest.json").write_text(m.to_json())
+    return tmp_path, m
+
+
+def test_assemble_build_manifest(tmp_path: Path) -> None:
+    _, m = _export_dir(tmp_path)
+    seg0, seg1 = m.ranks[0].segments[:2]
+    key = structure.structure_key(attention_like_segment(0, seed=0))
+    recs = [
+        build.EngineRecord(0, seg0.name, seg0.sha256, "rank0/layer0.plan", "aa", key, None, {"x": "x"}),
+        build.EngineRecord(0, seg1.name, seg1.sha256, "rank0/layer1.plan", "bb", key, "rank0/layer0", {"x": "x"}),
+    ]
+    profs = {f"rank0/{s.name}": [p.to_dict() for p in profiles.plan_profiles(s.inputs, max_batch=2, max_seq_len=16)]
+             for s in (seg0, seg1)}
+    doc = build.assemble_build_manifest(m, recs, profs, tensorrt_version="11.0.0", gpu_name="NVIDIA H100",
+                                        compute_capability=(9, 0), plugins="aot")
+    json.dumps(doc)  # serialisable
+    assert doc["format"] == build.BUILD_FORMAT and doc["tensorrt_version"] == "11.0.0"
+    assert doc["gpu"] == {"name": "NVIDIA H100", "compute_capability": "9.0"}
+    assert (doc["engines_built"], doc["engines_refit"]) == (1, 1)
+    e0, e1 = doc["engines"]
+    assert e0["onnx_sha256"] == seg0.sha256 and e1["refit_from"] == "rank0/layer0" and e0["refit_from"] is None
+    assert [p["name"] for p in e1["profiles"]] == ["prefill", "decode"]
+    assert e1["profiles"][1]["shapes"]["x"] == {"min": [1, 1, 8], "opt": [2, 1, 8], "max": [2, 1, 8]}
+
+
+def test_default_out_dir(tmp_path: Path) -> None:
+    _, m = _export_dir(tmp_path, n_layers=1)
+    assert build.default_out_dir(m) == Path("engines/tiny/tp1-fp16")
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the message shown when TensorRT is missing")
+def test_run_build_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
+    d, _ = _export_dir(tmp_path, n_layers=1)
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    args = parser.parse_args(["--artifacts", str(d)])
+    assert args.out is None and args.refit and args.aot_plugins
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'llama_export\[gpu\]'"):
+        run_build(args)
+    from llama_export.backends.tensorrt.runner import TensorRTBackend
+
+    with pytest.raises(BackendUnavailableError, match="TensorRT"):
+        TensorRTBackend(d, 0)
+
+
+def test_importing_never_imports_tensorrt_or_triton() -> None:
+    code = ("import sys, llama_export, llama_export.backends.tensorrt as t, llama_export.backends.tensorrt.kernels;"
+            "import llama_export.backends.tensorrt.plugins, llama_export.backends.tensorrt.build;"
+            "import llama_export.backends.tensorrt.runner; print('tensorrt' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@needs_trt
+def test_build_and_run_refits_identical_layers(tmp_path: Path) -> None:
+    import torch
+
+    from llama_export.backends.tensorrt.runner import TensorRTBackend
+    from llama_export.model.ops import rms_norm_reference, rope_reference
+
+    d, m = _export_dir(tmp_path / "graphs")
+    out = build.build_engines(d, tmp_path / "engines")
+    doc = json.loads((out / build.BUILD_MANIFEST).read_text())
+    assert (doc["engines_built"], doc["engines_refit"]) == (1, 2)
+    x = torch.randn(2, 3, 8, dtype=torch.float16, device="cuda")
+    ang = torch.randn(3, 2, device="cuda")
+    with TensorRTBackend(out, 0, "cuda") as be:
+        for k in range(3):
+            got = be.run_segment(k, {"x": x, "cos": ang.cos(), "sin": ang.sin()})["y"]
+            g = attention_like_segment(k, seed=k).graph
+            w, wq = (torch.from_numpy(onnx.numpy_helper.to_array(t).copy()).cuda() for t in g.initializer[:2])
+            want = rope_reference((rms_norm_reference(x, w, 1e-5) @ wq).view(2, 3, 2, 4), ang.cos(), ang.sin(), True)
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

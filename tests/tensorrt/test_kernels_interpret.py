@@ -1,0 +1,40 @@
+"""Triton kernels vs the torch references, on CPU through Triton's interpreter (in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tensorrt._interpret_worker import CASES, case_id
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'llama_export[triton]')")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, dict[str, float]]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.tensorrt._interpret_worker"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_kernel_matches_reference(interpreted_results, case) -> None:
+    r = interpreted_results[case_id(case)]
+    assert r["dtype_ok"]
+    # ratio = max |got - want| / (tol + tol * |want|); <= 1 means within atol = rtol = tol
+    assert r["ratio"] <= 1.0, f"{case_id(case)}: max abs error {r['max_abs']:.3g}"
+
+
+def test_interpreter_flag_did_not_leak() -> None:
+    assert os.environ.get("TRITON_INTERPRET") != "1"

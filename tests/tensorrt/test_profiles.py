@@ -1,0 +1,58 @@
+"""Optimization profile planning from a segment's symbolic input shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+from llama_export.backends.tensorrt import profiles
+from llama_export.errors import ArtifactError
+from llama_export.export.manifest import TensorSpec
+
+INPUTS = (
+    TensorSpec("tokens", "int64", ("batch", "seq")),
+    TensorSpec("past_key_0", "float16", ("batch", "past", 2, 16)),
+    TensorSpec("mask", "float16", ("batch", 1, "seq", "past + seq")),
+    TensorSpec("cos", "float32", ("seq", 8)),
+)
+
+
+def test_prefill_and_decode_profiles() -> None:
+    prefill, decode = profiles.plan_profiles(INPUTS, max_batch=4, max_seq_len=64)
+    assert prefill.name == "prefill" and decode.name == "decode"
+    assert prefill.shapes["tokens"] == ((1, 1), (4, 32), (4, 64))
+    assert prefill.shapes["past_key_0"] == ((1, 0, 2, 16), (4, 0, 2, 16), (4, 63, 2, 16))
+    # past + seq is capped at max_seq_len
+    assert prefill.shapes["mask"] == ((1, 1, 1, 1), (4, 1, 32, 32), (4, 1, 64, 64))
+    assert decode.shapes["tokens"] == ((1, 1), (4, 1), (4, 1))
+    assert decode.shapes["past_key_0"] == ((1, 0, 2, 16), (4, 32, 2, 16), (4, 63, 2, 16))
+    assert decode.shapes["mask"] == ((1, 1, 1, 1), (4, 1, 1, 33), (4, 1, 1, 64))
+    assert decode.shapes["cos"] == ((1, 8), (1, 8), (1, 8))
+    for p in (prefill, decode):
+        for lo, opt, hi in p.shapes.values():
+            assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+
+
+def test_tiny_limits() -> None:
+    prefill, decode = profiles.plan_profiles(INPUTS[:2], max_batch=1, max_seq_len=1)
+    assert prefill.shapes["tokens"] == ((1, 1), (1, 1), (1, 1))
+    assert decode.shapes["past_key_0"][2] == (1, 0, 2, 16)  # past may only be 0
+
+
+def test_unknown_dimension_is_a_clear_error() -> None:
+    with pytest.raises(ArtifactError, match=r"\['tokens_len'\].*know only"):
+        profiles.plan_profiles((TensorSpec("x", "int64", ("batch", "tokens_len")),), max_batch=1, max_seq_len=8)
+    with pytest.raises(ArtifactError, match="may only use"):
+        profiles.eval_dim("__import__('os')", {"batch": 1})
+
+
+def test_choose_profile() -> None:
+    ps = profiles.plan_profiles(INPUTS[:2], max_batch=2, max_seq_len=16)
+    assert profiles.choose_profile(ps, {"tokens": (2, 1), "past_key_0": (2, 5, 2, 16)}) == 1
+    assert profiles.choose_profile(ps, {"tokens": (2, 7), "past_key_0": (2, 0, 2, 16)}) == 0
+    with pytest.raises(ArtifactError, match="no optimization profile"):
+        profiles.choose_profile(ps, {"tokens": (3, 1)})
+
+
+def test_to_dict_is_json_ready() -> None:
+    d = profiles.plan_profile(INPUTS[:1], "decode", max_batch=2, max_seq_len=8).to_dict()
+    assert d == {"name": "decode", "shapes": {"tokens": {"min": [1, 1], "opt": [2, 1], "max": [2, 1]}}}
