@@ -114,6 +114,26 @@ def _cmd_export(args, argv: list[str]) -> int:
     return 0
 
 
+def _add_build_parser(sub) -> None:
+    from llama_export.backends.tensorrt import add_build_arguments
+
+    p = sub.add_parser(
+        "build",
+        help="build TensorRT engines (one per rank and segment) from an export",
+        description="Build strongly typed TensorRT engines with the RMSNorm/RoPE plugins from an export "
+        "directory. Needs TensorRT and an NVIDIA GPU.",
+    )
+    add_build_arguments(p)
+    p.set_defaults(func=lambda args, argv: _run_build(args))
+
+
+def _run_build(args) -> int:
+    from llama_export.backends.tensorrt import run_build
+
+    logging.getLogger("llama_export").setLevel(logging.INFO)
+    return run_build(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-export",
@@ -123,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export_parser(sub)
     _add_run_parser(sub)
+    _add_build_parser(sub)
     return parser
 
 

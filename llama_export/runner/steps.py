@@ -24,14 +24,26 @@ def config_for(opts) -> ModelConfig:
         from llama_export.model.checkpoint import load_config
 
         return load_config(opts.checkpoint or default_checkpoint())
-    if opts.artifacts is None:
-        raise InputError(f"--backend {opts.backend.value} runs an export: pass --artifacts DIR")
-    from llama_export.export.manifest import load_manifest
-
-    m = load_manifest(opts.artifacts, verify_hashes=False)
+    m = manifest_for(opts, verify_hashes=False)
     if m.tp != opts.tp:
         raise InputError(f"the export at {opts.artifacts} is for tp={m.tp}, not --tp {opts.tp}; use --tp {m.tp}")
     return m.model
+
+
+def manifest_for(opts, *, verify_hashes: bool = True):
+    """The export manifest behind `--artifacts` (for trt: the copy inside the engine directory)."""
+    if opts.artifacts is None:
+        raise InputError(f"--backend {opts.backend.value} runs an export: pass --artifacts DIR")
+    if opts.backend is Backend.TENSORRT:
+        from llama_export.backends.tensorrt.plugins import import_tensorrt
+        from llama_export.backends.tensorrt.runner import load_export_manifest
+
+        import_tensorrt()  # say what to install before anything else
+
+        return load_export_manifest(opts.artifacts)
+    from llama_export.export.manifest import load_manifest
+
+    return load_manifest(opts.artifacts, verify_hashes=verify_hashes)
 
 
 @functools.lru_cache(maxsize=4)
@@ -43,9 +55,9 @@ def _load_sp(path: Path):
 
 def tokenizer_path(opts) -> Path:
     if opts.backend is not Backend.EAGER and opts.artifacts is not None:
-        from llama_export.export.manifest import load_manifest, resolve_inside
+        from llama_export.export.manifest import resolve_inside
 
-        m = load_manifest(opts.artifacts, verify_hashes=False)
+        m = manifest_for(opts, verify_hashes=False)
         if m.tokenizer is None:
             raise InputError(
                 f"the export at {opts.artifacts} has no tokenizer.model (its checkpoint had none); "
@@ -94,10 +106,9 @@ def build_step(opts, *, comm: Communicator, device: torch.device, batch: int):
         )
         step: StepFn = model
         return step, model.empty_cache(batch), model.cfg, eos_id
-    from llama_export.export.manifest import load_manifest
     from llama_export.runner.stitch import segmented_step
 
-    manifest = load_manifest(opts.artifacts)
+    manifest = manifest_for(opts)
     backend = open_backend(opts.backend, manifest, opts.artifacts, rank=comm.rank, device=device)
     step, cache, cfg = segmented_step(manifest, backend, comm=comm, batch=batch)
     return step, cache, cfg, eos_id

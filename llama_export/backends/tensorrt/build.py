@@ -32,13 +32,22 @@ import onnx
 from llama_export.backends.tensorrt import lowering, profiles, structure
 from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
 from llama_export.errors import ArtifactError, BackendUnavailableError
-from llama_export.export.manifest import Manifest, Segment, load_manifest, resolve_inside, sha256_file
+from llama_export.export.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    Segment,
+    load_manifest,
+    resolve_inside,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
 BUILD_MANIFEST = "build_manifest.json"
 BUILD_FORMAT = "llama_export.trt_build"
 TIMING_CACHE = "timing.cache"
+# The export's manifest travels with the engines: the runner reads segment I/O and collectives from it.
+EXPORT_MANIFEST = "export_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -214,6 +223,9 @@ def build_engines(
             compute_capability=cc, plugins="aot" if aot_plugins else "jit",
         )
         (tmp / BUILD_MANIFEST).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        shutil.copyfile(artifacts_dir / MANIFEST_NAME, tmp / EXPORT_MANIFEST)
+        if manifest.tokenizer:
+            shutil.copyfile(resolve_inside(artifacts_dir, manifest.tokenizer), tmp / "tokenizer.model")
         for f in tmp.rglob("*.trt.onnx*"):
             f.unlink()  # lowered graphs were inputs to the builder only
         if out_dir.exists():

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 RMS_NORM_ID = f"{schema.DOMAIN}::{schema.RMS_NORM}"
 ROPE_ID = f"{schema.DOMAIN}::{schema.ROPE}"
 INSTALL_HINT = (
-    "install TensorRT 11 and its Python bindings: pip install 'llama_export[gpu]' "
-    "--extra-index-url https://pypi.nvidia.com"
+    "install TensorRT 11 and its Python bindings on a machine with an NVIDIA GPU: "
+    "pip install 'llama_export[gpu]' (the tensorrt wheels fetch NVIDIA's libraries from NVIDIA's index)"
 )
 
 _lock = threading.Lock()

@@ -25,10 +25,10 @@ import torch
 from torch import Tensor
 
 from llama_export.backends.tensorrt import profiles
-from llama_export.backends.tensorrt.build import BUILD_FORMAT, BUILD_MANIFEST
+from llama_export.backends.tensorrt.build import BUILD_FORMAT, BUILD_MANIFEST, EXPORT_MANIFEST
 from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
 from llama_export.errors import ArtifactError, BackendUnavailableError, InputError
-from llama_export.export.manifest import resolve_inside, sha256_file
+from llama_export.export.manifest import Manifest, resolve_inside, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,17 @@ class _Segment:
             ctx.set_optimization_profile_async(profile, stream.cuda_stream)
             self.contexts[profile] = ctx
         return self.contexts[profile]
+
+
+def load_export_manifest(build_dir: Path) -> Manifest:
+    """The export manifest copied next to the engines (its ONNX files are not needed to run them)."""
+    path = Path(build_dir) / EXPORT_MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{build_dir} has no {EXPORT_MANIFEST}; point --artifacts at a `llama-export build` output")
+    try:
+        return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild") from None
 
 
 class TensorRTBackend:
