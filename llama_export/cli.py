@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from llama_export.config import Backend, Precision
-from llama_export.errors import LlamaExportError
+from llama_export.errors import InputError, LlamaExportError
 
 
 def _add_run_parser(sub) -> None:
@@ -134,6 +134,54 @@ def _run_build(args) -> int:
     return run_build(args)
 
 
+def _add_compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare a backend with the eager model per segment, layer and rank",
+        description="Run a backend and the eager model side by side (every rank, in one process) on the "
+        "same prompt; report per segment (layer, attention/FFN, rank) max/mean abs error and cosine, and "
+        "for the final logits top-1/top-5 and greedy agreement; name the segment where the error starts; "
+        "plot error against depth. Exits 1 on a tolerance failure.",
+    )
+    p.add_argument("--artifacts", type=Path, required=True, help="export directory (trt: engine directory)")
+    p.add_argument("--backend", type=Backend, choices=list(Backend), default=Backend.ORT)
+    p.add_argument("--checkpoint", type=Path, help="checkpoint the export came from (default: the demo model)")
+    p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
+    p.add_argument("--prompt", help="text prompt (default: random token ids, seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, dest="json_out", help="write the full report as JSON")
+    p.add_argument("--plot", type=Path, help="PNG of error against depth (default: next to --json, else none)")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args, argv: list[str]) -> int:
+    from llama_export.runner.compare import format_report, plot_report, run_compare, write_json
+    from llama_export.runner.run import RunOptions
+    from llama_export.runner.steps import default_checkpoint, manifest_for, tokenizer_for
+
+    opts = RunOptions(backend=args.backend, tp=0, max_new_tokens=args.steps, artifacts=args.artifacts,
+                      prompts=(args.prompt,) if args.prompt else None)
+    manifest = manifest_for(opts)
+    prompt = None
+    if args.prompt:
+        import torch
+
+        ids = tokenizer_for(opts).encode(args.prompt)
+        if not ids:
+            raise InputError("the prompt is empty; give some text with --prompt")
+        prompt = torch.tensor([ids])
+    report = run_compare(args.artifacts, args.backend, manifest, args.checkpoint or default_checkpoint(),
+                         steps=args.steps, prompt=prompt, seed=args.seed)
+    print(format_report(report))
+    plot = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
+    if args.json_out:
+        write_json(report, args.json_out)
+    if plot:
+        plot_report(report, plot)
+        print(f"plot: {plot}")
+    return 0 if report.comparison else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-export",
@@ -143,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export_parser(sub)
     _add_run_parser(sub)
+    _add_compare_parser(sub)
     _add_build_parser(sub)
     return parser
 

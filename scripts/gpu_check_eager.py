@@ -25,6 +25,7 @@ from llama_export.model.transformer import Transformer
 
 # Tolerances on logits against CPU fp32 (logits are O(1-10) here).
 TOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 3e-1}
+DEVICE = "cuda"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -69,7 +70,7 @@ def accuracy(report: dict) -> bool:
     ref = _forced(ref_model, prompt, forced[:-1])
     ok = True
     for name, dt in DTYPES.items():
-        got = _forced(_model(cfg, dt, "cuda"), prompt.cuda(), [t.cuda() for t in forced[:-1]])
+        got = _forced(_model(cfg, dt, DEVICE), prompt.to(DEVICE), [t.to(DEVICE) for t in forced[:-1]])
         err = max((a - b).abs().max().item() for a, b in zip(got, ref))
         cos = min(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
                   for a, b in zip(got, ref))
@@ -83,28 +84,33 @@ def accuracy(report: dict) -> bool:
     return ok
 
 
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def timings(report: dict, quick: bool) -> None:
     cfg = ModelConfig(dim=2048, n_layers=8 if quick else 16, n_heads=16, n_kv_heads=4, vocab_size=32000,
                       hidden_dim=5632, max_seq_len=512)
-    prompt = torch.randint(0, cfg.vocab_size, (1, 128), device="cuda")
+    prompt = torch.randint(0, cfg.vocab_size, (1, 128), device=DEVICE)
     base = None
     print(f"timing config: {cfg.num_parameters() / 1e6:.0f}M parameters, batch 1, prompt 128, 64 new tokens")
     for name, dt in DTYPES.items():
-        model = _model(cfg, dt, "cuda")
+        model = _model(cfg, dt, DEVICE)
         with torch.inference_mode():
             for _ in range(2):  # warm-up
                 model(prompt, *model.empty_cache(1))
-            torch.cuda.synchronize()
+            _sync()
             t0 = time.perf_counter()
             logits, keys, values = model(prompt, *model.empty_cache(1))
-            torch.cuda.synchronize()
+            _sync()
             prefill = time.perf_counter() - t0
             cur = logits.argmax(-1, keepdim=True)
             t0 = time.perf_counter()
             for _ in range(64):
                 logits, keys, values = model(cur, keys, values)
                 cur = logits.argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
+            _sync()
             decode_tps = 64 / (time.perf_counter() - t0)
         base = base or (prefill, decode_tps)
         report["timings"][name] = {"prefill_ms": prefill * 1e3, "decode_tok_s": decode_tps}
@@ -118,7 +124,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the report here")
     ap.add_argument("--quick", action="store_true", help="smaller timing model")
+    ap.add_argument("--dry-run-cpu", action="store_true", help="run the accuracy part on the CPU (script check)")
     args = ap.parse_args()
+    if args.dry_run_cpu:
+        global DEVICE
+        DEVICE = "cpu"
+        return 0 if accuracy({"accuracy": {}}) else 1
     if not torch.cuda.is_available():
         print("no GPU: torch.cuda.is_available() is False")
         return 2

@@ -1,0 +1,80 @@
+"""`compare`: a clean export passes; a corrupted weight is located at the layer where it was planted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from llama_export.config import Backend
+from llama_export.export.exporter import ExportOptions, export
+from llama_export.export.manifest import load_manifest, sha256_file
+from llama_export.runner.compare import run_compare
+from tests.helpers import random_meta_state, run_cli, tiny_config, write_meta
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    cfg = tiny_config("gqa")
+    ckpt = write_meta(root / "gqa", cfg, random_meta_state(cfg, seed=21))
+    return ckpt, export(ExportOptions(checkpoint=ckpt, out=root / "graphs", tp=2, progress=False))
+
+
+def _corrupt(src, dst, segment_name: str, weight_substring: str):
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    seg = next(s for s in m["ranks"][0]["segments"] if s["name"] == segment_name)
+    path = dst / seg["file"]
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if weight_substring in i.name)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] += 5.0  # one weight, far off
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(path))
+    seg["sha256"] = sha256_file(path)  # a deliberate corruption, not tampering: keep the manifest consistent
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_clean_export_passes_everywhere(exported):
+    ckpt, path = exported
+    report = run_compare(path, Backend.ORT, load_manifest(path), ckpt, steps=4)
+    assert report.comparison and report.first_divergence() is None
+    assert {s.label for s in report.segments} >= {"embed", "layers.0.attention", "layers.1.ffn", "head", "tail"}
+    assert all(s.rel < 1e-5 for s in report.segments)
+
+
+@pytest.mark.parametrize("segment,weight,label", [
+    ("04_layers.1.ffn", "feed_forward.w3", "layers.1.ffn"),
+    ("01_layers.0.attention", "attention.wq", "layers.0.attention"),
+])
+def test_corruption_is_located(exported, tmp_path, segment, weight, label):
+    ckpt, path = exported
+    bad = _corrupt(path, tmp_path / "bad", segment, weight)
+    report = run_compare(bad, Backend.ORT, load_manifest(bad), ckpt, steps=2)
+    first = report.first_divergence()
+    assert first is not None and first.label == label and first.rank == 0
+    earlier = [s for s in report.segments if s.index < first.index]
+    assert earlier and all(s.rel < report.threshold for s in earlier)
+
+
+@pytest.mark.slow
+def test_cli_writes_report_and_plot_and_fails_on_corruption(exported, tmp_path):
+    ckpt, path = exported
+    bad = _corrupt(path, tmp_path / "bad", "04_layers.1.ffn", "feed_forward.w2")
+    r = run_cli("compare", "--artifacts", str(bad), "--backend", "ort", "--checkpoint", str(ckpt), "--steps", "2",
+                "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 1, r.stderr
+    assert "error starts at: layers.1.ffn (rank 0)" in r.stdout
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["first_divergence"] == {"segment": "layers.1.ffn", "rank": 0} and not data["pass"]
+    png = (tmp_path / "r.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    ok = run_cli("compare", "--artifacts", str(path), "--checkpoint", str(ckpt), "--steps", "2")
+    assert ok.returncode == 0 and "no segment exceeds" in ok.stdout, ok.stderr
+    assert np.isfinite([s["max_abs"] for s in data["segments"]]).all()
