@@ -48,6 +48,22 @@ def rank_env() -> RankEnv | None:
     )
 
 
+def die_with_launcher() -> None:
+    """In a rank started by `launch_local`: exit when the launcher dies, so no rank is ever orphaned
+    (Linux PR_SET_PDEATHSIG; elsewhere the launcher's own cleanup is the only guard)."""
+    if os.environ.get(_WORKER_FLAG) != "1" or sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher is already gone
+        sys.exit(1)
+
+
 def init_process_group(env: RankEnv, device: torch.device) -> None:
     """NCCL for CUDA devices, gloo for CPU; bounded timeouts so a dead peer cannot hang us."""
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -95,7 +111,9 @@ def launch_local(argv: list[str], world_size: int, *, poll_s: float = 0.1, grace
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                rank, code = failed[0]
+                # Seen in the same poll: a rank killed by a signal is the cause, the others its echo
+                # (their collective with it broke).
+                rank, code = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))
                 _terminate(procs, grace_s)
                 raise RankFailedError(
                     f"rank {rank} of {world_size} failed ({_describe_exit(code)}); the other ranks were stopped"

@@ -21,7 +21,7 @@ from llama_export.errors import InputError
 from llama_export.parallel.comm import Communicator, DistComm, LocalComm
 from llama_export.parallel.plan import check_tp
 from llama_export.runner.generate import GenerationResult, SamplingConfig, generate_stream, validate_prompt
-from llama_export.runner.launch import RankEnv, init_process_group, launch_local, rank_env
+from llama_export.runner.launch import RankEnv, die_with_launcher, init_process_group, launch_local, rank_env
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def run(opts: RunOptions, argv: list[str]) -> int:
         if opts.tp > 1:
             return launch_local(argv, opts.tp)
         env = RankEnv(rank=0, world_size=1, local_rank=0)
+    die_with_launcher()
     if env.world_size != opts.tp:
         raise InputError(f"started with WORLD_SIZE={env.world_size} but --tp {opts.tp}; make them equal")
     device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{env.local_rank}")

@@ -1,0 +1,104 @@
+"""Prefill latency and decode tokens/s: eager PyTorch vs our ONNX Runtime graphs, TP=1 and TP=2.
+
+One invocation builds a synthetic checkpoint (default ~130M parameters, fp32), exports it at TP=1 and
+TP=2, then times `llama-export run` for every (backend, tp) on the same weights and the same prompt.
+Times are measured inside the rank processes (loading excluded). The decode bound is the weight bytes
+one rank reads per token over the measured memory bandwidth (a large tensor copy, read + write bytes
+per second), so decode speed can be read as a fraction of the machine's limit.
+
+    python benchmarks/bench_generate.py [--dim 768 --layers 12 --vocab 32000 --prompt 128 --new 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes per second (read + written) of a large out-of-cache tensor copy, best of `repeats`."""
+    import torch
+
+    a = torch.ones(nbytes // 4, dtype=torch.float32)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def run(args: list[str], out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "llama_export.cli", "run", *args, "--json", str(out)], check=True,
+                   env=env, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    args = ap.parse_args()
+
+    import torch
+
+    from llama_export.config import ModelConfig, meta_ffn_hidden_dim
+    from llama_export.export.exporter import ExportOptions, export
+    from llama_export.model.checkpoint import expected_shapes
+    from llama_export.model.meta_format import save_meta_checkpoint, to_meta_params
+
+    cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
+                      vocab_size=args.vocab, hidden_dim=meta_ffn_hidden_dim(args.dim, 256, None),
+                      max_seq_len=args.prompt + args.new + 8)
+    bw = copy_bandwidth()
+    print(f"model: {cfg.num_parameters() / 1e6:.0f}M parameters fp32; batch 1, prompt {args.prompt}, "
+          f"{args.new} new tokens; torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")
+    print(f"memory bandwidth (tensor copy, read+write): {bw / 1e9:.1f} GB/s")
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        g = torch.Generator().manual_seed(0)
+        state = {n: torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 1.0)
+                 for n, s in expected_shapes(cfg).items()}
+        save_meta_checkpoint(root / "ckpt", state, to_meta_params(cfg, multiple_of=256))
+        del state
+        weight_bytes = cfg.num_parameters() * 4
+        prompt = ",".join(str(i % cfg.vocab_size) for i in range(1, args.prompt + 1))
+        common = ["--prompt-ids", prompt, "--max-new-tokens", str(args.new)]
+        rows = []
+        for tp in args.tp:
+            t0 = time.perf_counter()
+            path = export(ExportOptions(checkpoint=root / "ckpt", out=root / "graphs", tp=tp, progress=False))
+            print(f"exported tp={tp} in {time.perf_counter() - t0:.1f} s")
+            eager = run(["--checkpoint", str(root / "ckpt"), "--tp", str(tp), *common], root / f"e{tp}.json")
+            ort = run(["--artifacts", str(path), "--backend", "ort", "--tp", str(tp), *common], root / f"o{tp}.json")
+            assert eager["tokens"] == ort["tokens"], "eager and ORT disagree on greedy tokens"
+            bound = bw / (weight_bytes / tp)  # tokens/s if every weight byte of a rank is read once per token
+            for name, r in (("eager", eager), ("ort", ort)):
+                rows.append((tp, name, r["prefill_s"] * 1e3, (args.new - 1) / r["decode_s"], bound))
+    print(f"\n{'tp':>2} {'backend':<7} {'prefill ms':>10} {'decode tok/s':>12} {'vs eager':>8} {'of bound':>8}")
+    for tp, name, pre, dec, bound in rows:
+        base = next(d for t, n, _, d, _ in rows if t == tp and n == "eager")
+        base_pre = next(p for t, n, p, _, _ in rows if t == tp and n == "eager")
+        print(f"{tp:>2} {name:<7} {pre:10.1f} {dec:12.1f} {dec / base:7.2f}x {dec / bound:7.0%}"
+              f"   (prefill {base_pre / pre:.2f}x eager)")
+    print(f"decode bound at tp=1: {rows[0][4]:.1f} tok/s (weights {weight_bytes / 2**20:.0f} MiB per token)")
+
+
+if __name__ == "__main__":
+    main()
