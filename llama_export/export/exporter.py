@@ -8,7 +8,6 @@ export is replaced whole or not at all.
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 import tempfile
@@ -36,8 +35,10 @@ from llama_export.export.manifest import (
 from llama_export.export.passes.naming import name_graph
 from llama_export.export.passes.partition import Cut, partition
 from llama_export.export.passes.verify import check, check_rank_graph
+from llama_export.export.passes.weights import attach_weights
 from llama_export.export.trace import IR_VERSION, OPSET, trace_rank
-from llama_export.model.checkpoint import load_config, load_rank_state
+from llama_export.model.checkpoint import RankWeights, load_config
+from llama_export.model.layers import precompute_freqs_cis
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.comm import ExportComm, LocalComm
 from llama_export.parallel.plan import check_tp
@@ -104,34 +105,49 @@ def _write_segment(cut: Cut, root: Path, rel: str) -> None:
 
 
 def export_rank(opts: ExportOptions, rank: int, root: Path) -> tuple[RankEntry, int]:
-    """Trace and write rank `rank`; returns its manifest entry and its node count."""
+    """Trace and write rank `rank`; returns its manifest entry and its node count.
+
+    The graph is traced from a model on the meta device (no weights); each segment's weights are read
+    from the checkpoint when that segment is written, so memory holds one segment's weights at a time.
+    """
     cfg = load_config(opts.checkpoint, max_seq_len=opts.max_seq_len)
     comm = ExportComm(rank, opts.tp) if opts.tp > 1 else LocalComm()
     with torch.device("meta"):
         model = Transformer(cfg, tp=opts.tp, rank=rank, comm=comm)
-    state = load_rank_state(opts.checkpoint, model.shape, dtype=opts.dtype.torch_dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    del state
+    model = model.to("meta")
+    dtype = opts.dtype.torch_dtype
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            module._parameters[key] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
+    shape = model.shape
     proto = trace_rank(model.eval(), max_batch=opts.max_batch)
     del model
-    gc.collect()
     name_graph(proto)
     check_rank_graph(proto, cfg, opts.tp)
     n_nodes = len(proto.graph.node)
     cuts = partition(proto)
     del proto
+    freqs_cis = precompute_freqs_cis(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+    buffers = {"rope_cos": freqs_cis.real.contiguous(), "rope_sin": freqs_cis.imag.contiguous()}
     kinds = segment_kinds(len(cuts), cfg.n_layers)
     segments = []
-    for k, (cut, (kind, layer)) in enumerate(zip(cuts, kinds)):
-        label = kind if layer is None else f"layers.{layer}.{kind}"
-        rel = f"rank{rank}/{k:02d}_{label}.onnx"
-        _write_segment(cut, root, rel)
-        segments.append(Segment(
-            name=f"{k:02d}_{label}", file=rel, sha256=sha256_file(root / rel), kind=kind, layer=layer,
-            inputs=_specs(cut.model, cut.model.graph.input), outputs=_specs(cut.model, cut.model.graph.output),
-            collective=Collective(**cut.collective) if cut.collective else None,
-        ))
-        cuts[k] = None  # free the segment's weights as soon as it is on disk
+    with RankWeights(opts.checkpoint, shape, dtype=dtype) as weights:
+        def fetch(name: str) -> torch.Tensor:
+            return buffers[name] if name in buffers else weights.get(name)
+
+        for k, (kind, layer) in enumerate(kinds):
+            cut = cuts[k]
+            cuts[k] = None  # the segment's weights are freed as soon as it is on disk
+            attach_weights(cut.model, fetch)
+            label = kind if layer is None else f"layers.{layer}.{kind}"
+            rel = f"rank{rank}/{k:02d}_{label}.onnx"
+            _write_segment(cut, root, rel)
+            segments.append(Segment(
+                name=f"{k:02d}_{label}", file=rel, sha256=sha256_file(root / rel), kind=kind, layer=layer,
+                inputs=_specs(cut.model, cut.model.graph.input), outputs=_specs(cut.model, cut.model.graph.output),
+                collective=Collective(**cut.collective) if cut.collective else None,
+            ))
+            del cut
     return RankEntry(rank=rank, segments=tuple(segments)), n_nodes
 
 

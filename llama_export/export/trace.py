@@ -79,15 +79,49 @@ class _Flat(nn.Module):
         return (logits, *keys, *values)
 
 
+# Location written into every initializer of a traced graph: the weights are attached per segment
+# (`passes.weights.attach_weights`), so a graph that still points here is incomplete.
+WEIGHTS_PLACEHOLDER = "__llama_export_weights_not_attached__"
+
+
+def _cleanup(graph_model) -> None:
+    """Pass: constant folding and cleanup on the weightless graph (onnxscript's optimizer passes).
+
+    `onnxscript.optimizer.optimize` as a whole would read every initializer (its deduplication pass
+    hashes them) and fold weight transposes into copies; here the same folding runs with an input size
+    limit that keeps it to shape arithmetic, and weight transposes are folded when weights are attached.
+    """
+    import onnx_ir.passes.common as common
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.inline(graph_model)
+    for _ in range(2):
+        onnxscript.optimizer.fold_constants_ir(graph_model, input_size_limit=16, output_size_limit=1 << 16)
+        onnxscript.optimizer.remove_unused_nodes(graph_model)
+    common.IdentityEliminationPass()(graph_model)
+    common.CommonSubexpressionEliminationPass()(graph_model)
+    common.RemoveUnusedNodesPass()(graph_model)
+    common.RemoveUnusedOpsetsPass()(graph_model)
+
+
 def trace_rank(model: Transformer, *, max_batch: int) -> onnx.ModelProto:
-    """ONNX graph of `model` (one rank, built with an ExportComm for tp > 1)."""
+    """Weightless ONNX graph of `model`, one rank (built with an ExportComm for tp > 1).
+
+    `model` lives on the meta device: tracing needs shapes only, so no weight is ever in memory here.
+    Every initializer comes out as an external-data placeholder named like its parameter (or buffer);
+    `passes.weights.attach_weights` fills them in one segment at a time.
+    """
+    import onnx_ir as ir
+
     cfg = model.cfg
     n = cfg.n_layers
     p = next(model.parameters())
+    if p.device.type != "meta":
+        raise ValueError("trace_rank expects a model on the meta device (weights are attached later)")
     b, s, past = 2, 3, 4  # >= 2 on every dynamic dimension
-    tokens = torch.randint(0, cfg.vocab_size, (b, s))
+    tokens = torch.zeros(b, s, dtype=torch.int64, device="meta")
     kv = model.shape.local_kv_heads
-    cache = [torch.zeros(b, kv, past, cfg.head_dim, dtype=p.dtype) for _ in range(2 * n)]
+    cache = [torch.zeros(b, kv, past, cfg.head_dim, dtype=p.dtype, device="meta") for _ in range(2 * n)]
     batch = torch.export.Dim(schema.DIM_BATCH, min=1, max=max_batch)
     seq = torch.export.Dim(schema.DIM_SEQ, min=1, max=cfg.max_seq_len)
     past_dim = torch.export.Dim(schema.DIM_PAST, min=0, max=cfg.max_seq_len - 1)
@@ -103,10 +137,15 @@ def trace_rank(model: Transformer, *, max_batch: int) -> onnx.ModelProto:
             input_names=input_names(n),
             output_names=output_names(n),
             opset_version=OPSET,
-            optimize=True,
+            optimize=False,
             verbose=False,
-            external_data=False,
         )
-    proto = program.model_proto
+    graph_model = program.model
+    for value in graph_model.graph.initializers.values():
+        cv = value.const_value
+        value.const_value = ir.ExternalTensor(
+            WEIGHTS_PLACEHOLDER, offset=0, length=cv.nbytes, dtype=cv.dtype, shape=cv.shape, name=value.name)
+    _cleanup(graph_model)
+    proto = ir.serde.serialize_model(graph_model)
     proto.ir_version = IR_VERSION
     return proto

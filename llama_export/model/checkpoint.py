@@ -88,22 +88,46 @@ def pad_to(t: Tensor, sl: Slice) -> Tensor:
     return out
 
 
+class RankWeights:
+    """Lazy access to one rank's parameter slices (`get(name)`), opened as a context manager.
+
+    Only the requested slice of a tensor is read; nothing else of the checkpoint becomes resident.
+    """
+
+    def __init__(self, path: Path, shape: RankShape, *, dtype: torch.dtype) -> None:
+        from llama_export.model import hf_format, meta_format
+
+        self.path = Path(path)
+        self.shape = shape
+        self.dtype = dtype
+        self.shapes = expected_shapes(shape.cfg)
+        if detect_format(self.path) is CheckpointFormat.META:
+            self.reader = meta_format.MetaReader(self.path, self.shapes)
+        else:
+            self.reader = hf_format.HFReader(self.path, shape.cfg, self.shapes)
+
+    def __enter__(self) -> RankWeights:
+        self.reader.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.reader.__exit__(*exc)
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def get(self, name: str) -> Tensor:
+        """This rank's slice of parameter `name` (Meta spelling), cast to the dtype."""
+        if name not in self.shapes:
+            raise CheckpointError(f"{name} is not a parameter of this model")
+        sl = shard_slice(name, self.shape)
+        return pad_to(self.reader.read(name, sl), sl).to(self.dtype).contiguous()
+
+
 def load_rank_state(path: Path, shape: RankShape, *, dtype: torch.dtype) -> dict[str, Tensor]:
     """This rank's parameter slices, by Meta name, cast to `dtype`."""
-    from llama_export.model import hf_format, meta_format
-
-    path = Path(path)
-    shapes = expected_shapes(shape.cfg)
-    if detect_format(path) is CheckpointFormat.META:
-        reader = meta_format.MetaReader(path, shapes)
-    else:
-        reader = hf_format.HFReader(path, shape.cfg, shapes)
-    with reader:
-        state = {}
-        for name in shapes:
-            sl = shard_slice(name, shape)
-            state[name] = pad_to(reader.read(name, sl), sl).to(dtype).contiguous()
-    return state
+    with RankWeights(path, shape, dtype=dtype) as w:
+        return {name: w.get(name) for name in w.names()}
 
 
 def build_model(
