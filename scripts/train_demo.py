@@ -57,7 +57,7 @@ class TrainConfig:
 
     out: Path = REPO / "llama_export" / "demo"
     seed: int = 0
-    steps: int = 800
+    steps: int = 900
     max_corpus_bytes: int = 6_000_000
     vocab_size: int = 1536
     dim: int = 192
@@ -114,7 +114,9 @@ def train_tokenizer(corpus: list[tuple[str, str]], vocab_size: int) -> bytes:
 
     sentencepiece trains on lines: newlines never enter the vocabulary and encode through byte
     fallback as `<0x0A>`. Identity normalization, no dummy prefix and kept whitespace preserve
-    indentation; whitespace-only pieces let a 4/8/12-space indent be one token."""
+    indentation; whitespace-only pieces let a 4/8/12-space indent be one token. Whitespace is a
+    suffix (`def▁`, `return▁`), so a prompt ending in a space ("def ") tokenizes as in the corpus
+    instead of ending in a lone `▁` the model has rarely seen."""
     lines = [line for _, text in corpus for line in text.splitlines() if line.strip()]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -131,6 +133,7 @@ def train_tokenizer(corpus: list[tuple[str, str]], vocab_size: int) -> bytes:
         remove_extra_whitespaces=False,
         add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,
+        treat_whitespace_as_suffix=True,
         split_digits=True,
         character_coverage=0.9999,
         # Determinism: one thread, lines in corpus order, no sampling of the input.
@@ -318,7 +321,8 @@ bit for bit. A different Python version has a different stdlib and so gives a di
 
 sentencepiece {spm.__version__} BPE, vocab {cfg.vocab_size}, trained on the corpus lines (single thread,
 unshuffled). Byte fallback (newline is `<0x0A>`), identity normalization, whitespace kept, no dummy
-prefix, whitespace-only pieces (indents are single tokens), digits split. `<unk>`=0, `<s>`=1,
+prefix, whitespace-only pieces (indents are single tokens), whitespace as a suffix (`def▁`, so a
+prompt ending in a space tokenizes as in the corpus), digits split. `<unk>`=0, `<s>`=1,
 `</s>`=2, no pad. Decoding reproduces the source text exactly.
 
 ## Architecture (`params.json`)
