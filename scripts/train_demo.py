@@ -147,7 +147,7 @@ def train_tokenizer(corpus: list[tuple[str, str]], vocab_size: int) -> bytes:
 
 
 def tokenize(sp: spm.SentencePieceProcessor, corpus: list[tuple[str, str]]) -> Tensor:
-    """One int64 stream: `<s> file <\\s>` for every file, in corpus order."""
+    """One int64 stream: `<s> file </s>` for every file, in corpus order."""
     ids = sp.encode([text for _, text in corpus])
     return torch.tensor([t for doc in ids for t in (BOS_ID, *doc, EOS_ID)], dtype=torch.int64)
 
@@ -211,8 +211,8 @@ def loss_on(model: Transformer, x: Tensor, y: Tensor) -> Tensor:
 
 def train(model: Transformer, train_ids: Tensor, val_ids: Tensor, tc: TrainConfig) -> dict[str, float]:
     """AdamW + cosine schedule on random windows; returns final train/val losses."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices; norm weights are not decayed
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=tc.lr, betas=(0.9, 0.95), eps=1e-8,
@@ -299,6 +299,8 @@ code model.
 
 ## Retrain
 
+From the repository root, with `llama_export` importable (`pip install -e .` or `PYTHONPATH=.`):
+
 ```
 {retrain_command(tc)}
 ```
@@ -348,7 +350,8 @@ and cosine decay to {tc.min_lr_ratio:g}x, gradient clip {tc.grad_clip:g}, {tc.st
 
 {tc.sample_tokens} tokens per prompt from the saved files loaded back with `build_model` (fp16 weights, fp32 compute) and decoded with the KV
 cache, `<s>` + prompt; margin = top-1 minus top-2 logit, mean over the greedy steps. Mean over all
-samples: {sum(all_margins) / len(all_margins):.2f}.
+samples: {sum(all_margins) / len(all_margins):.2f}. A model this small falls into loops under greedy decoding
+(repeated lines, runs of one character); they are shown as they come, unselected.
 
 {sample_md}
 """
