@@ -94,9 +94,18 @@ def _cleanup(graph_model) -> None:
     import onnx_ir.passes.common as common
     import onnxscript.optimizer
 
+    def should_fold(node) -> bool | None:
+        # Never try to evaluate a node that reads a weight: its data is not here yet.
+        for v in node.inputs:
+            cv = v.const_value if v is not None else None
+            if cv is not None and getattr(cv, "location", None) == WEIGHTS_PLACEHOLDER:
+                return False
+        return None
+
     onnxscript.optimizer.inline(graph_model)
     for _ in range(2):
-        onnxscript.optimizer.fold_constants_ir(graph_model, input_size_limit=16, output_size_limit=1 << 16)
+        onnxscript.optimizer.fold_constants_ir(graph_model, input_size_limit=16, output_size_limit=1 << 16,
+                                               should_fold=should_fold)
         onnxscript.optimizer.remove_unused_nodes(graph_model)
     common.IdentityEliminationPass()(graph_model)
     common.CommonSubexpressionEliminationPass()(graph_model)
@@ -126,20 +135,28 @@ def trace_rank(model: Transformer, *, max_batch: int) -> onnx.ModelProto:
     seq = torch.export.Dim(schema.DIM_SEQ, min=1, max=cfg.max_seq_len)
     past_dim = torch.export.Dim(schema.DIM_PAST, min=0, max=cfg.max_seq_len - 1)
     dynamic = {"tokens": {0: batch, 1: seq}, "cache": tuple({0: batch, 2: past_dim} for _ in range(2 * n))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
-        program = torch.onnx.export(
-            _Flat(model).eval(),
-            (tokens, *cache),
-            dynamo=True,
-            dynamic_shapes=dynamic,
-            custom_translation_table=_translation_table(),
-            input_names=input_names(n),
-            output_names=output_names(n),
-            opset_version=OPSET,
-            optimize=False,
-            verbose=False,
-        )
+    # The exporter's deprecation chatter and its note that torchvision ops are skipped are not the
+    # user's business; both are silenced for this call only.
+    reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    old_level = reg_log.level
+    reg_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                _Flat(model).eval(),
+                (tokens, *cache),
+                dynamo=True,
+                dynamic_shapes=dynamic,
+                custom_translation_table=_translation_table(),
+                input_names=input_names(n),
+                output_names=output_names(n),
+                opset_version=OPSET,
+                optimize=False,
+                verbose=False,
+            )
+    finally:
+        reg_log.setLevel(old_level)
     graph_model = program.model
     for value in graph_model.graph.initializers.values():
         cv = value.const_value
