@@ -61,6 +61,11 @@ def register_onnx_schemas() -> None:
          [P("x", "T")], [P("y", "T")], [("T", float_types, "")],
          [A("axis", OpSchema.AttrType.INT, "non-negative axis"), A("world_size", OpSchema.AttrType.INT, "ranks")]),
     ]
+    # The TensorRT lowering adds these two to the compute nodes (its ONNX parser finds the plugin by
+    # them); they are part of the schema so that lowered graphs still pass onnx.checker.
+    plugin_attrs = [A("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=False),
+                    A("plugin_version", OpSchema.AttrType.STRING, "TensorRT plugin version", required=False)]
+    specs = [(n, d, i, o, t, a + plugin_attrs if n in COMPUTE_OPS else a) for n, d, i, o, t, a in specs]
     for name, doc, inputs, outputs, types, attrs in specs:
         if onnx.defs.has(name, DOMAIN):
             continue

@@ -80,7 +80,10 @@ def run(opts: RunOptions, argv: list[str]) -> int:
         init_process_group(env, device)
         comm = DistComm()
     try:
-        return _run_rank(opts, env, comm, device)
+        code = _run_rank(opts, env, comm, device)
+        if dist.is_initialized():
+            dist.barrier()  # nobody tears the group down while a peer still talks to it
+        return code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
