@@ -92,16 +92,23 @@ def _specs(model: onnx.ModelProto, values) -> tuple[TensorSpec, ...]:
     return tuple(out)
 
 
-def _write_segment(cut: Cut, root: Path, rel: str) -> None:
+# Serialized graphs above this go to external data (protobuf cannot hold 2 GB; keep a margin).
+EXTERNAL_DATA_THRESHOLD = _TWO_GB - (64 << 20)
+
+
+def _write_segment(cut: Cut, root: Path, rel: str) -> str | None:
+    """Write (and check) one segment; returns the relative path of its external data file, if any."""
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    if cut.model.ByteSize() > _TWO_GB - (64 << 20):
+    if cut.model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        data_rel = rel + ".data"
         onnx.save_model(cut.model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=Path(rel).name + ".data", size_threshold=1024)
+                        location=Path(data_rel).name, size_threshold=1024)
         check(path)
-    else:
-        check(cut.model)
-        onnx.save_model(cut.model, str(path))
+        return data_rel if (root / data_rel).is_file() else None  # no tensor above size_threshold
+    check(cut.model)
+    onnx.save_model(cut.model, str(path))
+    return None
 
 
 def export_rank(opts: ExportOptions, rank: int, root: Path) -> tuple[RankEntry, int]:
@@ -141,11 +148,12 @@ def export_rank(opts: ExportOptions, rank: int, root: Path) -> tuple[RankEntry, 
             attach_weights(cut.model, fetch)
             label = kind if layer is None else f"layers.{layer}.{kind}"
             rel = f"rank{rank}/{k:02d}_{label}.onnx"
-            _write_segment(cut, root, rel)
+            data_rel = _write_segment(cut, root, rel)
             segments.append(Segment(
                 name=f"{k:02d}_{label}", file=rel, sha256=sha256_file(root / rel), kind=kind, layer=layer,
                 inputs=_specs(cut.model, cut.model.graph.input), outputs=_specs(cut.model, cut.model.graph.output),
                 collective=Collective(**cut.collective) if cut.collective else None,
+                data_file=data_rel, data_sha256=sha256_file(root / data_rel) if data_rel else None,
             ))
             del cut
     return RankEntry(rank=rank, segments=tuple(segments)), n_nodes

@@ -47,6 +47,8 @@ class Segment:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     collective: Collective | None  # runs after this segment
+    data_file: str | None = None  # external weights (graphs over 2 GB), relative like `file`
+    data_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class Manifest:
                             inputs=tuple(_spec(t) for t in s["inputs"]),
                             outputs=tuple(_spec(t) for t in s["outputs"]),
                             collective=Collective(**s["collective"]) if s["collective"] else None,
+                            data_file=s.get("data_file"),
+                            data_sha256=s.get("data_sha256"),
                         )
                         for s in r["segments"]
                     ),
@@ -171,7 +175,8 @@ def load_manifest(root: Path, *, verify_hashes: bool = True) -> Manifest:
     m = Manifest.from_dict(data)
     if len(m.ranks) != m.tp or [r.rank for r in m.ranks] != list(range(m.tp)):
         raise ArtifactError(f"{path}: tp={m.tp} but ranks {[r.rank for r in m.ranks]} are listed; re-export")
-    files = [s.file for r in m.ranks for s in r.segments] + ([m.tokenizer] if m.tokenizer else [])
+    files = [f for r in m.ranks for s in r.segments for f in (s.file, s.data_file) if f]
+    files += [m.tokenizer] if m.tokenizer else []
     for rel in files:
         f = resolve_inside(root, rel)
         if not f.is_file():
@@ -179,10 +184,13 @@ def load_manifest(root: Path, *, verify_hashes: bool = True) -> Manifest:
     if verify_hashes:
         for r in m.ranks:
             for s in r.segments:
-                got = sha256_file(resolve_inside(root, s.file))
-                if got != s.sha256:
-                    raise ArtifactError(
-                        f"{s.file} has sha256 {got[:12]}... but the manifest says {s.sha256[:12]}...: "
-                        "the file was modified or truncated after export; re-export"
-                    )
+                for rel, want in ((s.file, s.sha256), (s.data_file, s.data_sha256)):
+                    if rel is None:
+                        continue
+                    got = sha256_file(resolve_inside(root, rel))
+                    if got != want:
+                        raise ArtifactError(
+                            f"{rel} has sha256 {got[:12]}... but the manifest says {str(want)[:12]}...: "
+                            "the file was modified or truncated after export; re-export"
+                        )
     return m

@@ -130,3 +130,23 @@ def test_reexport_replaces_the_directory_whole(good):
     assert again == path
     load_manifest(path)
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_external_data_segments_are_hashed_and_run(good, tmp_path, monkeypatch):
+    """Graphs over 2 GB go to external data; forced here with a zero threshold."""
+    from llama_export.export.validate import validate_export
+
+    ckpt, _ = good
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 0)
+    path = export(ExportOptions(checkpoint=ckpt, out=tmp_path / "ext", tp=2, progress=False))
+    m = load_manifest(path)
+    seg = m.rank(0).segments[1]
+    assert seg.data_file == seg.file + ".data" and (path / seg.data_file).stat().st_size > 1000
+    cmp = validate_export(path, ckpt, steps=2)
+    assert cmp and cmp.max_abs <= 1e-4, str(cmp)
+    data = path / seg.data_file
+    raw = bytearray(data.read_bytes())
+    raw[10] ^= 0x55
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match=r"\.data has sha256 .* modified or truncated"):
+        load_manifest(path)

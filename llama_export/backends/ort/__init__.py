@@ -45,21 +45,24 @@ class OrtBackend:
                     "--device cuda with the ort backend needs onnxruntime-gpu (pip install onnxruntime-gpu); "
                     "this onnxruntime has only " + ", ".join(ort.get_available_providers()))
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), *providers]
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        opts.log_severity_level = 3
+        opts = _session_options(ort, threads)
         self.sessions = []
         self.segments = manifest.rank(rank).segments
         for seg in self.segments:
             path = resolve_inside(root, seg.file)
             try:
-                model = onnx.load(str(path))
+                # External weights (graphs over 2 GB) stay on disk: the lowered graph refers to them.
+                model = onnx.load(str(path), load_external_data=False)
             except Exception as e:  # protobuf DecodeError and friends
                 raise ArtifactError(f"{seg.file} is not a readable ONNX model ({type(e).__name__}); re-export") from None
             lowered = lower_for_ort(model)
+            seg_opts = opts
+            if seg.data_file is not None:
+                seg_opts = _session_options(ort, threads)
+                seg_opts.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", str(path.parent))
             self.sessions.append(
-                ort.InferenceSession(lowered.SerializeToString(), sess_options=opts, providers=providers))
+                ort.InferenceSession(lowered.SerializeToString(), sess_options=seg_opts, providers=providers))
         log.info("rank %d: %d ONNX Runtime sessions on %s", rank, len(self.sessions), providers[0])
 
     def run_segment(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -76,6 +79,14 @@ class OrtBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _session_options(ort, threads: int | None):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    opts.log_severity_level = 3
+    return opts
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:
