@@ -84,35 +84,6 @@ class _Flat(nn.Module):
 WEIGHTS_PLACEHOLDER = "__llama_export_weights_not_attached__"
 
 
-def _cleanup(graph_model) -> None:
-    """Pass: constant folding and cleanup on the weightless graph (onnxscript's optimizer passes).
-
-    `onnxscript.optimizer.optimize` as a whole would read every initializer (its deduplication pass
-    hashes them) and fold weight transposes into copies; here the same folding runs with an input size
-    limit that keeps it to shape arithmetic, and weight transposes are folded when weights are attached.
-    """
-    import onnx_ir.passes.common as common
-    import onnxscript.optimizer
-
-    def should_fold(node) -> bool | None:
-        # Never try to evaluate a node that reads a weight: its data is not here yet.
-        for v in node.inputs:
-            cv = v.const_value if v is not None else None
-            if cv is not None and getattr(cv, "location", None) == WEIGHTS_PLACEHOLDER:
-                return False
-        return None
-
-    onnxscript.optimizer.inline(graph_model)
-    for _ in range(2):
-        onnxscript.optimizer.fold_constants_ir(graph_model, input_size_limit=16, output_size_limit=1 << 16,
-                                               should_fold=should_fold)
-        onnxscript.optimizer.remove_unused_nodes(graph_model)
-    common.IdentityEliminationPass()(graph_model)
-    common.CommonSubexpressionEliminationPass()(graph_model)
-    common.RemoveUnusedNodesPass()(graph_model)
-    common.RemoveUnusedOpsetsPass()(graph_model)
-
-
 def trace_rank(model: Transformer, *, max_batch: int) -> onnx.ModelProto:
     """Weightless ONNX graph of `model`, one rank (built with an ExportComm for tp > 1).
 
@@ -162,7 +133,9 @@ def trace_rank(model: Transformer, *, max_batch: int) -> onnx.ModelProto:
         cv = value.const_value
         value.const_value = ir.ExternalTensor(
             WEIGHTS_PLACEHOLDER, offset=0, length=cv.nbytes, dtype=cv.dtype, shape=cv.shape, name=value.name)
-    _cleanup(graph_model)
+    from llama_export.export.passes.cleanup import cleanup
+
+    cleanup(graph_model)
     proto = ir.serde.serialize_model(graph_model)
     proto.ir_version = IR_VERSION
     return proto
