@@ -44,6 +44,11 @@ def validate_prompt(prompt: Tensor, *, vocab_size: int, max_seq_len: int, max_ne
         raise InputError(f"prompt ids must be [batch, seq], got shape {tuple(prompt.shape)}")
     if prompt.shape[1] == 0:
         raise InputError("the prompt is empty; give at least one token")
+    if prompt.shape[1] >= max_seq_len:
+        raise InputError(
+            f"the prompt ({prompt.shape[1]} tokens) does not fit the context max_seq_len={max_seq_len} with "
+            "room for one new token; shorten it"
+        )
     bad = prompt[(prompt < 0) | (prompt >= vocab_size)]
     if bad.numel():
         raise InputError(

@@ -53,6 +53,14 @@ def parse_prompt_ids(text: str) -> tuple[tuple[int, ...], ...]:
     return rows
 
 
+def new_token_budget(opts: RunOptions, prompt_len: int, max_seq_len: int) -> int:
+    """Tokens to generate. Text generation stops at the context limit (a prompt that alone fills the
+    context is an error); `--prompt-ids` runs must fit exactly (`validate_prompt` refuses them)."""
+    if opts.prompts is None or prompt_len >= max_seq_len:
+        return opts.max_new_tokens
+    return min(opts.max_new_tokens, max_seq_len - prompt_len)
+
+
 def model_config_for(opts: RunOptions) -> ModelConfig:
     from llama_export.runner.steps import config_for
 
@@ -67,7 +75,7 @@ def run(opts: RunOptions, argv: list[str]) -> int:
         check_tp(cfg, opts.tp)
         prompt = _prompt_tensor(opts)
         validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
-                        max_new_tokens=opts.max_new_tokens)
+                        max_new_tokens=new_token_budget(opts, prompt.shape[1], cfg.max_seq_len))
         if opts.tp > 1:
             return launch_local(argv, opts.tp)
         env = RankEnv(rank=0, world_size=1, local_rank=0)
@@ -111,8 +119,8 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
 
     prompt = _prompt_tensor(opts).to(device)
     step, empty_cache, cfg, eos_id = build_step(opts, comm=comm, device=device, batch=prompt.shape[0])
-    validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
-                    max_new_tokens=opts.max_new_tokens)
+    budget = new_token_budget(opts, prompt.shape[1], cfg.max_seq_len)
+    validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_new_tokens=budget)
     tok = tokenizer_for(opts) if opts.prompts is not None else None
     lead = env.rank == 0
     if lead and tok is not None and opts.stream and prompt.shape[0] == 1:
@@ -121,7 +129,7 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
     result = GenerationResult(prompt=prompt)
     shown = ""
     for rec, result in generate_stream(
-        step, prompt, empty_cache, max_new_tokens=opts.max_new_tokens, sampling=opts.sampling,
+        step, prompt, empty_cache, max_new_tokens=budget, sampling=opts.sampling,
         eos_id=eos_id if tok is not None else None, keep_logits=opts.json_out is not None,
     ):
         if lead and tok is not None and opts.stream and prompt.shape[0] == 1:
@@ -131,6 +139,8 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
             shown = text
     if lead:
         _report(opts, result, tok, env)
+        if budget < opts.max_new_tokens and len(result.steps) == budget:
+            print(f"[stopped at the context limit: max_seq_len={cfg.max_seq_len}]", file=sys.stderr)
     return 0
 
 
