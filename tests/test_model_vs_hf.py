@@ -79,3 +79,18 @@ def test_two_source_shards_load(tmp_path):
     two = build_model(write_meta(tmp_path / "two", cfg, state, n_shards=2))
     for (n, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+    cfg = tiny_config("gqa")
+    state = random_meta_state(cfg, seed=4)
+    hf = hf_model_from_meta(cfg, state)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    model = build_model(tmp_path / "hf")
+    prompt = torch.randint(0, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, _, _ = model(prompt, *model.empty_cache(1))
+        ref = hf(prompt).logits[:, -1].float()
+    assert (got - ref).abs().max().item() <= ATOL_FP32

@@ -124,3 +124,20 @@ def test_run_cli_ort_tp2_equals_eager(exports, ckpts, tmp_path):
     wrong_tp = run_cli("run", "--artifacts", str(exports("gqa", 2)), "--backend", "ort", "--tp", "4",
                        "--prompt-ids", prompt, "--max-new-tokens", "2")
     assert wrong_tp.returncode == 2 and "is for tp=2, not --tp 4; use --tp 2" in wrong_tp.stderr
+
+
+def test_bf16_export_is_checked_but_not_run_on_ort_cpu(ckpts, tmp_path):
+    from llama_export.export.job import run_job
+
+    base = ExportOptions(checkpoint=ckpts[1]["gqa"], out=tmp_path, progress=False)
+    (report,) = run_job(base, [2], [Precision.BF16])
+    assert report.comparison is None and "no bf16 kernels" in report.note
+    m = load_manifest(report.path)
+    assert m.dtype is Precision.BF16
+    seg = m.rank(0).segments[1]
+    model = onnx.load(str(resolve_inside(report.path, seg.file)))
+    check(model)
+    types = {i.data_type for i in model.graph.initializer if i.name.endswith("weight_t")}
+    assert types == {onnx.TensorProto.BFLOAT16}
+    specs = {s.name: s for s in (*seg.inputs, *seg.outputs)}
+    assert specs["past_key_0"].dtype == "bfloat16" and specs["present_key_0"].dtype == "bfloat16"
