@@ -126,6 +126,10 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
     if lead and tok is not None and opts.stream and prompt.shape[0] == 1:
         sys.stdout.write(opts.prompts[0])
         sys.stdout.flush()
+    # One throw-away step first, so that the reported prefill time is not the first call's set-up
+    # (kernel selection, allocator warm-up, lazy initialisation). The cache is functional: nothing stays.
+    with torch.inference_mode():
+        step(prompt[:, :1], *empty_cache)
     result = GenerationResult(prompt=prompt)
     shown = ""
     for rec, result in generate_stream(
