@@ -78,3 +78,18 @@ def test_cli_writes_report_and_plot_and_fails_on_corruption(exported, tmp_path):
     ok = run_cli("compare", "--artifacts", str(path), "--checkpoint", str(ckpt), "--steps", "2")
     assert ok.returncode == 0 and "no segment exceeds" in ok.stdout, ok.stderr
     assert np.isfinite([s["max_abs"] for s in data["segments"]]).all()
+
+
+def test_corruption_is_located_inside_a_tp1_graph(exported, tmp_path):
+    """A TP=1 export is one graph; compare reads the module outputs inside it as extra ORT outputs."""
+    ckpt, _ = exported
+    path = export(ExportOptions(checkpoint=ckpt, out=tmp_path / "g", tp=1, progress=False))
+    clean = run_compare(path, Backend.ORT, load_manifest(path), ckpt, steps=1)
+    assert clean and clean.first_divergence() is None
+    assert [s.label for s in clean.segments] == [
+        "embed", "layers.0.attention", "layers.0.ffn", "layers.1.attention", "layers.1.ffn", "head", "logits"]
+    bad = _corrupt(path, tmp_path / "bad", "00_full", "layers.1.feed_forward.w3")
+    report = run_compare(bad, Backend.ORT, load_manifest(bad), ckpt, steps=1)
+    first = report.first_divergence()
+    assert first is not None and first.label == "layers.1.ffn"
+    assert all(s.rel < report.threshold for s in report.segments if s.index < first.index)

@@ -11,8 +11,10 @@ backend's boundary tensor is compared with the eager tensor at the same place:
     head                AllGather input (local logits)     output
     tail                logits                             logits
 
-The first segment whose relative error (max abs / max |eager|) exceeds the dtype's threshold is where
-the error starts: a corrupted weight in layer 3's FFN shows up first at `layers.3.ffn`.
+A TP=1 export is one graph: there the same module outputs are read from inside it, as extra ONNX
+Runtime outputs (`full_graph_probes`). The first probe whose relative error (max abs / max |eager|)
+exceeds the dtype's threshold is where the error starts: a corrupted weight in layer 3's FFN shows up
+first at `layers.3.ffn`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ DIVERGENCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
 @dataclass
 class SegmentDiff:
     rank: int
-    index: int
+    index: int  # position of the probe along the model (its order in `probes_for`)
     label: str  # "layers.3.ffn"
     depth: float  # position along the model: embed 0, layer i attention i + 0.5, ffn i + 1, head L + 1
     diff: TensorDiff
@@ -78,28 +80,53 @@ class CompareReport:
         }
 
 
-def _label(seg: Segment) -> str:
-    return seg.kind if seg.layer is None else f"layers.{seg.layer}.{seg.kind}"
+@dataclass(frozen=True)
+class Probe:
+    """One place where backend and eager are compared."""
+
+    label: str  # "layers.3.ffn"
+    depth: float  # embed 0, layer i attention i + 0.5, ffn i + 1, head L + 1, logits L + 1.5
+    segment: int  # index of the segment whose run produces the value
+    value: str  # backend value name in the runner's environment
+    module: str | None  # eager module whose output is the reference (None: the final logits)
+    kv_layer: int | None = None  # also compare this layer's present key/value
 
 
-def _depth(seg: Segment, n_layers: int) -> float:
-    if seg.layer is not None:
-        return seg.layer + (0.5 if seg.kind == "attention" else 1.0)
-    return {"embed": 0.0, "full": float(n_layers), "head": n_layers + 1.0, "tail": n_layers + 1.5}[seg.kind]
-
-
-def _eager_module(seg: Segment) -> str | None:
-    return {"embed": "tok_embeddings", "attention": f"layers.{seg.layer}.attention.wo",
-            "ffn": f"layers.{seg.layer}.feed_forward.w2", "head": "output"}.get(seg.kind)
-
-
-def _backend_value(seg: Segment, env: dict[str, Tensor]) -> Tensor:
+def _segment_probe(k: int, seg: Segment, n_layers: int) -> Probe:
     c = seg.collective
+    if seg.kind == "embed":
+        return Probe("embed", 0.0, k, c.output, "tok_embeddings")
+    if seg.kind == "attention":
+        return Probe(f"layers.{seg.layer}.attention", seg.layer + 0.5, k, c.output,
+                     f"layers.{seg.layer}.attention.wo", seg.layer)
+    if seg.kind == "ffn":
+        return Probe(f"layers.{seg.layer}.ffn", seg.layer + 1.0, k, c.output, f"layers.{seg.layer}.feed_forward.w2")
     if seg.kind == "head":
-        return env[c.input]  # local (pre-gather) logits, like eager's `output` module on this rank
-    if c is not None:
-        return env[c.output]
-    return env["logits"]
+        # local (pre-gather) logits, like eager's `output` module on this rank
+        return Probe("head", n_layers + 1.0, k, c.input, "output")
+    return Probe("tail", n_layers + 1.5, k, "logits", None)
+
+
+def full_graph_probes(k: int, n_layers: int) -> list[Probe]:
+    """Probes inside a TP=1 ('full') graph: the same module outputs, read as extra graph outputs
+    (the naming pass makes their names predictable)."""
+    probes = [Probe("embed", 0.0, k, "/model/tok_embeddings/Gather_output_0", "tok_embeddings")]
+    for i in range(n_layers):
+        probes += [
+            Probe(f"layers.{i}.attention", i + 0.5, k, f"/model/layers.{i}/attention/wo/MatMul_output_0",
+                  f"layers.{i}.attention.wo", i),
+            Probe(f"layers.{i}.ffn", i + 1.0, k, f"/model/layers.{i}/feed_forward/w2/MatMul_output_0",
+                  f"layers.{i}.feed_forward.w2"),
+        ]
+    return probes + [Probe("head", n_layers + 1.0, k, "/model/output/MatMul_output_0", "output"),
+                     Probe("logits", n_layers + 1.5, k, "logits", None)]
+
+
+def probes_for(segments: tuple[Segment, ...], n_layers: int) -> list[Probe]:
+    out: list[Probe] = []
+    for k, seg in enumerate(segments):
+        out += full_graph_probes(k, n_layers) if seg.kind == "full" else [_segment_probe(k, seg, n_layers)]
+    return out
 
 
 def run_compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: Path, *, steps: int = 8,
@@ -118,19 +145,17 @@ def run_compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoin
 
     def rank_fn(rank: int, comm):
         segments = manifest.rank(rank).segments
-        # Eager, same rank and TP degree, capturing module outputs at the segment boundaries.
+        probes = probes_for(segments, cfg.n_layers)
+        # Eager, same rank and TP degree, capturing module outputs where the probes read the backend.
         model = build_model(checkpoint, tp=manifest.tp, rank=rank, comm=comm, dtype=dtype,
                             max_seq_len=cfg.max_seq_len)
         captured: dict[str, Tensor] = {}
-        hooks = []
-        for seg in segments:
-            name = _eager_module(seg)
-            if name is not None:
-                mod = model.get_submodule(name)
-                hooks.append(mod.register_forward_hook(
-                    lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())))
-        be = open_backend(backend, manifest, artifacts, rank=rank, device=torch.device("cpu"))
-        env_by_step: list[dict[int, dict[str, Tensor]]] = []
+        hooks = [model.get_submodule(p.module).register_forward_hook(
+                     lambda _m, _i, out, name=p.module: captured.__setitem__(name, out.detach()))
+                 for p in probes if p.module is not None]
+        extra = tuple(p.value for p in probes if p.value.startswith("/model/"))
+        be = open_backend(backend, manifest, artifacts, rank=rank, device=torch.device("cpu"),
+                          extra_outputs=extra)
         cur: dict[int, dict[str, Tensor]] = {}
         step, (bk, bv), _ = segmented_step(manifest, be, comm=comm, batch=prompt.shape[0],
                                            hook=lambda k, env: cur.__setitem__(k, dict(env)))
@@ -144,22 +169,23 @@ def run_compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoin
                 blog, bk, bv = step(tokens, bk, bv)
                 eager_logits.append(elog)
                 backend_logits.append(blog)
-                if i == 0:  # per-segment diffs of the prefill (the longest, most informative step)
-                    for k, seg in enumerate(segments):
-                        ref = elog if seg.kind in ("tail", "full") else captured[_eager_module(seg)]
-                        got = _backend_value(seg, cur[k])
-                        d = TensorDiff.of(_label(seg), got, ref)
+                if i == 0:  # per-probe diffs of the prefill (the longest, most informative step)
+                    for n, p in enumerate(probes):
+                        env = cur[p.segment]
+                        if p.value not in env:
+                            continue  # this backend cannot expose values inside a graph (TensorRT)
+                        ref = elog if p.module is None else captured[p.module]
+                        d = TensorDiff.of(p.label, env[p.value], ref)
                         rel = d.max_abs / max(ref.abs().max().item(), 1e-12)
                         kv, kv_rel = None, 0.0
-                        if seg.layer is not None and seg.kind == "attention":
-                            pairs = [(cur[k][f"present_{w}_{seg.layer}"], ref_kv[seg.layer])
+                        if p.kv_layer is not None:
+                            pairs = [(env[f"present_{w}_{p.kv_layer}"], ref_kv[p.kv_layer])
                                      for w, ref_kv in (("key", ek), ("value", ev))]
-                            diffs = [(TensorDiff.of(f"present kv {seg.layer}", a, b),
+                            diffs = [(TensorDiff.of(f"present kv {p.kv_layer}", a, b),
                                       max(b.abs().max().item(), 1e-12)) for a, b in pairs]
                             kv, scale = max(diffs, key=lambda x: x[0].max_abs / x[1])
                             kv_rel = kv.max_abs / scale
-                        seg_diffs.append(
-                            SegmentDiff(rank, k, _label(seg), _depth(seg, cfg.n_layers), d, rel, kv, kv_rel))
+                        seg_diffs.append(SegmentDiff(rank, n, p.label, p.depth, d, rel, kv, kv_rel))
                 tokens = elog.argmax(-1, keepdim=True)  # teacher forcing with eager's greedy token
         for h in hooks:
             h.remove()

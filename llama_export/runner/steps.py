@@ -114,12 +114,16 @@ def build_step(opts, *, comm: Communicator, device: torch.device, batch: int):
     return step, cache, cfg, eos_id
 
 
-def open_backend(backend: Backend, manifest, root: Path, *, rank: int, device: torch.device):
-    """The RankBackend of `backend` for one rank of an export (or engine) directory."""
+def open_backend(backend: Backend, manifest, root: Path, *, rank: int, device: torch.device,
+                 extra_outputs: tuple[str, ...] = ()):
+    """The RankBackend of `backend` for one rank of an export (or engine) directory.
+
+    `extra_outputs`: values inside the graphs to return as well where the backend can (ORT; used by
+    `compare` to look inside a TP=1 graph)."""
     if backend is Backend.ORT:
         from llama_export.backends.ort import OrtBackend
 
-        return OrtBackend(manifest, root, rank=rank, device=device)
+        return OrtBackend(manifest, root, rank=rank, device=device, extra_outputs=extra_outputs)
     if backend is Backend.TENSORRT:
         try:
             from llama_export.backends.tensorrt.runner import TensorRTBackend

@@ -33,7 +33,7 @@ class OrtBackend:
     """RankBackend over ONNX Runtime sessions (CPU execution provider; CUDA where onnxruntime-gpu is)."""
 
     def __init__(self, manifest: Manifest, root: Path, *, rank: int, device: torch.device,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, extra_outputs: tuple[str, ...] = ()) -> None:
         from llama_export.backends.ort.lowering import lower_for_ort
 
         ort = _ort()
@@ -47,6 +47,7 @@ class OrtBackend:
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), *providers]
         opts = _session_options(ort, threads)
         self.sessions = []
+        self.output_names: list[list[str]] = []
         self.segments = manifest.rank(rank).segments
         for seg in self.segments:
             path = resolve_inside(root, seg.file)
@@ -56,6 +57,8 @@ class OrtBackend:
             except Exception as e:  # protobuf DecodeError and friends
                 raise ArtifactError(f"{seg.file} is not a readable ONNX model ({type(e).__name__}); re-export") from None
             lowered = lower_for_ort(model)
+            names = [o.name for o in seg.outputs] + _expose(lowered, extra_outputs)
+            self.output_names.append(names)
             seg_opts = opts
             if seg.data_file is not None:
                 seg_opts = _session_options(ort, threads)
@@ -66,10 +69,10 @@ class OrtBackend:
         log.info("rank %d: %d ONNX Runtime sessions on %s", rank, len(self.sessions), providers[0])
 
     def run_segment(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
-        seg = self.segments[index]
+        names = self.output_names[index]
         np_feeds = {name: _to_numpy(t) for name, t in feeds.items()}
-        outs = self.sessions[index].run([o.name for o in seg.outputs], np_feeds)
-        return {o.name: torch.from_numpy(v).to(self.device) for o, v in zip(seg.outputs, outs)}
+        outs = self.sessions[index].run(names, np_feeds)
+        return {name: torch.from_numpy(v).to(self.device) for name, v in zip(names, outs)}
 
     def close(self) -> None:
         self.sessions.clear()
@@ -79,6 +82,19 @@ class OrtBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _expose(model: onnx.ModelProto, names: tuple[str, ...]) -> list[str]:
+    """Make those of `names` that are typed values inside `model` graph outputs; returns them."""
+    g = model.graph
+    present = {o.name for o in g.output}
+    typed = {v.name: v for v in g.value_info}
+    added = []
+    for name in names:
+        if name in typed and name not in present:
+            g.output.append(typed[name])
+            added.append(name)
+    return added
 
 
 def _session_options(ort, threads: int | None):
