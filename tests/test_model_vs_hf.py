@@ -94,3 +94,32 @@ def test_sharded_safetensors_with_index(tmp_path):
         got, _, _ = model(prompt, *model.empty_cache(1))
         ref = hf(prompt).logits[:, -1].float()
     assert (got - ref).abs().max().item() <= ATOL_FP32
+
+
+def test_tied_embeddings_hf_checkpoint(tmp_path):
+    """Llama 3.2-style checkpoints tie lm_head to the embedding and store no lm_head.weight."""
+    import transformers
+
+    cfg = tiny_config("gqa")
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=2,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=64,
+        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.15)
+    hf.save_pretrained(tmp_path / "hf")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    model = build_model(tmp_path / "hf")
+    assert model.cfg.tie_word_embeddings
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, _, _ = model(prompt, *model.empty_cache(2))
+        ref = hf(prompt).logits[:, -1].float()
+    assert ref.std() > 0.1
+    assert (got - ref).abs().max().item() <= ATOL_FP32

@@ -141,3 +141,13 @@ def test_bf16_export_is_checked_but_not_run_on_ort_cpu(ckpts, tmp_path):
     assert types == {onnx.TensorProto.BFLOAT16}
     specs = {s.name: s for s in (*seg.inputs, *seg.outputs)}
     assert specs["past_key_0"].dtype == "bfloat16" and specs["present_key_0"].dtype == "bfloat16"
+
+
+def test_hf_checkpoint_exports_and_validates(tmp_path):
+    from tests.helpers import hf_model_from_meta, write_hf
+
+    cfg = tiny_config("gqa")
+    hf_dir = write_hf(tmp_path / "hf", hf_model_from_meta(cfg, random_meta_state(cfg, seed=12)))
+    path = export(ExportOptions(checkpoint=hf_dir, out=tmp_path / "g", tp=2, progress=False))
+    cmp = validate_export(path, hf_dir, steps=4)
+    assert cmp and cmp.max_abs <= 1e-4, str(cmp)
