@@ -138,8 +138,13 @@ class ModelConfig:
                 )
             scaling = None
             if params.get("use_scaled_rope"):
-                # Meta's reference code hard-codes these for Llama 3.1 (apply_scaling in model.py).
-                scaling = RopeScaling(**params.get("rope_scaling", {}))
+                # Meta's Llama 3.1 reference code hard-codes factor 8, low 1, high 4, original 8192
+                # (apply_scaling in model.py); a "rope_scaling" dict or a "rope_scaling_factor" key
+                # (later llama-models releases) overrides them.
+                fields = dict(params.get("rope_scaling") or {})
+                if params.get("rope_scaling_factor") is not None:
+                    fields["factor"] = float(params["rope_scaling_factor"])
+                scaling = RopeScaling(**fields)
             return cls(
                 dim=dim,
                 n_layers=int(params["n_layers"]),
