@@ -39,6 +39,29 @@ def _add_run_parser(sub) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+class _ConsoleReporter:
+    """Prints rank 0's generation: streamed text on stdout, speed and notes on stderr."""
+
+    def text(self, delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    def finish(self, opts, summary) -> None:
+        if summary.prompts is None:
+            return  # --prompt-ids runs are for machines: their output is the --json file
+        if summary.streamed:
+            print()
+        else:
+            for prompt, text in zip(summary.prompts, summary.texts):
+                print(f"{prompt}{text}")
+                print("-" * 40)
+        print(f"[{opts.backend.value} tp={opts.tp}] prefill {summary.prompt_tokens} tokens x{summary.batch}: "
+              f"{summary.prefill_tok_s:.1f} tok/s; decode {summary.new_tokens - 1} steps: "
+              f"{summary.decode_tok_s:.1f} tok/s", file=sys.stderr)
+        if summary.context_limit is not None:
+            print(f"[stopped at the context limit: max_seq_len={summary.context_limit}]", file=sys.stderr)
+
+
 def _cmd_run(args, argv: list[str]) -> int:
     from llama_export.runner.generate import SamplingConfig
     from llama_export.runner.run import RunOptions, parse_prompt_ids, run
@@ -61,7 +84,7 @@ def _cmd_run(args, argv: list[str]) -> int:
         json_out=args.json_out,
         device=args.device,
     )
-    return run(opts, argv)
+    return run(opts, argv, _ConsoleReporter())
 
 
 def _add_export_parser(sub) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -67,8 +67,10 @@ def model_config_for(opts: RunOptions) -> ModelConfig:
     return config_for(opts)
 
 
-def run(opts: RunOptions, argv: list[str]) -> int:
-    """Entry point of the `run` subcommand, in the parent process or in a rank process."""
+def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> int:
+    """Entry point of the `run` subcommand, in the parent process or in a rank process.
+
+    `argv` is what rank processes are started with; `reporter` receives rank 0's output."""
     env = rank_env()
     if env is None:
         cfg = model_config_for(opts)
@@ -88,7 +90,7 @@ def run(opts: RunOptions, argv: list[str]) -> int:
         init_process_group(env, device)
         comm = DistComm()
     try:
-        code = _run_rank(opts, env, comm, device)
+        code = _run_rank(opts, env, comm, device, reporter or _Silent())
         if dist.is_initialized():
             dist.barrier()  # nobody tears the group down while a peer still talks to it
         return code
@@ -114,7 +116,39 @@ def _prompt_tensor(opts: RunOptions) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.device) -> int:
+@dataclass(frozen=True)
+class RunSummary:
+    """What rank 0 reports when generation ends."""
+
+    prompts: tuple[str, ...] | None  # text prompts, or None for --prompt-ids runs
+    texts: tuple[str, ...]  # generated text per prompt ("" for --prompt-ids runs)
+    prompt_tokens: int
+    batch: int
+    new_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    streamed: bool  # the text of prompt 0 was already passed to `Reporter.text`
+    context_limit: int | None  # max_seq_len, when generation stopped there
+
+
+class Reporter(Protocol):
+    """Where rank 0's output goes (the CLI prints it; the library never does)."""
+
+    def text(self, delta: str) -> None: ...
+
+    def finish(self, opts: RunOptions, summary: RunSummary) -> None: ...
+
+
+class _Silent:
+    def text(self, delta: str) -> None:
+        pass
+
+    def finish(self, opts: RunOptions, summary: RunSummary) -> None:
+        pass
+
+
+def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.device,
+              reporter: Reporter) -> int:
     from llama_export.runner.steps import build_step, tokenizer_for
 
     prompt = _prompt_tensor(opts).to(device)
@@ -122,60 +156,50 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
     budget = new_token_budget(opts, prompt.shape[1], cfg.max_seq_len)
     validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_new_tokens=budget)
     tok = tokenizer_for(opts) if opts.prompts is not None else None
-    lead = env.rank == 0
-    if lead and tok is not None and opts.stream and prompt.shape[0] == 1:
-        sys.stdout.write(opts.prompts[0])
-        sys.stdout.flush()
+    stream = env.rank == 0 and tok is not None and opts.stream and prompt.shape[0] == 1
+    if stream:
+        reporter.text(opts.prompts[0])
     # One throw-away step first, so that the reported prefill time is not the first call's set-up
     # (kernel selection, allocator warm-up, lazy initialisation). The cache is functional: nothing stays.
     with torch.inference_mode():
         step(prompt[:, :1], *empty_cache)
     result = GenerationResult(prompt=prompt)
     shown = ""
-    for rec, result in generate_stream(
+    for _, result in generate_stream(
         step, prompt, empty_cache, max_new_tokens=budget, sampling=opts.sampling,
         eos_id=eos_id if tok is not None else None, keep_logits=opts.json_out is not None,
     ):
-        if lead and tok is not None and opts.stream and prompt.shape[0] == 1:
+        if stream:
             text = tok.decode(result.new_tokens[0].tolist())
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
+            reporter.text(text[len(shown):])
             shown = text
-    if lead:
-        _report(opts, result, tok, env)
-        if budget < opts.max_new_tokens and len(result.steps) == budget:
-            print(f"[stopped at the context limit: max_seq_len={cfg.max_seq_len}]", file=sys.stderr)
+    if env.rank == 0:
+        if opts.json_out is not None:
+            _write_json(opts, result)
+        n_new, batch = len(result.steps), prompt.shape[0]
+        reporter.finish(opts, RunSummary(
+            prompts=opts.prompts,
+            texts=tuple(tok.decode(ids) for ids in result.new_tokens.tolist()) if tok else ("",) * batch,
+            prompt_tokens=prompt.shape[1], batch=batch, new_tokens=n_new,
+            prefill_tok_s=prompt.numel() / result.prefill_s if result.prefill_s else 0.0,
+            decode_tok_s=batch * (n_new - 1) / result.decode_s if result.decode_s else 0.0,
+            streamed=stream,
+            context_limit=cfg.max_seq_len if budget < opts.max_new_tokens and n_new == budget else None,
+        ))
     return 0
 
 
-def _report(opts: RunOptions, result: GenerationResult, tok, env: RankEnv) -> None:
-    n_new = len(result.steps)
-    batch = result.prompt.shape[0]
-    if tok is not None:
-        if not (opts.stream and batch == 1):
-            for p, ids in zip(opts.prompts, result.new_tokens.tolist()):
-                print(f"{p}{tok.decode(ids)}")
-                print("-" * 40)
-        else:
-            print()
-        prefill_tps = result.prompt.numel() / result.prefill_s if result.prefill_s else 0.0
-        decode_tps = batch * (n_new - 1) / result.decode_s if result.decode_s else 0.0
-        print(
-            f"[{opts.backend.value} tp={opts.tp}] prefill {result.prompt.shape[1]} tokens x{batch}: "
-            f"{prefill_tps:.1f} tok/s; decode {n_new - 1} steps: {decode_tps:.1f} tok/s",
-            file=sys.stderr,
-        )
-    if opts.json_out is not None:
-        payload = {
-            "backend": opts.backend.value,
-            "tp": opts.tp,
-            "prompt_ids": result.prompt.tolist(),
-            "tokens": result.new_tokens.tolist(),
-            "steps": [{"tokens": s.tokens.tolist(), "logits": s.logits.tolist()} for s in result.steps],
-            "prefill_s": result.prefill_s,
-            "decode_s": result.decode_s,
-        }
-        opts.json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = opts.json_out.with_suffix(opts.json_out.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(opts.json_out)
+def _write_json(opts: RunOptions, result: GenerationResult) -> None:
+    payload = {
+        "backend": opts.backend.value,
+        "tp": opts.tp,
+        "prompt_ids": result.prompt.tolist(),
+        "tokens": result.new_tokens.tolist(),
+        "steps": [{"tokens": s.tokens.tolist(), "logits": s.logits.tolist()} for s in result.steps],
+        "prefill_s": result.prefill_s,
+        "decode_s": result.decode_s,
+    }
+    opts.json_out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = opts.json_out.with_suffix(opts.json_out.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(opts.json_out)
