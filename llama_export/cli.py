@@ -27,7 +27,8 @@ def _add_run_parser(sub) -> None:
                    help="eager weight/activation dtype (exports carry their own)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text prompt (tokenized with the checkpoint's or export's tokenizer.model)")
-    prompt.add_argument("--batch", type=Path, help="file with one prompt per line, run as one batch")
+    prompt.add_argument("--batch", type=Path, help="file with one prompt per line (\\n for a newline); prompts of "
+                        "equal token length run as one batch")
     prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3 (batch rows separated by ';')")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -50,14 +51,14 @@ class _ConsoleReporter:
         if summary.prompts is None:
             return  # --prompt-ids runs are for machines: their output is the --json file
         if summary.streamed:
-            print()
+            print(flush=True)
         else:
             for prompt, text in zip(summary.prompts, summary.texts):
                 print(f"{prompt}{text}")
-                print("-" * 40)
-        print(f"[{opts.backend.value} tp={opts.tp}] prefill {summary.prompt_tokens} tokens x{summary.batch}: "
-              f"{summary.prefill_tok_s:.1f} tok/s; decode {summary.new_tokens - 1} steps: "
-              f"{summary.decode_tok_s:.1f} tok/s", file=sys.stderr)
+                print("-" * 40, flush=True)
+        batches = f" in {summary.batches} batches (prompts grouped by token length)" if summary.batches > 1 else ""
+        print(f"[{opts.backend.value} tp={opts.tp}] prefill {summary.prompt_tokens} tokens{batches}: "
+              f"{summary.prefill_tok_s:.1f} tok/s; decode: {summary.decode_tok_s:.1f} tok/s", file=sys.stderr)
         if summary.context_limit is not None:
             print(f"[stopped at the context limit: max_seq_len={summary.context_limit}]", file=sys.stderr)
 

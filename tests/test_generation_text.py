@@ -106,3 +106,19 @@ def test_export_without_tokenizer_refuses_text_prompts(tmp_path):
     path = export(ExportOptions(checkpoint=ckpt, out=tmp_path / "g", progress=False))
     r = run_cli("run", "--artifacts", str(path), "--backend", "ort", "--prompt", "hello")
     assert r.returncode == 2 and "has no tokenizer.model" in r.stderr, r.stderr
+
+
+def test_batch_file_with_prompts_of_different_lengths(tmp_path):
+    """Prompts are grouped by token length into batches; each continuation equals its single run."""
+    prompts = ["def ", "class Parser:", "def "]
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(prompts) + "\n")
+    r = run_cli("run", "--batch", str(f), "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    assert "in 2 batches" in r.stderr
+    blocks = [b.strip("\n") for b in r.stdout.split("-" * 40)[:-1]]
+    assert len(blocks) == 3
+    for p, block in zip(prompts, blocks):
+        single = run_cli("run", "--prompt", p, "--max-new-tokens", "12")
+        assert single.returncode == 0, single.stderr
+        assert block == single.stdout.strip("\n"), (p, block, single.stdout)

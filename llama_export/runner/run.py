@@ -75,9 +75,9 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
     if env is None:
         cfg = model_config_for(opts)
         check_tp(cfg, opts.tp)
-        prompt = _prompt_tensor(opts)
-        validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
-                        max_new_tokens=new_token_budget(opts, prompt.shape[1], cfg.max_seq_len))
+        for _, prompt in _prompt_groups(opts):
+            validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
+                            max_new_tokens=new_token_budget(opts, prompt.shape[1], cfg.max_seq_len))
         if opts.tp > 1:
             return launch_local(argv, opts.tp)
         env = RankEnv(rank=0, world_size=1, local_rank=0)
@@ -99,21 +99,21 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
             dist.destroy_process_group()
 
 
-def _prompt_tensor(opts: RunOptions) -> torch.Tensor:
+def _prompt_groups(opts: RunOptions) -> list[tuple[list[int], torch.Tensor]]:
+    """Batches to run: (indices into the prompts, ids [B, S]). `--prompt-ids` rows form one batch;
+    text prompts are grouped by token length (no padding), in order of first appearance."""
     if opts.prompt_ids is not None:
-        return torch.tensor(opts.prompt_ids, dtype=torch.int64)
+        return [(list(range(len(opts.prompt_ids))), torch.tensor(opts.prompt_ids, dtype=torch.int64))]
     from llama_export.runner.steps import tokenizer_for
 
     tok = tokenizer_for(opts)
     rows = [tok.encode(p) for p in opts.prompts or ()]
     if not rows or any(len(r) == 0 for r in rows) or any(not p.strip() for p in opts.prompts or ()):
         raise InputError("the prompt is empty; give some text with --prompt")
-    if len({len(r) for r in rows}) != 1:
-        raise InputError(
-            f"batch prompts tokenize to different lengths {[len(r) for r in rows]}; only equal-length "
-            "prompts can share a batch (run them separately)"
-        )
-    return torch.tensor(rows, dtype=torch.int64)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(len(r), []).append(i)
+    return [(idx, torch.tensor([rows[i] for i in idx], dtype=torch.int64)) for idx in groups.values()]
 
 
 @dataclass(frozen=True)
@@ -122,9 +122,9 @@ class RunSummary:
 
     prompts: tuple[str, ...] | None  # text prompts, or None for --prompt-ids runs
     texts: tuple[str, ...]  # generated text per prompt ("" for --prompt-ids runs)
-    prompt_tokens: int
-    batch: int
-    new_tokens: int
+    prompt_tokens: int  # all prompts together
+    batches: int  # prompts run as this many batches (grouped by token length)
+    new_tokens: int  # decode steps + 1, summed over batches
     prefill_tok_s: float
     decode_tok_s: float
     streamed: bool  # the text of prompt 0 was already passed to `Reporter.text`
@@ -151,40 +151,53 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
               reporter: Reporter) -> int:
     from llama_export.runner.steps import build_step, tokenizer_for
 
-    prompt = _prompt_tensor(opts).to(device)
-    step, empty_cache, cfg, eos_id = build_step(opts, comm=comm, device=device, batch=prompt.shape[0])
-    budget = new_token_budget(opts, prompt.shape[1], cfg.max_seq_len)
-    validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_new_tokens=budget)
+    groups = _prompt_groups(opts)
+    step, make_cache, cfg, eos_id = build_step(opts, comm=comm, device=device)
     tok = tokenizer_for(opts) if opts.prompts is not None else None
-    stream = env.rank == 0 and tok is not None and opts.stream and prompt.shape[0] == 1
+    n_prompts = sum(len(idx) for idx, _ in groups)
+    stream = env.rank == 0 and tok is not None and opts.stream and n_prompts == 1
     if stream:
         reporter.text(opts.prompts[0])
     # One throw-away step first, so that the reported prefill time is not the first call's set-up
     # (kernel selection, allocator warm-up, lazy initialisation). The cache is functional: nothing stays.
     with torch.inference_mode():
-        step(prompt[:, :1], *empty_cache)
-    result = GenerationResult(prompt=prompt)
-    shown = ""
-    for _, result in generate_stream(
-        step, prompt, empty_cache, max_new_tokens=budget, sampling=opts.sampling,
-        eos_id=eos_id if tok is not None else None, keep_logits=opts.json_out is not None,
-    ):
-        if stream:
-            text = tok.decode(result.new_tokens[0].tolist())
-            reporter.text(text[len(shown):])
-            shown = text
+        step(groups[0][1][:1, :1].to(device), *make_cache(1))
+    texts = [""] * n_prompts
+    prompt_tokens = new_tokens = decode_tokens = 0
+    prefill_s = decode_s = 0.0
+    hit_limit = False
+    for idx, prompt in groups:
+        prompt = prompt.to(device)
+        budget = new_token_budget(opts, prompt.shape[1], cfg.max_seq_len)
+        validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_new_tokens=budget)
+        result = GenerationResult(prompt=prompt)
+        shown = ""
+        for _, result in generate_stream(
+            step, prompt, make_cache(prompt.shape[0]), max_new_tokens=budget, sampling=opts.sampling,
+            eos_id=eos_id if tok is not None else None, keep_logits=opts.json_out is not None,
+        ):
+            if stream:
+                text = tok.decode(result.new_tokens[0].tolist())
+                reporter.text(text[len(shown):])
+                shown = text
+        if tok is not None:
+            for i, ids in zip(idx, result.new_tokens.tolist()):
+                texts[i] = tok.decode(ids)
+        n_new = len(result.steps)
+        prompt_tokens += prompt.numel()
+        new_tokens += n_new
+        decode_tokens += prompt.shape[0] * max(0, n_new - 1)
+        prefill_s += result.prefill_s
+        decode_s += result.decode_s
+        hit_limit |= budget < opts.max_new_tokens and n_new == budget
+        if env.rank == 0 and opts.json_out is not None:
+            _write_json(opts, result)  # --prompt-ids runs are a single batch
     if env.rank == 0:
-        if opts.json_out is not None:
-            _write_json(opts, result)
-        n_new, batch = len(result.steps), prompt.shape[0]
         reporter.finish(opts, RunSummary(
-            prompts=opts.prompts,
-            texts=tuple(tok.decode(ids) for ids in result.new_tokens.tolist()) if tok else ("",) * batch,
-            prompt_tokens=prompt.shape[1], batch=batch, new_tokens=n_new,
-            prefill_tok_s=prompt.numel() / result.prefill_s if result.prefill_s else 0.0,
-            decode_tok_s=batch * (n_new - 1) / result.decode_s if result.decode_s else 0.0,
-            streamed=stream,
-            context_limit=cfg.max_seq_len if budget < opts.max_new_tokens and n_new == budget else None,
+            prompts=opts.prompts, texts=tuple(texts), prompt_tokens=prompt_tokens, batches=len(groups),
+            new_tokens=new_tokens, prefill_tok_s=prompt_tokens / prefill_s if prefill_s else 0.0,
+            decode_tok_s=decode_tokens / decode_s if decode_s else 0.0, streamed=stream,
+            context_limit=cfg.max_seq_len if hit_limit else None,
         ))
     return 0
 

@@ -92,8 +92,8 @@ class Tokenizer:
         return self.sp.decode(ids)
 
 
-def build_step(opts, *, comm: Communicator, device: torch.device, batch: int):
-    """(step function, empty KV cache, model config, EOS id) for this rank and backend."""
+def build_step(opts, *, comm: Communicator, device: torch.device):
+    """(step function, make_cache(batch) -> empty KV cache, model config, EOS id) for this rank."""
     eos_id = None
     if opts.prompts is not None:
         eos_id = tokenizer_for(opts).eos_id
@@ -105,13 +105,17 @@ def build_step(opts, *, comm: Communicator, device: torch.device, batch: int):
             dtype=opts.dtype.torch_dtype, device=device,
         )
         step: StepFn = model
-        return step, model.empty_cache(batch), model.cfg, eos_id
+        return step, model.empty_cache, model.cfg, eos_id
     from llama_export.runner.stitch import segmented_step
 
     manifest = manifest_for(opts)
     backend = open_backend(opts.backend, manifest, opts.artifacts, rank=comm.rank, device=device)
-    step, cache, cfg = segmented_step(manifest, backend, comm=comm, batch=batch)
-    return step, cache, cfg, eos_id
+    step, _, cfg = segmented_step(manifest, backend, comm=comm, batch=1)
+
+    def make_cache(batch: int):
+        return segmented_step(manifest, backend, comm=comm, batch=batch)[1]
+
+    return step, make_cache, cfg, eos_id
 
 
 def open_backend(backend: Backend, manifest, root: Path, *, rank: int, device: torch.device,
