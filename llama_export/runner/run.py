@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -92,7 +94,14 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
     try:
         code = _run_rank(opts, env, comm, device, reporter or _Silent())
         if dist.is_initialized():
-            dist.barrier()  # nobody tears the group down while a peer still talks to it
+            dist.barrier()  # every rank is done with the group
+            # gloo's teardown (destroy_process_group, or interpreter exit with the group alive) sometimes
+            # aborts a rank ("terminate called without an active exception", SIGABRT) after all work is
+            # done, turning a finished run into a failed one. A finished rank process therefore leaves
+            # without running C++ destructors; its output is flushed first.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         return code
     finally:
         if dist.is_initialized():
