@@ -173,6 +173,7 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
     p.add_argument("--prompt", help="text prompt (default: random token ids, seeded)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="device of the backend (trt: cuda); eager runs on the CPU")
     p.add_argument("--json", type=Path, dest="json_out", help="write the full report as JSON")
     p.add_argument("--plot", type=Path, help="PNG of error against depth (default: next to --json, else none)")
     p.set_defaults(func=_cmd_compare)
@@ -195,7 +196,7 @@ def _cmd_compare(args, argv: list[str]) -> int:
             raise InputError("the prompt is empty; give some text with --prompt")
         prompt = torch.tensor([ids])
     report = run_compare(args.artifacts, args.backend, manifest, args.checkpoint or default_checkpoint(),
-                         steps=args.steps, prompt=prompt, seed=args.seed)
+                         steps=args.steps, prompt=prompt, seed=args.seed, device=args.device)
     print(format_report(report))
     plot = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
     if args.json_out:

@@ -130,7 +130,9 @@ def probes_for(segments: tuple[Segment, ...], n_layers: int) -> list[Probe]:
 
 
 def run_compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: Path, *, steps: int = 8,
-                batch: int = 1, prompt: Tensor | None = None, seed: int = 0) -> CompareReport:
+                batch: int = 1, prompt: Tensor | None = None, seed: int = 0,
+                device: str = "cpu") -> CompareReport:
+    """Backend (on `device`; eager always on the CPU) against eager; see the module docstring."""
     from llama_export.runner.steps import open_backend
 
     cfg = manifest.model
@@ -154,7 +156,7 @@ def run_compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoin
                      lambda _m, _i, out, name=p.module: captured.__setitem__(name, out.detach()))
                  for p in probes if p.module is not None]
         extra = tuple(p.value for p in probes if p.value.startswith("/model/"))
-        be = open_backend(backend, manifest, artifacts, rank=rank, device=torch.device("cpu"),
+        be = open_backend(backend, manifest, artifacts, rank=rank, device=torch.device(device),
                           extra_outputs=extra)
         cur: dict[int, dict[str, Tensor]] = {}
         step, (bk, bv), _ = segmented_step(manifest, be, comm=comm, batch=prompt.shape[0],

@@ -128,3 +128,21 @@ def test_build_and_run_refits_identical_layers(tmp_path: Path) -> None:
             w, wq = (torch.from_numpy(onnx.numpy_helper.to_array(t).copy()).cuda() for t in g.initializer[:2])
             want = rope_reference((rms_norm_reference(x, w, 1e-5) @ wq).view(2, 3, 2, 4), ang.cos(), ang.sin(), True)
             torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@needs_trt
+@pytest.mark.parametrize("tp", [1, 2])
+def test_demo_model_engines_match_eager_fp16(tmp_path: Path, tp: int) -> None:
+    """The demo model exported in fp16 at TP=1 and TP=2, built into engines, against eager fp16."""
+    from llama_export.backends.tensorrt.runner import load_export_manifest
+    from llama_export.config import Backend, Precision
+    from llama_export.demo import DEMO_DIR
+    from llama_export.export.exporter import ExportOptions, export
+    from llama_export.runner.compare import format_report, run_compare
+
+    path = export(ExportOptions(checkpoint=DEMO_DIR, out=tmp_path / "g", tp=tp, dtype=Precision.FP16, progress=False))
+    out = build.build_engines(path, tmp_path / "engines")
+    report = run_compare(out, Backend.TENSORRT, load_export_manifest(out), DEMO_DIR, steps=8, device="cuda")
+    assert report.comparison, format_report(report)
