@@ -133,8 +133,18 @@ def generate_stream(
         tokens = nxt.unsqueeze(1)
 
 
-def generate(step: StepFn, prompt: Tensor, empty_cache, **kwargs) -> GenerationResult:
+def generate(
+    step: StepFn,
+    prompt: Tensor,
+    empty_cache: tuple[list[Tensor], list[Tensor]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_id: int | None = None,
+) -> GenerationResult:
+    """`generate_stream` run to the end."""
     result = GenerationResult(prompt=prompt)
-    for _, result in generate_stream(step, prompt, empty_cache, **kwargs):
+    for _, result in generate_stream(step, prompt, empty_cache, max_new_tokens=max_new_tokens,  # noqa: B007
+                                     sampling=sampling, eos_id=eos_id):
         pass
     return result
