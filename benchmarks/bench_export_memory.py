@@ -3,7 +3,7 @@
 Peak RSS (VmHWM of the exporting process, which runs nothing else) is printed as a ratio to ONE rank's
 weight bytes. Target: <= 1.5x (tools that load the whole model first need >= 2x).
 
-    python benchmarks/bench_export_memory.py [--dim 2048 --layers 18 --vocab 32000 --dtype fp16 --tp 2]
+    python benchmarks/bench_export_memory.py [--dim 2048 --layers 20 --vocab 32000 --dtype fp16 --tp 2]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=18)
+    ap.add_argument("--layers", type=int, default=20)  # 1.03B parameters with the other defaults
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--tp", type=int, default=2)
