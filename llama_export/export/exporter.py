@@ -111,8 +111,8 @@ def _write_segment(cut: Cut, root: Path, rel: str) -> str | None:
     return None
 
 
-def export_rank(opts: ExportOptions, rank: int, root: Path) -> tuple[RankEntry, int]:
-    """Trace and write rank `rank`; returns its manifest entry and its node count.
+def export_rank(opts: ExportOptions, rank: int, root: Path) -> RankEntry:
+    """Trace and write rank `rank`; returns its manifest entry.
 
     The graph is traced from a model on the meta device (no weights); each segment's weights are read
     from the checkpoint when that segment is written, so memory holds one segment's weights at a time.
@@ -131,7 +131,6 @@ def export_rank(opts: ExportOptions, rank: int, root: Path) -> tuple[RankEntry, 
     del model
     name_graph(proto)
     check_rank_graph(proto, cfg, opts.tp)
-    n_nodes = len(proto.graph.node)
     cuts = partition(proto)
     del proto
     freqs_cis = precompute_freqs_cis(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
@@ -156,7 +155,7 @@ def export_rank(opts: ExportOptions, rank: int, root: Path) -> tuple[RankEntry, 
                 data_file=data_rel, data_sha256=sha256_file(root / data_rel) if data_rel else None,
             ))
             del cut
-    return RankEntry(rank=rank, segments=tuple(segments)), n_nodes
+    return RankEntry(rank=rank, segments=tuple(segments))
 
 
 def export(opts: ExportOptions) -> Path:
@@ -173,8 +172,7 @@ def export(opts: ExportOptions) -> Path:
         ranks = []
         bar = tqdm(range(opts.tp), desc=f"export {name} {opts.variant}", unit="rank", disable=not opts.progress)
         for rank in bar:
-            entry, _ = export_rank(opts, rank, tmp)
-            ranks.append(entry)
+            ranks.append(export_rank(opts, rank, tmp))
         tokenizer = None
         if (Path(opts.checkpoint) / "tokenizer.model").is_file():
             shutil.copyfile(Path(opts.checkpoint) / "tokenizer.model", tmp / "tokenizer.model")

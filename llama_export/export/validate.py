@@ -30,14 +30,13 @@ def reference_run(checkpoint: Path, manifest: Manifest, prompt: torch.Tensor, st
 
 
 def backend_forced_run(export_dir: Path, manifest: Manifest, backend: Backend, prompt: torch.Tensor,
-                       forced: list[torch.Tensor], *, hook_factory=None) -> list[torch.Tensor]:
+                       forced: list[torch.Tensor]) -> list[torch.Tensor]:
     """Backend logits for the prompt and then each forced token, all ranks in one process."""
     from llama_export.runner.steps import open_backend
 
     def rank_fn(rank: int, comm) -> list[torch.Tensor]:
         be = open_backend(backend, manifest, export_dir, rank=rank, device=torch.device("cpu"))
-        hook = hook_factory(rank) if hook_factory else None
-        step, (keys, values), _ = segmented_step(manifest, be, comm=comm, batch=prompt.shape[0], hook=hook)
+        step, (keys, values), _ = segmented_step(manifest, be, comm=comm, batch=prompt.shape[0])
         out, tokens = [], prompt
         with torch.inference_mode():
             for nxt in [None, *forced[:-1]]:

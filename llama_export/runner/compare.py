@@ -209,10 +209,11 @@ def run_compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoin
 
 
 def format_report(report: CompareReport) -> str:
+    first = report.first_divergence()
     lines = [f"{'rank':>4} {'segment':<22} {'max abs':>10} {'mean abs':>10} {'rel':>9} {'cosine':>10} {'kv max abs':>10}"]
     for s in sorted(report.segments, key=lambda s: (s.index, s.rank)):
         kv = f"{s.kv.max_abs:10.2e}" if s.kv else f"{'-':>10}"
-        flag = "  <-- diverges" if s is report.first_divergence() else ""
+        flag = "  <-- diverges" if s is first else ""
         lines.append(f"{s.rank:>4} {s.label:<22} {s.diff.max_abs:10.2e} {s.diff.mean_abs:10.2e} {s.rel:9.2e} "
                      f"{s.diff.cosine:10.6f} {kv}{flag}")
     c = report.comparison
@@ -220,7 +221,6 @@ def format_report(report: CompareReport) -> str:
     lines.append(f"final logits over {len(c.logits)} steps: max abs {c.max_abs:.2e} (worst at {w.name}), "
                  f"min cosine {c.min_cosine:.6f}, top-1 {c.top1:.3f}, "
                  f"top-5 {sum(d.top5 for d in c.logits) / len(c.logits):.3f}, greedy agreement {c.tokens_agree:.3f}")
-    first = report.first_divergence()
     lines.append(f"error starts at: {first.label} (rank {first.rank})" if first
                  else f"no segment exceeds the relative-error threshold {report.threshold:.0e}")
     lines.append(str(c))

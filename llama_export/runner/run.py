@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from llama_export.config import Backend, ModelConfig, Precision
+from llama_export.config import Backend, Precision
 from llama_export.errors import InputError
 from llama_export.parallel.comm import Communicator, DistComm, LocalComm
 from llama_export.parallel.plan import check_tp
@@ -63,19 +63,15 @@ def new_token_budget(opts: RunOptions, prompt_len: int, max_seq_len: int) -> int
     return min(opts.max_new_tokens, max_seq_len - prompt_len)
 
 
-def model_config_for(opts: RunOptions) -> ModelConfig:
-    from llama_export.runner.steps import config_for
-
-    return config_for(opts)
-
-
 def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> int:
     """Entry point of the `run` subcommand, in the parent process or in a rank process.
 
     `argv` is what rank processes are started with; `reporter` receives rank 0's output."""
     env = rank_env()
     if env is None:
-        cfg = model_config_for(opts)
+        from llama_export.runner.steps import config_for
+
+        cfg = config_for(opts)
         check_tp(cfg, opts.tp)
         for _, prompt in _prompt_groups(opts):
             validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,

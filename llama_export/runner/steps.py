@@ -106,14 +106,14 @@ def build_step(opts, *, comm: Communicator, device: torch.device):
         )
         step: StepFn = model
         return step, model.empty_cache, model.cfg, eos_id
-    from llama_export.runner.stitch import segmented_step
+    from llama_export.runner.stitch import empty_cache, segmented_step
 
     manifest = manifest_for(opts)
     backend = open_backend(opts.backend, manifest, opts.artifacts, rank=comm.rank, device=device)
     step, _, cfg = segmented_step(manifest, backend, comm=comm, batch=1)
 
     def make_cache(batch: int):
-        return segmented_step(manifest, backend, comm=comm, batch=batch)[1]
+        return empty_cache(manifest, comm.rank, batch, device=backend.device)
 
     return step, make_cache, cfg, eos_id
 

@@ -50,11 +50,15 @@ def segmented_step(manifest: Manifest, backend: RankBackend, *, comm: Communicat
         return (env["logits"], [env[f"present_key_{i}"] for i in range(n)],
                 [env[f"present_value_{i}"] for i in range(n)])
 
-    kv_spec = next(s for s in segments[0].inputs + sum((x.inputs for x in segments), ())
-                   if s.name == "past_key_0")
-    dtype = _TORCH_DTYPES[kv_spec.dtype]
-    local_kv = int(kv_spec.shape[1])
-    shape = (batch, local_kv, 0, cfg.head_dim)
-    cache = ([torch.zeros(shape, dtype=dtype, device=backend.device) for _ in range(n)],
-             [torch.zeros(shape, dtype=dtype, device=backend.device) for _ in range(n)])
-    return step, cache, cfg
+    return step, empty_cache(manifest, comm.rank, batch, device=backend.device), cfg
+
+
+def empty_cache(manifest: Manifest, rank: int, batch: int, *,
+                device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
+    """Zero-length past keys/values for a prefill of `batch` rows, shaped and typed as the graphs say."""
+    spec = next(s for seg in manifest.rank(rank).segments for s in seg.inputs if s.name == "past_key_0")
+    shape = (batch, int(spec.shape[1]), 0, manifest.model.head_dim)
+    dtype = _TORCH_DTYPES[spec.dtype]
+    n = manifest.model.n_layers
+    return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)])

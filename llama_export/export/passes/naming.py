@@ -3,18 +3,18 @@
     before                                        after
     node_linear_1   (MatMul)                      /model/layers.0/attention/wk/MatMul
     node_view_1     (Reshape)          ──►        /model/layers.0/attention/Reshape_1
-    val_54          (initializer [64, 16])        layers.0.attention.wk.weight_t
+    model.layers.0.attention.wk.weight            layers.0.attention.wk.weight
     linear_1        (value)                       /model/layers.0/attention/wk/MatMul_output_0
 
 Node names are module paths taken from the exporter's `pkg.torch.onnx.name_scopes` metadata, then the
-op type; a repeated name gets a counter suffix. Graph inputs and outputs keep their names. A weight
-that the exporter folded (transposed) gets its module's parameter name with `_t`.
+op type; a repeated name gets a counter suffix. Graph inputs and outputs keep their names. Weights
+(still placeholders, see `trace.py`) lose the tracing wrapper's `model.` prefix, so they carry the
+model's parameter names; `passes.weights` later names a transposed weight `<name>_t`.
 """
 
 from __future__ import annotations
 
 import ast
-import re
 from collections import defaultdict
 
 import onnx
@@ -64,7 +64,6 @@ def name_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     used: dict[str, int] = defaultdict(int)
     rename: dict[str, str] = {}
     init_names = {i.name for i in g.initializer}
-    weight_owner: dict[str, str] = {}
 
     for node in g.node:
         path = _module_path(node)
@@ -75,16 +74,8 @@ def name_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         for i, out in enumerate(node.output):
             if out and out not in protected:
                 rename[out] = f"{node.name}_output_{i}"
-        if node.op_type in ("MatMul", "Gemm", "Gather") and path:
-            for inp in node.input:
-                if inp in init_names and re.fullmatch(r"val_\d+", inp) and inp not in weight_owner:
-                    weight_owner[inp] = f"{path}.weight_t" if node.op_type != "Gather" else f"{path}.weight"
 
     taken = set(init_names)
-    for old, new in weight_owner.items():
-        if new not in taken:
-            rename[old] = new
-            taken.add(new)
     for init in g.initializer:
         if init.name.startswith(_WRAPPER_PREFIXES) and init.name not in protected:
             new = init.name.split(".", 1)[1]
