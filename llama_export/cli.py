@@ -9,6 +9,22 @@ from pathlib import Path
 
 from llama_export.config import Backend, Precision
 from llama_export.errors import InputError, LlamaExportError
+from llama_export.runner.compare import VALIDATION, CompareSettings
+from llama_export.runner.run import RunOptions
+from llama_export.runner.source import ModelSource
+
+
+def _enum_arg(parser: argparse.ArgumentParser, flag: str, enum_type, **kwargs) -> None:
+    """An option whose values are an enum's values (what users type: `ort`, `fp16`), parsed to members."""
+    values = [e.value for e in enum_type]
+
+    def parse(text: str):
+        try:
+            return enum_type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(values)})") from None
+
+    parser.add_argument(flag, type=parse, metavar="{" + ",".join(values) + "}", **kwargs)
 
 
 def _add_run_parser(sub) -> None:
@@ -20,17 +36,17 @@ def _add_run_parser(sub) -> None:
     src = p.add_argument_group("model source")
     src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (eager; default: the built-in demo model)")
     src.add_argument("--artifacts", type=Path, help="export directory with manifest.json (ort; for trt the engines directory)")
-    p.add_argument("--backend", type=Backend, choices=list(Backend), default=Backend.EAGER,
-                   help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines)")
+    _enum_arg(p, "--backend", Backend, default=Backend.EAGER,
+              help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines) (default: eager)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree = number of rank processes")
-    p.add_argument("--dtype", type=Precision, choices=list(Precision), default=Precision.FP32,
-                   help="eager weight/activation dtype (exports carry their own)")
+    _enum_arg(p, "--dtype", Precision, default=Precision.FP32,
+              help="eager weight/activation dtype (exports carry their own) (default: fp32)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text prompt (tokenized with the checkpoint's or export's tokenizer.model)")
     prompt.add_argument("--batch", type=Path, help="file with one prompt per line (\\n for a newline); prompts of "
-                        "equal token length run as one batch")
+                        "equal token length run as one batch, so different lengths run as several")
     prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3 (batch rows separated by ';')")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=RunOptions.max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -57,15 +73,20 @@ class _ConsoleReporter:
                 print(f"{prompt}{text}")
                 print("-" * 40, flush=True)
         batches = f" in {summary.batches} batches (prompts grouped by token length)" if summary.batches > 1 else ""
-        print(f"[{opts.backend.value} tp={opts.tp}] prefill {summary.prompt_tokens} tokens{batches}: "
+        print(f"[{opts.source.backend.value} tp={opts.tp}] prefill {summary.prompt_tokens} tokens{batches}: "
               f"{summary.prefill_tok_s:.1f} tok/s; decode: {summary.decode_tok_s:.1f} tok/s", file=sys.stderr)
         if summary.context_limit is not None:
             print(f"[stopped at the context limit: max_seq_len={summary.context_limit}]", file=sys.stderr)
 
 
+def _source(args) -> ModelSource:
+    return ModelSource(backend=args.backend, checkpoint=args.checkpoint, artifacts=args.artifacts,
+                       dtype=getattr(args, "dtype", Precision.FP32))
+
+
 def _cmd_run(args, argv: list[str]) -> int:
     from llama_export.runner.generate import SamplingConfig
-    from llama_export.runner.run import RunOptions, parse_prompt_ids, run
+    from llama_export.runner.run import parse_prompt_ids, run
 
     prompts = None
     if args.prompt is not None:
@@ -73,12 +94,9 @@ def _cmd_run(args, argv: list[str]) -> int:
     elif args.batch is not None:
         prompts = tuple(line.rstrip("\n").replace("\\n", "\n") for line in args.batch.read_text().splitlines() if line.strip())
     opts = RunOptions(
-        backend=args.backend,
+        source=_source(args),
         tp=args.tp,
         max_new_tokens=args.max_new_tokens,
-        checkpoint=args.checkpoint,
-        artifacts=args.artifacts,
-        dtype=args.dtype,
         prompt_ids=parse_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None,
         prompts=prompts,
         sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
@@ -107,27 +125,30 @@ def _add_export_parser(sub) -> None:
 def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (default: the built-in demo model)")
     p.add_argument("--tp", type=int, nargs="+", default=None, help="tensor-parallel degree(s) (default: 1 2)")
-    p.add_argument("--dtype", type=Precision, nargs="+", choices=list(Precision), default=[d.dtype],
-                   help="graph dtype(s); bf16 graphs are for GPU backends and are not run on ORT CPU")
+    _enum_arg(p, "--dtype", Precision, nargs="+", default=[d.dtype],
+              help="graph dtype(s); bf16 graphs are for GPU backends and are not run on ORT CPU (default: fp32)")
     p.add_argument("--out", type=Path, default=d.out, help="output root; writes OUT/<name>/tp<N>-<dtype>/")
     p.add_argument("--name", help="model name in the output path (default: the checkpoint folder's name)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="largest batch the graphs accept")
     p.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: the checkpoint's)")
-    p.add_argument("--steps", type=int, default=8, help="greedy decode steps checked after the prefill")
+    p.add_argument("--steps", type=int, default=VALIDATION.steps, help="greedy decode steps checked after the prefill")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime check")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _cmd_export(args, argv: list[str]) -> int:
+    import dataclasses
+
     from llama_export.export.exporter import ExportOptions
-    from llama_export.export.job import format_table, run_job
-    from llama_export.runner.steps import default_checkpoint
+    from llama_export.job import format_table, run_job
+    from llama_export.runner.source import default_checkpoint
 
     base = ExportOptions(checkpoint=args.checkpoint or default_checkpoint(), out=args.out,
                          model_name=args.name, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                          progress=not args.no_progress)
     tps = args.tp or ([1, 2] if args.checkpoint is None else [1])
-    reports = run_job(base, tps, args.dtype, validate=not args.no_validate, steps=args.steps)
+    reports = run_job(base, tps, args.dtype, validate=not args.no_validate,
+                      settings=dataclasses.replace(VALIDATION, steps=args.steps))
     print(format_table(reports))
     for r in reports:
         print(f"  {r.variant}: {r.path}")
@@ -139,23 +160,45 @@ def _cmd_export(args, argv: list[str]) -> int:
 
 
 def _add_build_parser(sub) -> None:
-    from llama_export.backends.tensorrt import add_build_arguments
+    from llama_export.backends.tensorrt.build import BuildOptions
 
+    d = BuildOptions()
     p = sub.add_parser(
         "build",
         help="build TensorRT engines (one per rank and segment) from an export",
         description="Build strongly typed TensorRT engines with the RMSNorm/RoPE plugins from an export "
         "directory. Needs TensorRT and an NVIDIA GPU.",
     )
-    add_build_arguments(p)
-    p.set_defaults(func=lambda args, argv: _run_build(args))
+    p.add_argument("--artifacts", type=Path, required=True,
+                   help="export directory with manifest.json (graphs/<model>/<variant>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="engine directory (default: engines/<model_name>/<variant> from the manifest)")
+    p.add_argument("--ranks", type=int, nargs="+", default=d.ranks, help="ranks to build (default: all)")
+    p.add_argument("--no-refit", dest="refit", action="store_false", default=d.refit,
+                   help="build every layer segment from scratch instead of refitting one engine per kind")
+    p.add_argument("--jit-plugins", dest="aot_plugins", action="store_false", default=d.aot_plugins,
+                   help="run the plugins' Python (JIT) implementation instead of the AOT PTX")
+    p.add_argument("--workspace-gib", type=float, default=d.workspace_gib, help="builder workspace limit in GiB")
+    p.add_argument("--timing-cache", type=Path, default=d.timing_cache,
+                   help="timing cache to start from (default: the one in --out, if any)")
+    p.set_defaults(func=_cmd_build)
 
 
-def _run_build(args) -> int:
-    from llama_export.backends.tensorrt import run_build
+def _cmd_build(args, argv: list[str]) -> int:
+    from llama_export.backends.tensorrt.plugins import import_tensorrt
+
+    import_tensorrt()  # fail before reading anything, with the install hint
+    from llama_export.artifact.manifest import load_manifest
+    from llama_export.backends.tensorrt.build import BuildOptions, build_engines, default_out_dir
 
     logging.getLogger("llama_export").setLevel(logging.INFO)
-    return run_build(args)
+    out = args.out or default_out_dir(load_manifest(args.artifacts, verify_hashes=False))
+    options = BuildOptions(ranks=tuple(args.ranks) if args.ranks else None, refit=args.refit,
+                           aot_plugins=args.aot_plugins, workspace_gib=args.workspace_gib,
+                           timing_cache=args.timing_cache)
+    build_engines(args.artifacts, out, options)
+    print(f"engines: {out}")
+    return 0
 
 
 def _add_compare_parser(sub) -> None:
@@ -167,12 +210,13 @@ def _add_compare_parser(sub) -> None:
         "for the final logits top-1/top-5 and greedy agreement; name the segment where the error starts; "
         "plot error against depth. Exits 1 on a tolerance failure.",
     )
+    d = CompareSettings()
     p.add_argument("--artifacts", type=Path, required=True, help="export directory (trt: engine directory)")
-    p.add_argument("--backend", type=Backend, choices=list(Backend), default=Backend.ORT)
+    _enum_arg(p, "--backend", Backend, default=Backend.ORT, help="ort or trt (default: ort)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint the export came from (default: the demo model)")
-    p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
-    p.add_argument("--prompt", help="text prompt (default: random token ids, seeded)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=d.steps, help="decode steps after the prefill")
+    p.add_argument("--prompt", help=f"text prompt (default: {d.prompt_len} random token ids, seeded)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random prompt")
     p.add_argument("--device", default="cpu", help="device of the backend (trt: cuda); eager runs on the CPU")
     p.add_argument("--json", type=Path, dest="json_out", help="write the full report as JSON")
     p.add_argument("--plot", type=Path, help="PNG of error against depth (default: next to --json, else none)")
@@ -180,23 +224,21 @@ def _add_compare_parser(sub) -> None:
 
 
 def _cmd_compare(args, argv: list[str]) -> int:
-    from llama_export.runner.compare import format_report, plot_report, run_compare, write_json
-    from llama_export.runner.run import RunOptions
-    from llama_export.runner.steps import default_checkpoint, manifest_for, tokenizer_for
+    from llama_export.runner.compare import CompareSettings, Mode, compare, format_report, plot_report, write_json
 
-    opts = RunOptions(backend=args.backend, tp=0, max_new_tokens=args.steps, artifacts=args.artifacts,
-                      prompts=(args.prompt,) if args.prompt else None)
-    manifest = manifest_for(opts)
+    source = _source(args)
+    manifest = source.manifest()
     prompt = None
     if args.prompt:
         import torch
 
-        ids = tokenizer_for(opts).encode(args.prompt)
+        ids = source.tokenizer().encode(args.prompt)
         if not ids:
             raise InputError("the prompt is empty; give some text with --prompt")
         prompt = torch.tensor([ids])
-    report = run_compare(args.artifacts, args.backend, manifest, args.checkpoint or default_checkpoint(),
-                         steps=args.steps, prompt=prompt, seed=args.seed, device=args.device)
+    settings = CompareSettings(steps=args.steps, seed=args.seed)
+    report = compare(args.artifacts, args.backend, manifest, source.checkpoint_dir, mode=Mode.LOCATE,
+                     settings=settings, prompt=prompt, device=args.device)
     print(format_report(report))
     plot = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
     if args.json_out:
@@ -204,7 +246,7 @@ def _cmd_compare(args, argv: list[str]) -> int:
     if plot:
         plot_report(report, plot)
         print(f"plot: {plot}")
-    return 0 if report.comparison else 1
+    return 0 if report else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, argv)
     except LlamaExportError as e:
-        import os
+        from llama_export.runner.launch import rank_env
 
-        rank = os.environ.get("RANK")
-        prefix = f"error (rank {rank}): " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else "error: "
+        env = rank_env()
+        prefix = f"error (rank {env.rank}): " if env is not None and env.world_size > 1 else "error: "
         print(prefix + str(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from llama_export import dtypes
 from llama_export.errors import ConfigError
 
 
@@ -23,7 +24,7 @@ class Precision(str, enum.Enum):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+        return dtypes.by_precision(self.value).torch
 
 
 class Backend(str, enum.Enum):
@@ -32,17 +33,6 @@ class Backend(str, enum.Enum):
     EAGER = "eager"
     ORT = "ort"
     TENSORRT = "trt"
-
-
-class RopeLayout(str, enum.Enum):
-    """How q/k features are paired for rotation.
-
-    INTERLEAVED: Meta's layout, pairs (0,1), (2,3), ...  ROTATE_HALF: Hugging Face's, pairs (i, i + d/2).
-    The model always runs INTERLEAVED; the checkpoint loader permutes HF q/k rows into it.
-    """
-
-    INTERLEAVED = "interleaved"
-    ROTATE_HALF = "rotate_half"
 
 
 @dataclass(frozen=True)

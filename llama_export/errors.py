@@ -33,7 +33,3 @@ class BackendUnavailableError(LlamaExportError):
 
 class RankFailedError(LlamaExportError):
     """A rank process died or a collective timed out."""
-
-
-class ToleranceError(LlamaExportError):
-    """A backend disagreed with the eager reference beyond the stated tolerance."""

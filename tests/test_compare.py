@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 from llama_export.config import Backend
 from llama_export.export.exporter import ExportOptions, export
-from llama_export.export.manifest import load_manifest, sha256_file
-from llama_export.runner.compare import run_compare
+from llama_export.artifact.manifest import load_manifest, sha256_file
+from llama_export.runner.compare import CompareSettings, Mode, compare
 from tests.helpers import random_meta_state, run_cli, tiny_config, write_meta
 
 
@@ -43,8 +43,8 @@ def _corrupt(src, dst, segment_name: str, weight_substring: str):
 
 def test_clean_export_passes_everywhere(exported):
     ckpt, path = exported
-    report = run_compare(path, Backend.ORT, load_manifest(path), ckpt, steps=4)
-    assert report.comparison and report.first_divergence() is None
+    report = compare(path, Backend.ORT, load_manifest(path), ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=4))
+    assert report.comparison.max_abs <= report.comparison.tolerance and report.first_divergence() is None
     assert {s.label for s in report.segments} >= {"embed", "layers.0.attention", "layers.1.ffn", "head", "tail"}
     assert all(s.rel < 1e-5 for s in report.segments)
 
@@ -56,7 +56,7 @@ def test_clean_export_passes_everywhere(exported):
 def test_corruption_is_located(exported, tmp_path, segment, weight, label):
     ckpt, path = exported
     bad = _corrupt(path, tmp_path / "bad", segment, weight)
-    report = run_compare(bad, Backend.ORT, load_manifest(bad), ckpt, steps=2)
+    report = compare(bad, Backend.ORT, load_manifest(bad), ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=2))
     first = report.first_divergence()
     assert first is not None and first.label == label and first.rank == 0
     earlier = [s for s in report.segments if s.index < first.index]
@@ -84,12 +84,12 @@ def test_corruption_is_located_inside_a_tp1_graph(exported, tmp_path):
     """A TP=1 export is one graph; compare reads the module outputs inside it as extra ORT outputs."""
     ckpt, _ = exported
     path = export(ExportOptions(checkpoint=ckpt, out=tmp_path / "g", tp=1, progress=False))
-    clean = run_compare(path, Backend.ORT, load_manifest(path), ckpt, steps=1)
-    assert clean and clean.first_divergence() is None
+    clean = compare(path, Backend.ORT, load_manifest(path), ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=1))
+    assert clean.comparison.max_abs <= clean.comparison.tolerance and clean.first_divergence() is None
     assert [s.label for s in clean.segments] == [
         "embed", "layers.0.attention", "layers.0.ffn", "layers.1.attention", "layers.1.ffn", "head", "logits"]
     bad = _corrupt(path, tmp_path / "bad", "00_full", "layers.1.feed_forward.w3")
-    report = run_compare(bad, Backend.ORT, load_manifest(bad), ckpt, steps=1)
+    report = compare(bad, Backend.ORT, load_manifest(bad), ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=1))
     first = report.first_divergence()
     assert first is not None and first.label == "layers.1.ffn"
     assert all(s.rel < report.threshold for s in report.segments if s.index < first.index)

@@ -8,12 +8,13 @@ import torch
 from llama_export.config import Backend
 from llama_export.demo import DEMO_DIR
 from llama_export.export.exporter import ExportOptions, export
-from llama_export.export.manifest import load_manifest
+from llama_export.artifact.manifest import load_manifest
 from llama_export.model.checkpoint import build_model
 from llama_export.parallel.comm import ThreadGroup
 from llama_export.runner.generate import generate
-from llama_export.runner.steps import Tokenizer, _load_sp, open_backend
-from llama_export.runner.stitch import segmented_step
+from llama_export.backends import open_backend
+from llama_export.runner.source import ModelSource, Tokenizer
+from llama_export.runner.stitch import empty_cache, segmented_step
 from tests.helpers import random_meta_state, run_cli, tiny_config, write_meta
 
 PROMPTS = ["def ", "class Parser:", "import os\n", "    for i in range("]
@@ -27,7 +28,7 @@ def demo_exports(tmp_path_factory):
 
 
 def _tok() -> Tokenizer:
-    return Tokenizer(_load_sp(DEMO_DIR / "tokenizer.model"))
+    return ModelSource(Backend.EAGER).tokenizer()
 
 
 def _eager(tp: int, prompt: torch.Tensor) -> list[int]:
@@ -43,7 +44,8 @@ def _ort(path, prompt: torch.Tensor) -> list[int]:
 
     def rank_fn(rank, comm):
         be = open_backend(Backend.ORT, manifest, path, rank=rank, device=torch.device("cpu"))
-        step, cache, _ = segmented_step(manifest, be, comm=comm, batch=1)
+        step = segmented_step(manifest, be, comm=comm)
+        cache = empty_cache(manifest, rank, 1, device=be.device)
         return generate(step, prompt, cache, max_new_tokens=NEW).new_tokens[0].tolist()
 
     return ThreadGroup(manifest.tp).run(rank_fn)[0]
@@ -84,7 +86,7 @@ def test_cli_stops_at_the_context_limit():
 @pytest.mark.parametrize("args,match", [
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "x = 1\n" * 300], "does not fit the context max_seq_len=256"),
-    (["--backend", "tensorflow", "--prompt", "def "], "invalid Backend value: 'tensorflow'"),
+    (["--backend", "tensorflow", "--prompt", "def "], "invalid choice 'tensorflow' (choose from eager, ort, trt)"),
 ])
 def test_cli_one_line_errors(args, match):
     r = run_cli("run", *args)

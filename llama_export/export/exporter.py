@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
+import onnx_ir as ir
 import torch
 from tqdm import tqdm
 
-from llama_export import __version__
-from llama_export.config import Precision
-from llama_export.errors import ArtifactError
-from llama_export.export import schema
-from llama_export.export.manifest import (
+from llama_export import __version__, dtypes
+from llama_export.artifact import schema
+from llama_export.artifact.manifest import (
     MANIFEST_NAME,
     Collective,
     Manifest,
@@ -32,26 +29,23 @@ from llama_export.export.manifest import (
     load_manifest,
     sha256_file,
 )
-from llama_export.export.passes.naming import name_graph
-from llama_export.export.passes.partition import Cut, partition
-from llama_export.export.passes.verify import check, check_rank_graph
-from llama_export.export.passes.weights import attach_weights
-from llama_export.export.trace import IR_VERSION, OPSET, trace_rank
+from llama_export.config import Precision
+from llama_export.errors import ArtifactError
+from llama_export.export.passes import Pipeline
+from llama_export.export.passes.check import CheckRankGraphPass
+from llama_export.export.passes.cleanup import CleanupPass
+from llama_export.export.passes.naming import NameGraphPass
+from llama_export.export.passes.partition import partition
+from llama_export.export.passes.weights import AttachWeightsPass
+from llama_export.export.trace import trace_rank
+from llama_export.files import staged_dir
 from llama_export.model.checkpoint import RankWeights, load_config
-from llama_export.model.layers import precompute_freqs_cis
+from llama_export.model.layers import rope_tables
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.comm import ExportComm, LocalComm
 from llama_export.parallel.plan import check_tp
 
 log = logging.getLogger(__name__)
-
-_TWO_GB = 2**31 - 1
-_DTYPE_NAMES = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.BFLOAT16: "bfloat16",
-    onnx.TensorProto.INT64: "int64",
-}
 
 
 @dataclass(frozen=True)
@@ -83,32 +77,21 @@ def segment_kinds(n_segments: int, n_layers: int) -> list[tuple[str, int | None]
     return kinds + [("head", None), ("tail", None)]
 
 
-def _specs(model: onnx.ModelProto, values) -> tuple[TensorSpec, ...]:
-    out = []
-    for v in values:
-        tt = v.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim)
-        out.append(TensorSpec(name=v.name, dtype=_DTYPE_NAMES.get(tt.elem_type, str(tt.elem_type)), shape=shape))
-    return tuple(out)
+def _specs(values) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name=v.name, dtype=dtypes.by_onnx(int(v.dtype)).name,
+                            shape=tuple(d if isinstance(d, int) else d.value for d in v.shape))
+                 for v in values)
 
 
-# Serialized graphs above this go to external data (protobuf cannot hold 2 GB; keep a margin).
-EXTERNAL_DATA_THRESHOLD = _TWO_GB - (64 << 20)
-
-
-def _write_segment(cut: Cut, root: Path, rel: str) -> str | None:
+def _write_segment(model: ir.Model, root: Path, rel: str) -> str | None:
     """Write (and check) one segment; returns the relative path of its external data file, if any."""
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    if cut.model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-        data_rel = rel + ".data"
-        onnx.save_model(cut.model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=Path(data_rel).name, size_threshold=1024)
-        check(path)
-        return data_rel if (root / data_rel).is_file() else None  # no tensor above size_threshold
-    check(cut.model)
-    onnx.save_model(cut.model, str(path))
-    return None
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    data_rel = rel + ".data" if size > schema.EXTERNAL_DATA_THRESHOLD else None
+    ir.save(model, str(path), external_data=Path(data_rel).name if data_rel else None, size_threshold_bytes=1024)
+    schema.check_model(path)
+    return data_rel if data_rel and (root / data_rel).is_file() else None  # no tensor above the threshold
 
 
 def export_rank(opts: ExportOptions, rank: int, root: Path) -> RankEntry:
@@ -127,14 +110,13 @@ def export_rank(opts: ExportOptions, rank: int, root: Path) -> RankEntry:
         for key, p in module._parameters.items():
             module._parameters[key] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
     shape = model.shape
-    proto = trace_rank(model.eval(), max_batch=opts.max_batch)
+    graph = trace_rank(model.eval(), max_batch=opts.max_batch)
     del model
-    name_graph(proto)
-    check_rank_graph(proto, cfg, opts.tp)
-    cuts = partition(proto)
-    del proto
-    freqs_cis = precompute_freqs_cis(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-    buffers = {"rope_cos": freqs_cis.real.contiguous(), "rope_sin": freqs_cis.imag.contiguous()}
+    Pipeline(CleanupPass(), NameGraphPass(), CheckRankGraphPass(cfg, opts.tp))(graph)
+    cuts = partition(graph)
+    del graph
+    cos, sin = rope_tables(cfg)
+    buffers = {"rope_cos": cos, "rope_sin": sin}
     kinds = segment_kinds(len(cuts), cfg.n_layers)
     segments = []
     with RankWeights(opts.checkpoint, shape, dtype=dtype) as weights:
@@ -144,17 +126,18 @@ def export_rank(opts: ExportOptions, rank: int, root: Path) -> RankEntry:
         for k, (kind, layer) in enumerate(kinds):
             cut = cuts[k]
             cuts[k] = None  # the segment's weights are freed as soon as it is on disk
-            attach_weights(cut.model, fetch)
+            AttachWeightsPass(fetch)(cut.model)
             label = kind if layer is None else f"layers.{layer}.{kind}"
             rel = f"rank{rank}/{k:02d}_{label}.onnx"
-            data_rel = _write_segment(cut, root, rel)
+            data_rel = _write_segment(cut.model, root, rel)
+            g = cut.model.graph
             segments.append(Segment(
                 name=f"{k:02d}_{label}", file=rel, sha256=sha256_file(root / rel), kind=kind, layer=layer,
-                inputs=_specs(cut.model, cut.model.graph.input), outputs=_specs(cut.model, cut.model.graph.output),
+                inputs=_specs(g.inputs), outputs=_specs(g.outputs),
                 collective=Collective(**cut.collective) if cut.collective else None,
                 data_file=data_rel, data_sha256=sha256_file(root / data_rel) if data_rel else None,
             ))
-            del cut
+            del cut, g
     return RankEntry(rank=rank, segments=tuple(segments))
 
 
@@ -166,9 +149,7 @@ def export(opts: ExportOptions) -> Path:
         log.warning("bf16 graphs cannot run on ONNX Runtime's CPU provider; they are meant for GPU backends")
     name = opts.model_name or Path(opts.checkpoint).resolve().name
     final = Path(opts.out) / name / opts.variant
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{opts.variant}.partial-", dir=final.parent))
-    try:
+    with staged_dir(final) as tmp:
         ranks = []
         bar = tqdm(range(opts.tp), desc=f"export {name} {opts.variant}", unit="rank", disable=not opts.progress)
         for rank in bar:
@@ -177,12 +158,10 @@ def export(opts: ExportOptions) -> Path:
         if (Path(opts.checkpoint) / "tokenizer.model").is_file():
             shutil.copyfile(Path(opts.checkpoint) / "tokenizer.model", tmp / "tokenizer.model")
             tokenizer = "tokenizer.model"
-        n = cfg.n_layers
         manifest = Manifest(
-            model_name=name, variant=opts.variant, model=cfg, tp=opts.tp, dtype=opts.dtype, opset=OPSET,
-            ir_version=IR_VERSION, max_batch=opts.max_batch, ranks=tuple(ranks),
-            inputs=("tokens", *(f"past_key_{i}" for i in range(n)), *(f"past_value_{i}" for i in range(n))),
-            outputs=("logits", *(f"present_key_{i}" for i in range(n)), *(f"present_value_{i}" for i in range(n))),
+            model_name=name, variant=opts.variant, model=cfg, tp=opts.tp, dtype=opts.dtype, opset=schema.OPSET,
+            ir_version=schema.IR_VERSION, max_batch=opts.max_batch, ranks=tuple(ranks),
+            inputs=schema.graph_inputs(cfg.n_layers), outputs=schema.graph_outputs(cfg.n_layers),
             exporter_version=__version__,
             custom_nodes={"domain": schema.DOMAIN, "version": schema.VERSION,
                           "ops": [*schema.COMPUTE_OPS, *schema.COLLECTIVE_OPS]},
@@ -190,25 +169,5 @@ def export(opts: ExportOptions) -> Path:
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         load_manifest(tmp)  # the written directory must pass the same checks every consumer runs
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Move `new` to `final`; an existing `final` is swapped out whole, then deleted."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{new.name.rsplit('-', 1)[-1]}")
-        final.rename(old)
-    try:
-        new.rename(final)
-    except OSError:
-        if old is not None:
-            old.rename(final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 

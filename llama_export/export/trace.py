@@ -2,13 +2,10 @@
 
 RMSNorm and RoPE become `llama_export.RMSNorm` / `llama_export.RoPE` nodes, collectives become
 `AllReduce` / `AllGather` markers (the model is built with an `ExportComm`), and the KV cache is explicit
-graph I/O:
-
-    inputs   tokens [batch, seq] int64, past_key_{i} / past_value_{i} [batch, kv_heads, past, head_dim]
-    outputs  logits [batch, vocab] fp32, present_key_{i} / present_value_{i} [batch, kv_heads, past+seq, head_dim]
-
-One graph serves prefill (past = 0) and decode (seq = 1). Example inputs use sizes >= 2 on every
-dynamic dimension, since a size of 1 would be specialised into the graph.
+graph I/O (names and shapes: `artifact.schema`). One graph serves prefill (past = 0) and decode (seq = 1).
+Example inputs use sizes >= 2 on every dynamic dimension, since a size of 1 would be specialised into
+the graph. The result is weightless (`passes.placeholders`) and not yet cleaned up: the export pipeline
+runs the passes.
 """
 
 from __future__ import annotations
@@ -16,29 +13,16 @@ from __future__ import annotations
 import logging
 import warnings
 
-import onnx
+import onnx_ir as ir
 import onnxscript
 import torch
 from torch import Tensor, nn
 
-from llama_export.export import schema
+from llama_export.artifact import schema
+from llama_export.export.passes.placeholders import make_placeholder
 from llama_export.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
-
-OPSET = 23
-# onnxruntime 1.31 rejects IR version 14 (which onnx 1.23 writes by default); IR 10 is what opset 23
-# was introduced with and what every runtime we target loads.
-IR_VERSION = 10
-
-
-def input_names(n_layers: int) -> list[str]:
-    return ["tokens"] + [f"past_key_{i}" for i in range(n_layers)] + [f"past_value_{i}" for i in range(n_layers)]
-
-
-def output_names(n_layers: int) -> list[str]:
-    return (["logits"] + [f"present_key_{i}" for i in range(n_layers)]
-            + [f"present_value_{i}" for i in range(n_layers)])
 
 
 def _translation_table() -> dict:
@@ -79,20 +63,13 @@ class _Flat(nn.Module):
         return (logits, *keys, *values)
 
 
-# Location written into every initializer of a traced graph: the weights are attached per segment
-# (`passes.weights.attach_weights`), so a graph that still points here is incomplete.
-WEIGHTS_PLACEHOLDER = "__llama_export_weights_not_attached__"
-
-
-def trace_rank(model: Transformer, *, max_batch: int) -> onnx.ModelProto:
+def trace_rank(model: Transformer, *, max_batch: int) -> ir.Model:
     """Weightless ONNX graph of `model`, one rank (built with an ExportComm for tp > 1).
 
     `model` lives on the meta device: tracing needs shapes only, so no weight is ever in memory here.
-    Every initializer comes out as an external-data placeholder named like its parameter (or buffer);
-    `passes.weights.attach_weights` fills them in one segment at a time.
+    Every initializer comes out as a placeholder named like its parameter (or buffer);
+    `passes.weights.AttachWeightsPass` fills them in one segment at a time.
     """
-    import onnx_ir as ir
-
     cfg = model.cfg
     n = cfg.n_layers
     p = next(model.parameters())
@@ -120,9 +97,9 @@ def trace_rank(model: Transformer, *, max_batch: int) -> onnx.ModelProto:
                 dynamo=True,
                 dynamic_shapes=dynamic,
                 custom_translation_table=_translation_table(),
-                input_names=input_names(n),
-                output_names=output_names(n),
-                opset_version=OPSET,
+                input_names=list(schema.graph_inputs(n)),
+                output_names=list(schema.graph_outputs(n)),
+                opset_version=schema.OPSET,
                 optimize=False,
                 verbose=False,
             )
@@ -130,12 +107,6 @@ def trace_rank(model: Transformer, *, max_batch: int) -> onnx.ModelProto:
         reg_log.setLevel(old_level)
     graph_model = program.model
     for value in graph_model.graph.initializers.values():
-        cv = value.const_value
-        value.const_value = ir.ExternalTensor(
-            WEIGHTS_PLACEHOLDER, offset=0, length=cv.nbytes, dtype=cv.dtype, shape=cv.shape, name=value.name)
-    from llama_export.export.passes.cleanup import cleanup
-
-    cleanup(graph_model)
-    proto = ir.serde.serialize_model(graph_model)
-    proto.ir_version = IR_VERSION
-    return proto
+        make_placeholder(value)
+    graph_model.ir_version = schema.IR_VERSION
+    return graph_model

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 import torch
 from torch import Tensor
 
+from llama_export import dtypes
 from llama_export.config import ModelConfig
 from llama_export.errors import CheckpointError
 from llama_export.parallel.plan import Slice
@@ -143,7 +144,6 @@ class HFReader:
         return t
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _BLOCK_BYTES = 8 << 20
 
 
@@ -165,9 +165,10 @@ class RawSafetensors:
 
     def read(self, name: str, sl: Slice) -> Tensor:
         info = self.header[name]
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
+        spelled = dtypes.by_safetensors(info["dtype"])
+        if spelled is None or not spelled.torch.is_floating_point:
             raise CheckpointError(f"{name} in {self.path} has dtype {info['dtype']}; expected F32, F16 or BF16")
+        dtype = spelled.torch
         shape = list(info["shape"])
         begin = self.base + info["data_offsets"][0]
         esize = torch.empty((), dtype=dtype).element_size()

@@ -47,6 +47,13 @@ def precompute_freqs_cis(
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
+def rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """The model's RoPE tables `(cos, sin)`, each `[max_seq_len, head_dim/2]` fp32 (whatever the model
+    dtype: rotation is computed in fp32). Buffers `rope_cos` / `rope_sin` of `Transformer`."""
+    freqs_cis = precompute_freqs_cis(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+    return freqs_cis.real.contiguous(), freqs_cis.imag.contiguous()
+
+
 # ---- norms and parallel linears ------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:

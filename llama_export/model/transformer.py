@@ -21,7 +21,7 @@ from llama_export.model.layers import (
     ParallelEmbedding,
     RMSNorm,
     TransformerBlock,
-    precompute_freqs_cis,
+    rope_tables,
 )
 from llama_export.parallel.comm import Communicator, LocalComm
 from llama_export.parallel.plan import RankShape
@@ -39,10 +39,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(self.shape, self.comm) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = ColumnParallelLinear(cfg.dim, self.shape.local_vocab)
-        freqs_cis = precompute_freqs_cis(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-        # RoPE tables stay fp32 whatever the model dtype (rotation is computed in fp32).
-        self.register_buffer("rope_cos", freqs_cis.real.contiguous(), persistent=False)
-        self.register_buffer("rope_sin", freqs_cis.imag.contiguous(), persistent=False)
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def empty_cache(self, batch: int) -> tuple[list[Tensor], list[Tensor]]:
         """Zero-length past keys and values for a prefill, `[batch, local_kv_heads, 0, head_dim]` each."""

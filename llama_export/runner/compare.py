@@ -1,8 +1,15 @@
-"""`llama-export compare`: a backend and the eager model side by side, segment by segment.
+"""The comparison engine: a backend and the eager model side by side, on the same prompt.
 
-Both run every rank of the export in one process (`ThreadGroup`, real data exchange between rank
-threads), on the same prompt, teacher-forced with eager's greedy tokens. After each segment the
-backend's boundary tensor is compared with the eager tensor at the same place:
+The backend runs every rank of the export in one process (`ThreadGroup`, real data exchange between
+rank threads) over a prefill and `steps` greedy decode steps, teacher-forced with the reference's
+greedy tokens (one early token flip can neither hide nor inflate the error of every later step;
+greedy agreement is reported separately). Two modes:
+
+    Mode.VALIDATE  reference: the eager model at TP=1 (independent of the tensor-parallel code);
+                   judged: the final logits of every step. What `export` runs after writing.
+    Mode.LOCATE    reference: the eager model at the same rank and TP degree, in the same thread,
+                   so that every segment boundary has a reference value too. What `llama-export
+                   compare` runs to say where an error starts:
 
     segment kind        backend value                      eager value (module output, same rank)
     embed               AllGather output                   tok_embeddings
@@ -19,26 +26,53 @@ first at `layers.3.ffn`.
 
 from __future__ import annotations
 
+import enum
+import io
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from llama_export.compare import LOGITS_ATOL, Comparison, TensorDiff
+from llama_export.artifact import schema
+from llama_export.artifact.manifest import Manifest, Segment
+from llama_export.backends import open_backend
 from llama_export.config import Backend
 from llama_export.errors import InputError
-from llama_export.export.manifest import Manifest, Segment
+from llama_export.files import write_atomic
 from llama_export.model.checkpoint import build_model, load_config
 from llama_export.parallel.comm import ThreadGroup
-from llama_export.runner.stitch import segmented_step
+from llama_export.runner.diff import TOLERANCES, Comparison, TensorDiff
+from llama_export.runner.generate import generate
+from llama_export.runner.stitch import empty_cache, segmented_step
 
 log = logging.getLogger(__name__)
 
-# Relative error (max abs / max |reference|) above which a segment is said to diverge.
-DIVERGENCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+
+class Mode(enum.Enum):
+    VALIDATE = "validate"
+    LOCATE = "locate"
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """The prompt and length of a comparison (the CLI's defaults come from here)."""
+
+    steps: int = 8  # greedy decode steps after the prefill
+    batch: int = 1  # rows of the random prompt
+    prompt_len: int = 8  # tokens of the random prompt
+    seed: int = 0
+
+    def random_prompt(self, vocab_size: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randint(0, vocab_size, (self.batch, self.prompt_len), generator=g)
+
+
+# Export validation: two rows of five tokens (batch and sequence dimensions both exercised).
+VALIDATION = CompareSettings(batch=2, prompt_len=5)
 
 
 @dataclass
@@ -79,6 +113,9 @@ class CompareReport:
                           "kv": vars(s.kv) if s.kv else None} for s in self.segments],
         }
 
+    def __bool__(self) -> bool:
+        return bool(self.comparison)
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -104,7 +141,7 @@ def _segment_probe(k: int, seg: Segment, n_layers: int) -> Probe:
     if seg.kind == "head":
         # local (pre-gather) logits, like eager's `output` module on this rank
         return Probe("head", n_layers + 1.0, k, c.input, "output")
-    return Probe("tail", n_layers + 1.5, k, "logits", None)
+    return Probe("tail", n_layers + 1.5, k, schema.LOGITS, None)
 
 
 def full_graph_probes(k: int, n_layers: int) -> list[Probe]:
@@ -119,7 +156,7 @@ def full_graph_probes(k: int, n_layers: int) -> list[Probe]:
                   f"layers.{i}.feed_forward.w2"),
         ]
     return probes + [Probe("head", n_layers + 1.0, k, "/model/output/MatMul_output_0", "output"),
-                     Probe("logits", n_layers + 1.5, k, "logits", None)]
+                     Probe("logits", n_layers + 1.5, k, schema.LOGITS, None)]
 
 
 def probes_for(segments: tuple[Segment, ...], n_layers: int) -> list[Probe]:
@@ -129,83 +166,112 @@ def probes_for(segments: tuple[Segment, ...], n_layers: int) -> list[Probe]:
     return out
 
 
-def run_compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: Path, *, steps: int = 8,
-                batch: int = 1, prompt: Tensor | None = None, seed: int = 0,
-                device: str = "cpu") -> CompareReport:
+def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: Path, *, mode: Mode,
+            settings: CompareSettings = CompareSettings(), prompt: Tensor | None = None,
+            device: str = "cpu") -> CompareReport:
     """Backend (on `device`; eager always on the CPU) against eager; see the module docstring."""
-    from llama_export.runner.steps import open_backend
-
     cfg = manifest.model
     if load_config(checkpoint, max_seq_len=cfg.max_seq_len) != cfg:
         raise InputError(f"{checkpoint} does not hold the model of this export ({manifest.model_name}); "
                          "pass the checkpoint it was exported from with --checkpoint")
     if prompt is None:
-        g = torch.Generator().manual_seed(seed)
-        prompt = torch.randint(0, cfg.vocab_size, (batch, 8), generator=g)
+        prompt = settings.random_prompt(cfg.vocab_size)
     dtype = manifest.dtype.torch_dtype
-    threshold = DIVERGENCE[manifest.dtype.value]
+    tolerance = TOLERANCES[manifest.dtype]
+    t0 = time.perf_counter()
+    forced: list[Tensor] | None = None
+    ref_logits: list[Tensor] = []
+    if mode is Mode.VALIDATE:
+        model = build_model(checkpoint, dtype=dtype, max_seq_len=cfg.max_seq_len)
+        res = generate(model, prompt, model.empty_cache(prompt.shape[0]), max_new_tokens=settings.steps + 1)
+        ref_logits, forced = [s.logits for s in res.steps], [s.tokens for s in res.steps]
+        del model
 
     def rank_fn(rank: int, comm):
         segments = manifest.rank(rank).segments
-        probes = probes_for(segments, cfg.n_layers)
-        # Eager, same rank and TP degree, capturing module outputs where the probes read the backend.
-        model = build_model(checkpoint, tp=manifest.tp, rank=rank, comm=comm, dtype=dtype,
-                            max_seq_len=cfg.max_seq_len)
-        captured: dict[str, Tensor] = {}
-        hooks = [model.get_submodule(p.module).register_forward_hook(
-                     lambda _m, _i, out, name=p.module: captured.__setitem__(name, out.detach()))
-                 for p in probes if p.module is not None]
+        probes = probes_for(segments, cfg.n_layers) if mode is Mode.LOCATE else []
+        model = captured = None
+        if mode is Mode.LOCATE:
+            # Eager, same rank and TP degree, capturing module outputs where the probes read the backend.
+            model = build_model(checkpoint, tp=manifest.tp, rank=rank, comm=comm, dtype=dtype,
+                                max_seq_len=cfg.max_seq_len)
+            captured = {}
+            for p in probes:
+                if p.module is not None:
+                    model.get_submodule(p.module).register_forward_hook(
+                        lambda _m, _i, out, name=p.module: captured.__setitem__(name, out.detach()))
         extra = tuple(p.value for p in probes if p.value.startswith("/model/"))
         be = open_backend(backend, manifest, artifacts, rank=rank, device=torch.device(device),
                           extra_outputs=extra)
         cur: dict[int, dict[str, Tensor]] = {}
-        step, (bk, bv), _ = segmented_step(manifest, be, comm=comm, batch=prompt.shape[0],
-                                           hook=lambda k, env: cur.__setitem__(k, dict(env)))
-        ek, ev = model.empty_cache(prompt.shape[0])
-        eager_logits, backend_logits, tokens, seg_diffs = [], [], prompt, []
+        step = segmented_step(manifest, be, comm=comm, hook=lambda k, env: cur.__setitem__(k, dict(env)))
+        bk, bv = empty_cache(manifest, rank, prompt.shape[0], device=be.device)
+        if model is not None:
+            ek, ev = model.empty_cache(prompt.shape[0])
+        backend_logits, eager_logits, seg_diffs, tokens = [], [], [], prompt
         with torch.inference_mode():
-            for i in range(steps + 1):
-                captured.clear()
+            for i in range(settings.steps + 1):
                 cur.clear()
-                elog, ek, ev = model(tokens, ek, ev)
                 blog, bk, bv = step(tokens, bk, bv)
-                eager_logits.append(elog)
                 backend_logits.append(blog)
+                if model is None:
+                    tokens = forced[i].unsqueeze(1)
+                    continue
+                captured.clear()
+                elog, ek, ev = model(tokens, ek, ev)
+                eager_logits.append(elog)
                 if i == 0:  # per-probe diffs of the prefill (the longest, most informative step)
-                    for n, p in enumerate(probes):
-                        env = cur[p.segment]
-                        if p.value not in env:
-                            continue  # this backend cannot expose values inside a graph (TensorRT)
-                        ref = elog if p.module is None else captured[p.module]
-                        d = TensorDiff.of(p.label, env[p.value], ref)
-                        rel = d.max_abs / max(ref.abs().max().item(), 1e-12)
-                        kv, kv_rel = None, 0.0
-                        if p.kv_layer is not None:
-                            pairs = [(env[f"present_{w}_{p.kv_layer}"], ref_kv[p.kv_layer])
-                                     for w, ref_kv in (("key", ek), ("value", ev))]
-                            diffs = [(TensorDiff.of(f"present kv {p.kv_layer}", a, b),
-                                      max(b.abs().max().item(), 1e-12)) for a, b in pairs]
-                            kv, scale = max(diffs, key=lambda x: x[0].max_abs / x[1])
-                            kv_rel = kv.max_abs / scale
-                        seg_diffs.append(SegmentDiff(rank, n, p.label, p.depth, d, rel, kv, kv_rel))
+                    seg_diffs = _probe_diffs(rank, probes, cur, captured, elog, ek, ev)
                 tokens = elog.argmax(-1, keepdim=True)  # teacher forcing with eager's greedy token
-        for h in hooks:
-            h.remove()
         be.close()
-        return eager_logits, backend_logits, seg_diffs
+        return backend_logits, eager_logits, seg_diffs
 
     results = ThreadGroup(manifest.tp).run(rank_fn)
-    eager_logits, backend_logits, _ = results[0]
-    cmp = Comparison(label=f"{manifest.variant} {backend.value} vs eager", tolerance=LOGITS_ATOL[manifest.dtype.value])
+    backend_logits, eager_logits, _ = results[0]
+    reference = ref_logits if mode is Mode.VALIDATE else eager_logits
+    cmp = Comparison(label=f"{manifest.variant} {backend.value} vs eager", tolerance=tolerance.logits_atol)
     agree = 0
-    for i, (b, e) in enumerate(zip(backend_logits, eager_logits)):
+    for i, (b, e) in enumerate(zip(backend_logits, reference)):
         cmp.logits.append(TensorDiff.of(f"step {i} logits", b, e, logits=True))
         agree += int(torch.equal(b.argmax(-1), e.argmax(-1)))
-    cmp.tokens_agree = agree / len(eager_logits)
-    report = CompareReport(comparison=cmp, threshold=threshold)
+    cmp.tokens_agree = agree / len(reference)
+    cmp.seconds = time.perf_counter() - t0
+    report = CompareReport(comparison=cmp, threshold=tolerance.divergence_rel)
     for _, _, segs in results:
         report.segments.extend(segs)
     return report
+
+
+def _probe_diffs(rank: int, probes: list[Probe], cur: dict[int, dict[str, Tensor]], captured: dict[str, Tensor],
+                 elog: Tensor, ek: list[Tensor], ev: list[Tensor]) -> list[SegmentDiff]:
+    out = []
+    for n, p in enumerate(probes):
+        env = cur[p.segment]
+        if p.value not in env:
+            continue  # this backend cannot expose values inside a graph (TensorRT)
+        ref = elog if p.module is None else captured[p.module]
+        d = TensorDiff.of(p.label, env[p.value], ref)
+        rel = d.max_abs / max(ref.abs().max().item(), 1e-12)
+        kv, kv_rel = None, 0.0
+        if p.kv_layer is not None:
+            pairs = [(env[schema.present_key(p.kv_layer)], ek[p.kv_layer]),
+                     (env[schema.present_value(p.kv_layer)], ev[p.kv_layer])]
+            diffs = [(TensorDiff.of(f"present kv {p.kv_layer}", a, b), max(b.abs().max().item(), 1e-12))
+                     for a, b in pairs]
+            kv, scale = max(diffs, key=lambda x: x[0].max_abs / x[1])
+            kv_rel = kv.max_abs / scale
+        out.append(SegmentDiff(rank, n, p.label, p.depth, d, rel, kv, kv_rel))
+    return out
+
+
+def validate_export(export_dir: Path, checkpoint: Path, *, backend: Backend = Backend.ORT,
+                    settings: CompareSettings = VALIDATION) -> Comparison:
+    """Export validation: `compare` in `Mode.VALIDATE` on the export's own manifest."""
+    from llama_export.artifact.manifest import load_manifest
+
+    report = compare(export_dir, backend, load_manifest(export_dir), checkpoint, mode=Mode.VALIDATE,
+                     settings=settings)
+    return report.comparison
 
 
 def format_report(report: CompareReport) -> str:
@@ -249,11 +315,13 @@ def plot_report(report: CompareReport, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buf.getvalue())
 
 
 def write_json(report: CompareReport, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_json(), indent=2))
+    write_atomic(path, json.dumps(report.to_json(), indent=2))

@@ -18,24 +18,24 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from llama_export.config import Backend, Precision
 from llama_export.errors import InputError
+from llama_export.files import write_atomic
 from llama_export.parallel.comm import Communicator, DistComm, LocalComm
 from llama_export.parallel.plan import check_tp
 from llama_export.runner.generate import GenerationResult, SamplingConfig, generate_stream, validate_prompt
 from llama_export.runner.launch import RankEnv, die_with_launcher, init_process_group, launch_local, rank_env
+from llama_export.runner.source import ModelSource
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    backend: Backend
+    """One `run`: the model source, the TP degree, the prompts and how to generate."""
+
+    source: ModelSource
     tp: int
-    max_new_tokens: int
-    checkpoint: Path | None = None
-    artifacts: Path | None = None
-    dtype: Precision = Precision.FP32
+    max_new_tokens: int = 32
     prompt_ids: tuple[tuple[int, ...], ...] | None = None
     prompts: tuple[str, ...] | None = None
     sampling: SamplingConfig = SamplingConfig()
@@ -69,9 +69,8 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
     `argv` is what rank processes are started with; `reporter` receives rank 0's output."""
     env = rank_env()
     if env is None:
-        from llama_export.runner.steps import config_for
-
-        cfg = config_for(opts)
+        opts.source.check_tp(opts.tp)
+        cfg = opts.source.config()
         check_tp(cfg, opts.tp)
         for _, prompt in _prompt_groups(opts):
             validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
@@ -109,9 +108,7 @@ def _prompt_groups(opts: RunOptions) -> list[tuple[list[int], torch.Tensor]]:
     text prompts are grouped by token length (no padding), in order of first appearance."""
     if opts.prompt_ids is not None:
         return [(list(range(len(opts.prompt_ids))), torch.tensor(opts.prompt_ids, dtype=torch.int64))]
-    from llama_export.runner.steps import tokenizer_for
-
-    tok = tokenizer_for(opts)
+    tok = opts.source.tokenizer()
     rows = [tok.encode(p) for p in opts.prompts or ()]
     if not rows or any(len(r) == 0 for r in rows) or any(not p.strip() for p in opts.prompts or ()):
         raise InputError("the prompt is empty; give some text with --prompt")
@@ -154,11 +151,10 @@ class _Silent:
 
 def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.device,
               reporter: Reporter) -> int:
-    from llama_export.runner.steps import build_step, tokenizer_for
-
     groups = _prompt_groups(opts)
-    step, make_cache, cfg, eos_id = build_step(opts, comm=comm, device=device)
-    tok = tokenizer_for(opts) if opts.prompts is not None else None
+    step, make_cache, cfg = opts.source.step(comm=comm, device=device)
+    tok = opts.source.tokenizer() if opts.prompts is not None else None
+    eos_id = tok.eos_id if tok is not None else None
     n_prompts = sum(len(idx) for idx, _ in groups)
     stream = env.rank == 0 and tok is not None and opts.stream and n_prompts == 1
     if stream:
@@ -179,7 +175,7 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
         shown = ""
         for _, result in generate_stream(
             step, prompt, make_cache(prompt.shape[0]), max_new_tokens=budget, sampling=opts.sampling,
-            eos_id=eos_id if tok is not None else None, keep_logits=opts.json_out is not None,
+            eos_id=eos_id, keep_logits=opts.json_out is not None,
         ):
             if stream:
                 text = tok.decode(result.new_tokens[0].tolist())
@@ -209,7 +205,7 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
 
 def _write_json(opts: RunOptions, result: GenerationResult) -> None:
     payload = {
-        "backend": opts.backend.value,
+        "backend": opts.source.backend.value,
         "tp": opts.tp,
         "prompt_ids": result.prompt.tolist(),
         "tokens": result.new_tokens.tolist(),
@@ -218,6 +214,4 @@ def _write_json(opts: RunOptions, result: GenerationResult) -> None:
         "decode_s": result.decode_s,
     }
     opts.json_out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = opts.json_out.with_suffix(opts.json_out.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    tmp.replace(opts.json_out)
+    write_atomic(opts.json_out, json.dumps(payload))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 
+from llama_export.artifact import schema
+from llama_export.artifact.manifest import load_manifest, sha256_file
 from llama_export.errors import ArtifactError
 from llama_export.export import exporter
 from llama_export.export.exporter import ExportOptions, export
-from llama_export.export.manifest import load_manifest, sha256_file
 from tests.helpers import random_meta_state, run_cli, tiny_config, write_meta
 
 
@@ -124,6 +126,30 @@ def test_interrupted_export_leaves_earlier_artifacts_intact(good, monkeypatch):
     assert leftovers == [], leftovers
 
 
+def test_export_whose_final_swap_fails_rolls_back(good, monkeypatch):
+    """The rename that puts a finished export in place fails (say, the disk is gone): the previous
+    export is restored byte-identical and nothing of the new one remains."""
+    from pathlib import Path
+
+    from llama_export import files
+
+    ckpt, path = good
+    before = {p.relative_to(path): sha256_file(p) for p in path.rglob("*") if p.is_file()}
+    real = Path.rename
+
+    def rename(self, target):
+        if Path(target) == path and files.PARTIAL_MARKER in self.name:
+            raise OSError("rename failed")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        export(ExportOptions(checkpoint=ckpt, out=path.parents[1], tp=2, progress=False))
+    monkeypatch.undo()
+    assert {p.relative_to(path): sha256_file(p) for p in path.rglob("*") if p.is_file()} == before
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
 def test_reexport_replaces_the_directory_whole(good):
     ckpt, path = good
     again = export(ExportOptions(checkpoint=ckpt, out=path.parents[1], tp=2, progress=False))
@@ -134,15 +160,15 @@ def test_reexport_replaces_the_directory_whole(good):
 
 def test_external_data_segments_are_hashed_and_run(good, tmp_path, monkeypatch):
     """Graphs over 2 GB go to external data; forced here with a zero threshold."""
-    from llama_export.export.validate import validate_export
+    from llama_export.runner.compare import VALIDATION, validate_export
 
     ckpt, _ = good
-    monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(schema, "EXTERNAL_DATA_THRESHOLD", 0)
     path = export(ExportOptions(checkpoint=ckpt, out=tmp_path / "ext", tp=2, progress=False))
     m = load_manifest(path)
     seg = m.rank(0).segments[1]
     assert seg.data_file == seg.file + ".data" and (path / seg.data_file).stat().st_size > 1000
-    cmp = validate_export(path, ckpt, steps=2)
+    cmp = validate_export(path, ckpt, settings=dataclasses.replace(VALIDATION, steps=2))
     assert cmp and cmp.max_abs <= 1e-4, str(cmp)
     data = path / seg.data_file
     raw = bytearray(data.read_bytes())
@@ -150,3 +176,17 @@ def test_external_data_segments_are_hashed_and_run(good, tmp_path, monkeypatch):
     data.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match=r"\.data has sha256 .* modified or truncated"):
         load_manifest(path)
+
+
+def test_checker_gives_the_same_verdict_in_a_fresh_process(good):
+    """The custom-node schemas are registered by the check itself, not by whatever ran before it."""
+    import subprocess
+    import sys
+
+    _, path = good
+    seg = load_manifest(path).rank(0).segments[1]
+    code = ("import sys; from llama_export.artifact.schema import check_model; "
+            "check_model(sys.argv[1]); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(path / seg.file)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+

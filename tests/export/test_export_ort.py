@@ -12,13 +12,15 @@ import numpy as np
 import onnx
 import pytest
 
-from llama_export.compare import LOGITS_ATOL
+import dataclasses
+
+from llama_export.artifact import schema
+from llama_export.artifact.manifest import load_manifest, resolve_inside, sha256_file
 from llama_export.config import Precision
-from llama_export.export import schema
 from llama_export.export.exporter import ExportOptions, export
-from llama_export.export.manifest import load_manifest, resolve_inside, sha256_file
-from llama_export.export.passes.verify import DECOMPOSITION_OPS, check
-from llama_export.export.validate import validate_export
+from llama_export.export.passes.check import DECOMPOSITION_OPS
+from llama_export.runner.compare import VALIDATION, validate_export
+from llama_export.runner.diff import TOLERANCES
 from tests.helpers import random_meta_state, read_json, run_cli, tiny_config, write_meta
 
 
@@ -51,17 +53,17 @@ def exports(ckpts):
 @pytest.mark.parametrize("name", ["mha", "gqa"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_ort_matches_eager_fp32(name, tp, exports, ckpts):
-    cmp = validate_export(exports(name, tp), ckpts[1][name], steps=8)
-    assert len(cmp.logits) == 8
-    assert cmp.max_abs <= LOGITS_ATOL["fp32"] == 1e-4, str(cmp)
+    cmp = validate_export(exports(name, tp), ckpts[1][name])
+    assert len(cmp.logits) == 9  # the prefill and 8 decode steps
+    assert cmp.max_abs <= TOLERANCES[Precision.FP32].logits_atol == 1e-4, str(cmp)
     assert cmp.tokens_agree == 1.0 and cmp.min_cosine > 0.99999, str(cmp)
     assert cmp
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_ort_matches_eager_fp16(tp, exports, ckpts):
-    cmp = validate_export(exports("gqa", tp, Precision.FP16), ckpts[1]["gqa"], steps=8)
-    assert cmp.max_abs <= LOGITS_ATOL["fp16"], str(cmp)
+    cmp = validate_export(exports("gqa", tp, Precision.FP16), ckpts[1]["gqa"])
+    assert cmp.max_abs <= TOLERANCES[Precision.FP16].logits_atol, str(cmp)
     assert cmp.tokens_agree == 1.0, str(cmp)
 
 
@@ -77,7 +79,7 @@ def test_graphs_hold_custom_nodes_and_pass_the_checker(exports):
             f = resolve_inside(path, seg.file)
             assert sha256_file(f) == seg.sha256
             model = onnx.load(str(f))
-            check(model)
+            schema.check_model(model)
             assert model.ir_version == 10
             ops = Counter((n.domain, n.op_type) for n in model.graph.node)
             assert not {op for _, op in ops} & DECOMPOSITION_OPS
@@ -127,7 +129,7 @@ def test_run_cli_ort_tp2_equals_eager(exports, ckpts, tmp_path):
 
 
 def test_bf16_export_is_checked_but_not_run_on_ort_cpu(ckpts, tmp_path):
-    from llama_export.export.job import run_job
+    from llama_export.job import run_job
 
     base = ExportOptions(checkpoint=ckpts[1]["gqa"], out=tmp_path, progress=False)
     (report,) = run_job(base, [2], [Precision.BF16])
@@ -136,7 +138,7 @@ def test_bf16_export_is_checked_but_not_run_on_ort_cpu(ckpts, tmp_path):
     assert m.dtype is Precision.BF16
     seg = m.rank(0).segments[1]
     model = onnx.load(str(resolve_inside(report.path, seg.file)))
-    check(model)
+    schema.check_model(model)
     types = {i.data_type for i in model.graph.initializer if i.name.endswith("weight_t")}
     assert types == {onnx.TensorProto.BFLOAT16}
     specs = {s.name: s for s in (*seg.inputs, *seg.outputs)}
@@ -149,5 +151,5 @@ def test_hf_checkpoint_exports_and_validates(tmp_path):
     cfg = tiny_config("gqa")
     hf_dir = write_hf(tmp_path / "hf", hf_model_from_meta(cfg, random_meta_state(cfg, seed=12)))
     path = export(ExportOptions(checkpoint=hf_dir, out=tmp_path / "g", tp=2, progress=False))
-    cmp = validate_export(path, hf_dir, steps=4)
+    cmp = validate_export(path, hf_dir, settings=dataclasses.replace(VALIDATION, steps=4))
     assert cmp and cmp.max_abs <= 1e-4, str(cmp)

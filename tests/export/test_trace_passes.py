@@ -1,78 +1,123 @@
-"""Trace, cleanup, naming and weight attachment on a tiny rank graph."""
+"""Trace, cleanup, naming and weight attachment on a tiny rank graph, and the pass pipeline contract."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-import onnx
+import onnx_ir as ir
 import pytest
 import torch
 
-from llama_export.export.passes.naming import name_graph
-from llama_export.export.passes.weights import attach_weights, placeholder_names
+from llama_export.errors import ArtifactError
+from llama_export.export.passes import Pipeline
+from llama_export.export.passes.check import CheckRankGraphPass
+from llama_export.export.passes.cleanup import CleanupPass
+from llama_export.export.passes.naming import NameGraphPass
+from llama_export.export.passes.placeholders import is_placeholder, placeholder_names
+from llama_export.export.passes.weights import AttachWeightsPass
 from llama_export.export.trace import trace_rank
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.comm import ExportComm
 from tests.helpers import tiny_config
 
 
-@pytest.fixture(scope="module")
-def traced():
+def _trace():
     cfg = tiny_config("gqa")
     with torch.device("meta"):
         model = Transformer(cfg, tp=2, rank=1, comm=ExportComm(1, 2))
-    proto = trace_rank(model.to("meta").eval(), max_batch=4)
-    return cfg, proto
+    return cfg, trace_rank(model.to("meta").eval(), max_batch=4)
 
 
-def test_trace_holds_no_weights_and_cleanup_left_no_identity(traced):
-    cfg, proto = traced
-    assert all(i.data_location == onnx.TensorProto.EXTERNAL and not i.raw_data for i in proto.graph.initializer
-               if i.name.startswith("model."))
-    ops = Counter(n.op_type for n in proto.graph.node)
+@pytest.fixture(scope="module")
+def traced():
+    return _trace()
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def test_trace_holds_no_weights(traced):
+    cfg, model = traced
+    weights = [v for v in model.graph.initializers.values() if v.const_value.size > 16]
+    # every linear (7 per layer + output), the embedding, the norms and the two RoPE tables
+    assert len(weights) >= 7 * cfg.n_layers + 1 + 1 + 2 * cfg.n_layers + 1 + 2
+    assert all(is_placeholder(v) for v in weights)
+
+
+def test_cleanup_removes_identities_and_keeps_weight_transposes(traced):
+    cfg, model = traced
+    model = _copy(model)
+    CleanupPass()(model)
+    ops = Counter(n.op_type for n in model.graph)
     assert ops["Identity"] == 0
     # One Transpose per linear weight waits for the weights pass (7 per layer + output).
     assert ops["Transpose"] >= 7 * cfg.n_layers + 1
+    assert set(placeholder_names(model)) >= {"model.tok_embeddings.weight", "model.layers.0.attention.wq.weight"}
 
 
 def test_naming_gives_unique_module_paths(traced):
-    cfg, proto = traced
-    named = onnx.ModelProto()
-    named.CopyFrom(proto)
-    name_graph(named)
-    names = [n.name for n in named.graph.node]
+    cfg, model = traced
+    named = _copy(model)
+    Pipeline(CleanupPass(), NameGraphPass())(named)
+    names = [n.name for n in named.graph]
     assert len(names) == len(set(names))
     assert "/model/layers.1/attention/wq/MatMul" in names
     assert "/model/layers.0/attention_norm/RMSNorm" in names
     assert not any("_empty_nn_module_stack" in n for n in names)
-    inits = {i.name for i in named.graph.initializer}
-    assert {"layers.0.attention.wq.weight", "tok_embeddings.weight", "rope_cos"} <= inits
-    outs = {o for n in named.graph.node for o in n.output}
+    assert {"layers.0.attention.wq.weight", "tok_embeddings.weight", "rope_cos"} <= set(named.graph.initializers)
+    outs = {o.name for n in named.graph for o in n.outputs}
     assert "/model/layers.1/attention/wq/MatMul_output_0" in outs
 
 
 def test_attach_weights_folds_transposes(traced):
-    cfg, proto = traced
-    named = onnx.ModelProto()
-    named.CopyFrom(proto)
-    name_graph(named)
-    before = Counter(n.op_type for n in named.graph.node)["Transpose"]
-    shapes = {i.name: tuple(i.dims) for i in named.graph.initializer}
+    cfg, model = traced
+    named = _copy(model)
+    Pipeline(CleanupPass(), NameGraphPass())(named)
+    before = Counter(n.op_type for n in named.graph)["Transpose"]
+    shapes = {name: tuple(v.shape) for name, v in named.graph.initializers.items()}
     fetched = []
 
     def fetch(name):
         fetched.append(name)
         return torch.full(shapes[name], 0.5)
 
-    attach_weights(named, fetch)
-    assert placeholder_names(named) == []
-    after = Counter(n.op_type for n in named.graph.node)["Transpose"]
+    AttachWeightsPass(fetch)(named)
+    assert placeholder_names(named) == [] and set(fetched) == set(shapes) - {n for n in shapes if n.startswith("val_")}
+    after = Counter(n.op_type for n in named.graph)["Transpose"]
     linear = 7 * cfg.n_layers + 1
     assert before - after == linear
-    wq = next(i for i in named.graph.initializer if i.name == "layers.0.attention.wq.weight_t")
-    assert tuple(wq.dims) == tuple(reversed(shapes["layers.0.attention.wq.weight"]))
-    with pytest.raises(Exception, match="shape"):
-        again = onnx.ModelProto()
-        again.CopyFrom(proto)
-        name_graph(again)
-        attach_weights(again, lambda name: torch.zeros(1))
+    wq = named.graph.initializers["layers.0.attention.wq.weight_t"]
+    assert tuple(wq.shape) == tuple(reversed(shapes["layers.0.attention.wq.weight"]))
+    assert tuple(wq.const_value.shape) == tuple(wq.shape)
+
+
+def test_wrong_weight_shape_is_a_user_error_naming_the_weight(traced):
+    _, model = traced
+    again = _copy(model)
+    with pytest.raises(ArtifactError, match=r"weight .* has shape \(1,\) but the graph expects"):
+        Pipeline(CleanupPass(), NameGraphPass(), AttachWeightsPass(lambda name: torch.zeros(1)))(again)
+
+
+def test_pipeline_failure_names_the_passes_that_ran(traced):
+    """An internal failure (not a user error) says which pass failed after which."""
+    _, model = traced
+    again = _copy(model)
+
+    class Broken(CheckRankGraphPass):
+        def call(self, model):
+            raise RuntimeError("boom")
+
+    with pytest.raises(ir.passes.PassError, match=r"'Broken' pass after the following passes: \['CleanupPass', "
+                                                  r"'NameGraphPass'\]"):
+        Pipeline(CleanupPass(), NameGraphPass(), Broken(tiny_config("gqa"), 2))(again)
+
+
+def test_cleanup_refuses_a_graph_with_weights_attached(traced):
+    _, model = traced
+    again = _copy(model)
+    Pipeline(CleanupPass(), NameGraphPass())(again)
+    shapes = {name: tuple(v.shape) for name, v in again.graph.initializers.items()}
+    AttachWeightsPass(lambda name: torch.ones(shapes[name]))(again)
+    with pytest.raises(ir.passes.PreconditionError):
+        CleanupPass()(again)

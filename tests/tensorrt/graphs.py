@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from llama_export.export import schema
+from llama_export.artifact import schema
 
 
 def attention_like_segment(layer: int, *, seed: int, d: int = 8, heads: int = 2, fn: bool = True) -> onnx.ModelProto:

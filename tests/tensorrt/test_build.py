@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -11,10 +10,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from llama_export.backends.tensorrt import add_build_arguments, build, profiles, run_build, structure
+from llama_export.backends.tensorrt import build, profiles, structure
 from llama_export.config import ModelConfig, Precision
 from llama_export.errors import BackendUnavailableError
-from llama_export.export.manifest import Manifest, RankEntry, Segment, TensorSpec, sha256_file
+from llama_export.artifact.manifest import Manifest, RankEntry, Segment, TensorSpec, sha256_file
 from tests.tensorrt.graphs import attention_like_segment
 
 try:  # the bindings can be installed yet fail to load libnvinfer: only an import tells
@@ -84,14 +83,13 @@ def test_default_out_dir(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="checks the message shown when TensorRT is missing")
-def test_run_build_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
+def test_build_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
+    from llama_export.cli import main
+
     d, _ = _export_dir(tmp_path, n_layers=1)
-    parser = argparse.ArgumentParser()
-    add_build_arguments(parser)
-    args = parser.parse_args(["--artifacts", str(d)])
-    assert args.out is None and args.refit and args.aot_plugins
     with pytest.raises(BackendUnavailableError, match=r"pip install 'llama_export\[gpu\]'"):
-        run_build(args)
+        build.build_engines(d, tmp_path / "engines")
+    assert main(["build", "--artifacts", str(d)]) == 2
     from llama_export.backends.tensorrt.runner import TensorRTBackend
 
     with pytest.raises(BackendUnavailableError, match="TensorRT"):
@@ -140,9 +138,10 @@ def test_demo_model_engines_match_eager_fp16(tmp_path: Path, tp: int) -> None:
     from llama_export.config import Backend, Precision
     from llama_export.demo import DEMO_DIR
     from llama_export.export.exporter import ExportOptions, export
-    from llama_export.runner.compare import format_report, run_compare
+    from llama_export.runner.compare import CompareSettings, Mode, compare, format_report
 
     path = export(ExportOptions(checkpoint=DEMO_DIR, out=tmp_path / "g", tp=tp, dtype=Precision.FP16, progress=False))
     out = build.build_engines(path, tmp_path / "engines")
-    report = run_compare(out, Backend.TENSORRT, load_export_manifest(out), DEMO_DIR, steps=8, device="cuda")
+    report = compare(out, Backend.TENSORRT, load_export_manifest(out), DEMO_DIR, mode=Mode.LOCATE,
+                     settings=CompareSettings(steps=8), device="cuda")
     assert report.comparison, format_report(report)

@@ -6,7 +6,7 @@ import pytest
 
 from llama_export.backends.tensorrt import profiles
 from llama_export.errors import ArtifactError
-from llama_export.export.manifest import TensorSpec
+from llama_export.artifact.manifest import TensorSpec
 
 INPUTS = (
     TensorSpec("tokens", "int64", ("batch", "seq")),

@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import torch
 from torch import Tensor
 
+from llama_export.artifact.manifest import Manifest, resolve_inside
 from llama_export.errors import ArtifactError, BackendUnavailableError
-from llama_export.export.manifest import Manifest, resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class OrtBackend:
 
     def __init__(self, manifest: Manifest, root: Path, *, rank: int, device: torch.device,
                  threads: int | None = None, extra_outputs: tuple[str, ...] = ()) -> None:
-        from llama_export.backends.ort.lowering import lower_for_ort
+        from llama_export.backends.ort.lowering import OrtLoweringPass
 
         ort = _ort()
         self.device = torch.device(device)
@@ -53,10 +53,10 @@ class OrtBackend:
             path = resolve_inside(root, seg.file)
             try:
                 # External weights (graphs over 2 GB) stay on disk: the lowered graph refers to them.
-                model = onnx.load(str(path), load_external_data=False)
+                lowered = ir.load(str(path))
             except Exception as e:  # protobuf DecodeError and friends
                 raise ArtifactError(f"{seg.file} is not a readable ONNX model ({type(e).__name__}); re-export") from None
-            lowered = lower_for_ort(model)
+            OrtLoweringPass()(lowered)
             names = [o.name for o in seg.outputs] + _expose(lowered, extra_outputs)
             self.output_names.append(names)
             seg_opts = opts
@@ -65,7 +65,8 @@ class OrtBackend:
                 seg_opts.add_session_config_entry(
                     "session.model_external_initializers_file_folder_path", str(path.parent))
             self.sessions.append(
-                ort.InferenceSession(lowered.SerializeToString(), sess_options=seg_opts, providers=providers))
+                ort.InferenceSession(ir.to_proto(lowered).SerializeToString(), sess_options=seg_opts,
+                                     providers=providers))
         log.info("rank %d: %d ONNX Runtime sessions on %s", rank, len(self.sessions), providers[0])
 
     def run_segment(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -84,15 +85,15 @@ class OrtBackend:
         self.close()
 
 
-def _expose(model: onnx.ModelProto, names: tuple[str, ...]) -> list[str]:
+def _expose(model: ir.Model, names: tuple[str, ...]) -> list[str]:
     """Make those of `names` that are typed values inside `model` graph outputs; returns them."""
     g = model.graph
-    present = {o.name for o in g.output}
-    typed = {v.name: v for v in g.value_info}
+    present = {o.name for o in g.outputs}
+    inner = {v.name: v for node in g for v in node.outputs if v.type is not None}
     added = []
     for name in names:
-        if name in typed and name not in present:
-            g.output.append(typed[name])
+        if name in inner and name not in present:
+            g.outputs.append(inner[name])
             added.append(name)
     return added
 

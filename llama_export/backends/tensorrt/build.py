@@ -9,7 +9,7 @@
     out/build_manifest.json: TensorRT version, GPU, profiles, sha256 of every input ONNX and plan,
                              refit sources and engine I/O names per segment.
 
-Everything is written to a temporary directory beside `out_dir` and renamed into place when complete.
+Everything is written to a staged directory beside `out_dir` and swapped into place when complete.
 TensorRT 11 API used (Python API docs, "Builder", "IBuilderConfig", "OnnxParser", "Refitter",
 "ITimingCache"): networks are always strongly typed there (the STRONGLY_TYPED flag is accepted and
 ignored), precision comes from the ONNX. Written against the documentation; it has not run here.
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,8 @@ import onnx
 from llama_export.backends.tensorrt import lowering, profiles, structure
 from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
 from llama_export.errors import ArtifactError, BackendUnavailableError
-from llama_export.export.manifest import (
+from llama_export.files import staged_dir
+from llama_export.artifact.manifest import (
     MANIFEST_NAME,
     Manifest,
     Segment,
@@ -177,34 +176,33 @@ def _gpu() -> tuple[str, tuple[int, int]]:
     return torch.cuda.get_device_name(), torch.cuda.get_device_capability()
 
 
-def build_engines(
-    artifacts_dir: Path,
-    out_dir: Path,
-    *,
-    ranks: Sequence[int] | None = None,
-    refit: bool = True,
-    aot_plugins: bool = True,
-    workspace_gib: float = 4.0,
-    timing_cache: Path | None = None,
-) -> Path:
-    """Build engines for `ranks` (default all) of the export in `artifacts_dir` into `out_dir`.
+@dataclass(frozen=True)
+class BuildOptions:
+    """How `llama-export build` builds engines (the CLI's defaults come from here)."""
 
-    `refit=False` builds every segment from scratch. `timing_cache` (default out_dir/timing.cache of a
-    previous build) seeds the cache; the updated cache is written with the engines. Returns `out_dir`.
-    """
+    ranks: tuple[int, ...] | None = None  # None: every rank
+    refit: bool = True  # build one engine per layer kind and refit it for the other layers
+    aot_plugins: bool = True  # AOT PTX plugins; False: the plugins' Python (JIT) implementation
+    workspace_gib: float = 4.0
+    timing_cache: Path | None = None  # default: out_dir/timing.cache of a previous build
+
+
+def build_engines(artifacts_dir: Path, out_dir: Path, options: BuildOptions = BuildOptions()) -> Path:
+    """Build engines for `options.ranks` of the export in `artifacts_dir` into `out_dir`; returns it.
+
+    The updated timing cache is written with the engines. The engine directory is staged and swapped
+    into place whole (`files.staged_dir`)."""
     trt = import_tensorrt()
     register_plugins()
     gpu_name, cc = _gpu()
     artifacts_dir, out_dir = Path(artifacts_dir), Path(out_dir)
     manifest = load_manifest(artifacts_dir)
-    ranks = list(range(manifest.tp)) if ranks is None else list(ranks)
+    ranks = list(range(manifest.tp)) if options.ranks is None else list(options.ranks)
     for r in ranks:
         manifest.rank(r)  # validates
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        builder = _Builder(trt, timing_cache or out_dir / TIMING_CACHE, aot_plugins=aot_plugins,
-                           workspace_gib=workspace_gib)
+    with staged_dir(out_dir) as tmp:
+        builder = _Builder(trt, options.timing_cache or out_dir / TIMING_CACHE, aot_plugins=options.aot_plugins,
+                           workspace_gib=options.workspace_gib)
         records: list[EngineRecord] = []
         profile_dicts: dict[str, list[dict[str, Any]]] = {}
         first: dict[str, tuple[str, onnx.ModelProto, bytes]] = {}  # key -> (id, lowered model, plan)
@@ -212,7 +210,7 @@ def build_engines(
         for r in ranks:
             (tmp / f"rank{r}").mkdir()
             for seg in manifest.rank(r).segments:
-                rec, profs = _one_segment(builder, manifest, artifacts_dir, tmp, r, seg, first, refit=refit)
+                rec, profs = _one_segment(builder, manifest, artifacts_dir, tmp, r, seg, first, refit=options.refit)
                 records.append(rec)
                 profile_dicts[f"rank{r}/{seg.name}"] = [p.to_dict() for p in profs]
                 log.info("[%d/%d] rank %d %s: %s", len(records), total, r, seg.name,
@@ -220,7 +218,7 @@ def build_engines(
         (tmp / TIMING_CACHE).write_bytes(builder.serialized_cache())
         doc = assemble_build_manifest(
             manifest, records, profile_dicts, tensorrt_version=trt.__version__, gpu_name=gpu_name,
-            compute_capability=cc, plugins="aot" if aot_plugins else "jit",
+            compute_capability=cc, plugins="aot" if options.aot_plugins else "jit",
         )
         (tmp / BUILD_MANIFEST).write_text(json.dumps(doc, indent=2), encoding="utf-8")
         shutil.copyfile(artifacts_dir / MANIFEST_NAME, tmp / EXPORT_MANIFEST)
@@ -228,16 +226,6 @@ def build_engines(
             shutil.copyfile(resolve_inside(artifacts_dir, manifest.tokenizer), tmp / "tokenizer.model")
         for f in tmp.rglob("*.trt.onnx*"):
             f.unlink()  # lowered graphs were inputs to the builder only
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -254,7 +242,8 @@ def _one_segment(
 ) -> tuple[EngineRecord, tuple[profiles.Profile, ...]]:
     src = resolve_inside(artifacts_dir, seg.file)
     lowered_path = tmp / f"rank{rank}" / f"{seg.name}.trt.onnx"
-    lowered = lowering.lower_file(src, lowered_path)
+    lowering.lower_file(src, lowered_path)
+    lowered = onnx.load(str(lowered_path))
     key = structure.structure_key(lowered)
     seg_id = f"rank{rank}/{seg.name}"
     profs = profiles.plan_profiles(seg.inputs, max_batch=manifest.max_batch, max_seq_len=manifest.model.max_seq_len)

@@ -1,6 +1,6 @@
 """Triton kernels for the `llama_export` custom nodes, and the one launch plan per kernel.
 
-Semantics are those of `llama_export.export.schema` (references: `llama_export.model.ops`):
+Semantics are those of `llama_export.artifact.schema` (references: `llama_export.model.ops`):
 
     RMSNorm  x [..., D] contiguous, weight [D] (same dtype as x), y like x
              one program per row of D elements; sum of squares accumulated in fp32;
@@ -33,8 +33,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# torch dtype -> Triton pointer element spelling (also used for the AOT signature).
-TRITON_DTYPES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+from llama_export import dtypes
+
+# torch dtype -> Triton pointer element spelling (also used for the AOT signature): the Precision values.
+TRITON_DTYPES: dict[torch.dtype, str] = {d.torch: d.precision for d in dtypes.FLOAT_TYPES if d.precision}
 SUPPORTED = tuple(TRITON_DTYPES.values())
 
 

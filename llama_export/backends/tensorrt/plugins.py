@@ -29,8 +29,9 @@ import logging
 import threading
 from typing import Any
 
+from llama_export import dtypes
 from llama_export.errors import BackendUnavailableError
-from llama_export.export import schema
+from llama_export.artifact import schema
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,11 @@ def import_tensorrt() -> Any:
 
 
 def _trt_dtype_name(trt: Any, dtype: Any) -> str:
-    names = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"}
-    if dtype not in names:
-        raise ValueError(f"llama_export plugins support fp32/fp16/bf16, got {dtype}")
-    return names[dtype]
+    """"fp32" / "fp16" / "bf16" for a TensorRT float dtype (the Triton kernels' spelling)."""
+    for d in dtypes.FLOAT_TYPES:
+        if d.precision is not None and getattr(trt, d.name, None) == dtype:
+            return d.precision
+    raise ValueError(f"llama_export plugins support fp32/fp16/bf16, got {dtype}")
 
 
 def _static(expr: Any, what: str) -> int:

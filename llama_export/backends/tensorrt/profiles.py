@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from llama_export.errors import ArtifactError, ConfigError
-from llama_export.export.manifest import TensorSpec
-from llama_export.export.schema import DIM_BATCH, DIM_PAST, DIM_SEQ
+from llama_export.artifact.manifest import TensorSpec
+from llama_export.artifact.schema import DIM_BATCH, DIM_PAST, DIM_SEQ
 
 KNOWN_DIMS = (DIM_BATCH, DIM_SEQ, DIM_PAST)
 PROFILE_NAMES = ("prefill", "decode")  # profile index = position here

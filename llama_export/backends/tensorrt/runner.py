@@ -24,21 +24,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llama_export import dtypes
 from llama_export.backends.tensorrt import profiles
 from llama_export.backends.tensorrt.build import BUILD_FORMAT, BUILD_MANIFEST, EXPORT_MANIFEST
 from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
 from llama_export.errors import ArtifactError, BackendUnavailableError, InputError
-from llama_export.export.manifest import Manifest, resolve_inside, sha256_file
+from llama_export.artifact.manifest import Manifest, resolve_inside, sha256_file
 
 log = logging.getLogger(__name__)
 
 
 def _torch_dtype(trt: Any, dt: Any) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-             trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}
-    if dt not in table:
-        raise ArtifactError(f"engine tensor dtype {dt} has no torch equivalent here")
-    return table[dt]
+    """torch dtype of a TensorRT dtype (TensorRT's enum members carry the numpy names, see `dtypes`)."""
+    for d in dtypes.DTYPES:
+        if getattr(trt, d.name, None) == dt:
+            return d.torch
+    raise ArtifactError(f"engine tensor dtype {dt} has no torch equivalent here")
 
 
 class _Segment:

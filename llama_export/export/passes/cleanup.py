@@ -15,29 +15,44 @@ attached yet. Folding is kept to small tensors and never touches a node that rea
 
 from __future__ import annotations
 
-from llama_export.export.trace import WEIGHTS_PLACEHOLDER
+import onnx_ir as ir
+
+from llama_export.export.passes import Pass
+from llama_export.export.passes.placeholders import is_placeholder, reads_placeholder
 
 
-def _reads_placeholder(node) -> bool:
-    for v in node.inputs:
-        cv = v.const_value if v is not None else None
-        if cv is not None and getattr(cv, "location", None) == WEIGHTS_PLACEHOLDER:
-            return True
-    return False
+_INPUT_LIMIT = 16  # elements: only constants this small are folded (shape arithmetic, scalars)
+_FOLD_LIMIT = 1 << 16  # elements: largest folded result; weight-sized tensors are never made here
 
 
-def cleanup(graph_model) -> None:
-    """Fold constants and remove dead, duplicate and identity nodes, in place."""
-    import onnx_ir.passes.common as common
-    import onnxscript.optimizer
+def _data(model: ir.Model, limit: int) -> list[str]:
+    """Initializers above `limit` elements that hold data (are not placeholders)."""
+    return [name for name, v in model.graph.initializers.items()
+            if v.const_value is not None and not is_placeholder(v) and v.const_value.size > limit]
 
-    onnxscript.optimizer.inline(graph_model)
-    for _ in range(2):
-        onnxscript.optimizer.fold_constants_ir(
-            graph_model, input_size_limit=16, output_size_limit=1 << 16,
-            should_fold=lambda node: False if _reads_placeholder(node) else None)
-        onnxscript.optimizer.remove_unused_nodes(graph_model)
-    common.IdentityEliminationPass()(graph_model)
-    common.CommonSubexpressionEliminationPass()(graph_model)
-    common.RemoveUnusedNodesPass()(graph_model)
-    common.RemoveUnusedOpsetsPass()(graph_model)
+
+class CleanupPass(Pass, ir.passes.InPlacePass):
+    """Fold constants and remove dead, duplicate and identity nodes; never reads a weight."""
+
+    def requires(self, model: ir.Model) -> None:
+        if _data(model, _INPUT_LIMIT):
+            raise ValueError(f"weights {_data(model, _INPUT_LIMIT)[:3]} are attached; clean up the weightless trace")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import onnx_ir.passes.common as common
+        import onnxscript.optimizer
+
+        onnxscript.optimizer.inline(model)
+        for _ in range(2):
+            onnxscript.optimizer.fold_constants_ir(
+                model, input_size_limit=_INPUT_LIMIT, output_size_limit=_FOLD_LIMIT,
+                should_fold=lambda node: False if reads_placeholder(node) else None)
+            onnxscript.optimizer.remove_unused_nodes(model)
+        for p in (common.IdentityEliminationPass(), common.CommonSubexpressionEliminationPass(),
+                  common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass()):
+            p(model)
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        if _data(model, _FOLD_LIMIT):
+            raise ValueError(f"folding materialised weight-sized tensors {_data(model, _FOLD_LIMIT)[:3]}")

@@ -8,8 +8,8 @@
 
 Node names are module paths taken from the exporter's `pkg.torch.onnx.name_scopes` metadata, then the
 op type; a repeated name gets a counter suffix. Graph inputs and outputs keep their names. Weights
-(still placeholders, see `trace.py`) lose the tracing wrapper's `model.` prefix, so they carry the
-model's parameter names; `passes.weights` later names a transposed weight `<name>_t`.
+(still placeholders) lose the tracing wrapper's `model.` prefix, so they carry the model's parameter
+names; `passes.weights` later names a transposed weight `<name>_t`.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from __future__ import annotations
 import ast
 from collections import defaultdict
 
-import onnx
+import onnx_ir as ir
+
+from llama_export.export.passes import Pass
 
 _WRAPPER_PREFIXES = ("model.",)
 # Scope the exporter gives nodes that belong to no module (symbolic sizes); shown as the root.
 _ANONYMOUS_SCOPES = ("_empty_nn_module_stack_from_metadata_hook",)
 
 
-def _module_path(node: onnx.NodeProto) -> str:
-    meta = {p.key: p.value for p in node.metadata_props}
-    scopes = meta.get("pkg.torch.onnx.name_scopes")
+def _module_path(node: ir.Node) -> str:
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
     if not scopes:
         return ""
     try:
@@ -57,43 +58,34 @@ def _components(path: str) -> list[str]:
     return out
 
 
-def name_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rename in place (and return) nodes, intermediate values and folded weights."""
-    g = model.graph
-    protected = {v.name for v in g.input} | {v.name for v in g.output}
-    used: dict[str, int] = defaultdict(int)
-    rename: dict[str, str] = {}
-    init_names = {i.name for i in g.initializer}
+class NameGraphPass(Pass, ir.passes.InPlacePass):
+    """Rename nodes, intermediate values and weights as the module docstring shows."""
 
-    for node in g.node:
-        path = _module_path(node)
-        base = "/" + "/".join(["model", *_components(path), node.op_type])
-        n = used[base]
-        used[base] += 1
-        node.name = base if n == 0 else f"{base}_{n}"
-        for i, out in enumerate(node.output):
-            if out and out not in protected:
-                rename[out] = f"{node.name}_output_{i}"
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        g = model.graph
+        protected = {id(v) for v in (*g.inputs, *g.outputs)}
+        used: dict[str, int] = defaultdict(int)
+        for node in g:
+            base = "/" + "/".join(["model", *_components(_module_path(node)), node.op_type])
+            n = used[base]
+            used[base] += 1
+            node.name = base if n == 0 else f"{base}_{n}"
+            for i, out in enumerate(node.outputs):
+                if id(out) not in protected:
+                    out.name = f"{node.name}_output_{i}"
+        order = list(g.initializers.values())
+        for value in order:
+            if value.name.startswith(_WRAPPER_PREFIXES) and id(value) not in protected:
+                new = value.name.split(".", 1)[1]
+                if new not in g.initializers:
+                    value.name = new
+        # Renaming moves an initializer to the end of the graph's table; keep the traced order.
+        g.initializers.clear()
+        for value in order:
+            g.initializers[value.name] = value
+        return ir.passes.PassResult(model, modified=True)
 
-    taken = set(init_names)
-    for init in g.initializer:
-        if init.name.startswith(_WRAPPER_PREFIXES) and init.name not in protected:
-            new = init.name.split(".", 1)[1]
-            if new not in taken:
-                rename[init.name] = new
-                taken.add(new)
-
-    def r(name: str) -> str:
-        return rename.get(name, name)
-
-    for node in g.node:
-        node.input[:] = [r(x) for x in node.input]
-        node.output[:] = [r(x) for x in node.output]
-    for init in g.initializer:
-        init.name = r(init.name)
-    for vi in g.value_info:
-        vi.name = r(vi.name)
-    names = [n.name for n in g.node]
-    if len(names) != len(set(names)):
-        raise AssertionError("naming pass produced duplicate node names")
-    return model
+    def ensures(self, model: ir.Model) -> None:
+        names = [n.name for n in model.graph]
+        if len(names) != len(set(names)):
+            raise ValueError("naming produced duplicate node names")

@@ -18,123 +18,106 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx
+import onnx_ir as ir
 
-from llama_export.export import schema
+from llama_export.artifact import schema
 
 
 @dataclass(frozen=True)
 class Cut:
-    """One segment: its ONNX model, boundary names, and the collective that follows it."""
+    """One segment: its model, boundary names, and the collective that follows it."""
 
-    model: onnx.ModelProto
+    model: ir.Model
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     collective: dict | None  # {"op", "input", "output", "axis"}
 
 
-def _is_marker(node: onnx.NodeProto) -> bool:
+def _is_marker(node: ir.Node) -> bool:
     return node.domain == schema.DOMAIN and node.op_type in schema.COLLECTIVE_OPS
 
 
-def partition(model: onnx.ModelProto) -> list[Cut]:
-    """Segments in execution order (one segment, no collective, when the graph has no markers)."""
+def partition(model: ir.Model) -> list[Cut]:
+    """Segments in execution order (one segment, no collective, when the graph has no markers).
+
+    Each segment is a new model (`onnx_ir.convenience.extract`) sharing the rank graph's tensors."""
     g = model.graph
-    graph_inputs = [v.name for v in g.input]
-    graph_outputs = [v.name for v in g.output]
-    producer: dict[str, onnx.NodeProto] = {o: n for n in g.node for o in n.output if o}
-    level: dict[str, int] = {name: 0 for name in graph_inputs}
-    level.update({i.name: 0 for i in g.initializer})
-    markers: list[onnx.NodeProto] = []
-    for node in g.node:  # exporter output is topologically sorted
-        lv = max((level.get(x, 0) for x in node.input if x), default=0)
+    graph_inputs = list(g.inputs)
+    level: dict[ir.Value, int] = {v: 0 for v in graph_inputs}
+    markers: list[ir.Node] = []
+    for node in g:  # exporter output is topologically sorted
+        lv = max((level.get(x, 0) for x in node.inputs if x is not None), default=0)
         if _is_marker(node):
             if lv != len(markers):
                 raise ValueError(f"collective {node.name} is not on the single chain of collectives")
             markers.append(node)
             lv += 1
-        for o in node.output:
+        for o in node.outputs:
             level[o] = lv
-    consumers_level: dict[str, int] = {}
-    for node in g.node:
-        lv = level[node.output[0]] - (1 if _is_marker(node) else 0)
-        for x in node.input:
-            consumers_level[x] = max(consumers_level.get(x, -1), lv)
+    consumers_level: dict[ir.Value, int] = {}
+    for node in g:
+        lv = level[node.outputs[0]] - (1 if _is_marker(node) else 0)
+        for x in node.inputs:
+            if x is not None:
+                consumers_level[x] = max(consumers_level.get(x, -1), lv)
 
-    types = {v.name: v for v in [*g.input, *g.output, *g.value_info]}
-    n_seg = len(markers) + 1
+    init_order = {name: i for i, name in enumerate(g.initializers)}
     cuts = []
-    for k in range(n_seg):
-        outs: list[str] = []
+    for k in range(len(markers) + 1):
+        outs: list[ir.Value] = []
         if k < len(markers):
-            outs.append(markers[k].input[0])
-        outs += [o for o in graph_outputs if level.get(o) == k and o not in outs]
+            outs.append(markers[k].inputs[0])
+        outs += [o for o in g.outputs if level.get(o) == k and o not in outs]
         # Values made at level k (k >= 1) that later segments read.
-        for name, lv in level.items():
-            if k >= 1 and lv == k and consumers_level.get(name, -1) > k and name not in outs \
-                    and not _is_marker_output(name, producer):
-                outs.append(name)
-        ins, nodes = _walk_back(outs, k, level, producer, graph_inputs)
-        extracted = _extract(model, ins, outs, nodes, types, f"{g.name or 'rank'}_seg{k}")
+        for value, lv in level.items():
+            if k >= 1 and lv == k and consumers_level.get(value, -1) > k and value not in outs \
+                    and not _is_marker_output(value):
+                outs.append(value)
+        ins = _boundary_inputs(outs, k, level, graph_inputs)
+        sub = ir.convenience.extract(g, ins, outs)
+        sub.name = f"{g.name or 'rank'}_seg{k}"
+        # extract() collects initializers in a set; keep the rank graph's order (stable files).
+        inits = sorted(sub.initializers.values(), key=lambda v: init_order[v.name])
+        sub.initializers.clear()
+        for v in inits:
+            sub.initializers[v.name] = v
+        seg = ir.Model(sub, ir_version=model.ir_version, producer_name=model.producer_name,
+                       producer_version=model.producer_version)
         coll = None
         if k < len(markers):
             m = markers[k]
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in m.attribute}
-            coll = {"op": m.op_type, "input": m.input[0], "output": m.output[0],
-                    "axis": attrs.get("axis") if m.op_type == schema.ALL_GATHER else None}
-        cuts.append(Cut(extracted, tuple(ins), tuple(outs), coll))
+            coll = {"op": m.op_type, "input": m.inputs[0].name, "output": m.outputs[0].name,
+                    "axis": m.attributes["axis"].as_int() if m.op_type == schema.ALL_GATHER else None}
+        cuts.append(Cut(seg, tuple(v.name for v in ins), tuple(v.name for v in outs), coll))
     return cuts
 
 
-def _is_marker_output(name: str, producer: dict[str, onnx.NodeProto]) -> bool:
-    p = producer.get(name)
+def _is_marker_output(value: ir.Value) -> bool:
+    p = value.producer()
     return p is not None and _is_marker(p)
 
 
-def _walk_back(outs, k, level, producer, graph_inputs) -> tuple[list[str], set[int]]:
-    """Walk back from `outs`; stop at graph inputs, marker outputs and values of earlier segments.
-
-    Returns the segment's inputs and the ids of the nodes it contains."""
-    seen, ins, stack, nodes = set(), [], list(outs), set()
+def _boundary_inputs(outs, k, level, graph_inputs) -> list[ir.Value]:
+    """Walk back from `outs`; stop at graph inputs, marker outputs and values of earlier segments."""
+    seen, ins, stack = set(), [], list(outs)
     graph_in = set(graph_inputs)
     while stack:
-        name = stack.pop()
-        if name in seen or not name:
+        value = stack.pop()
+        if value is None or value in seen:
             continue
-        seen.add(name)
-        if name in graph_in:
-            ins.append(name)
+        seen.add(value)
+        if value in graph_in:
+            ins.append(value)
             continue
-        node = producer.get(name)
+        node = value.producer()
         if node is None:  # initializer
             continue
-        lv = level[name]
+        lv = level[value]
         if _is_marker(node) or (1 <= lv < k):
-            ins.append(name)
+            ins.append(value)
             continue
         if lv > k:
-            raise AssertionError(f"segment {k} would need {name} of level {lv}")
-        nodes.add(id(node))
-        stack.extend(node.input)
-    order = {n: i for i, n in enumerate(graph_inputs)}
-    return sorted(ins, key=lambda n: (n not in order, order.get(n, 0), n)), nodes
-
-
-def _extract(model: onnx.ModelProto, ins: list[str], outs: list[str], node_ids: set[int],
-             types: dict[str, onnx.ValueInfoProto], name: str) -> onnx.ModelProto:
-    """A standalone model of the given nodes (original order), boundary values and used weights."""
-    g = model.graph
-    nodes = [n for n in g.node if id(n) in node_ids]
-    used = {x for n in nodes for x in n.input}
-    inits = [i for i in g.initializer if i.name in used]
-    inner = {o for n in nodes for o in n.output} | set(ins) | set(outs)
-    missing = [x for x in (*ins, *outs) if x not in types]
-    if missing:
-        raise AssertionError(f"no type information for boundary values {missing}")
-    graph = onnx.helper.make_graph(
-        nodes, name, [types[x] for x in ins], [types[x] for x in outs], inits,
-        value_info=[v for v in g.value_info if v.name in inner and v.name not in ins and v.name not in outs],
-    )
-    out = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
-                                 producer_name=model.producer_name, producer_version=model.producer_version)
-    return out
+            raise AssertionError(f"segment {k} would need {value.name} of level {lv}")
+        stack.extend(node.inputs)
+    order = {v: i for i, v in enumerate(graph_inputs)}
+    return sorted(ins, key=lambda v: (v not in order, order.get(v, 0), v.name))

@@ -1,71 +1,79 @@
-"""Shared machinery of the passes that replace each custom node by a small standard-ONNX subgraph."""
+"""Shared machinery of the passes that replace each custom node by a small standard-ONNX subgraph.
+
+A *builder* gets the custom node and an `Emit` that records new nodes (an `onnx_ir.tape.Tape`), and
+returns the value that replaces the node's output. The pass inserts the recorded nodes in place of the
+custom node; the replacement value takes the old output's name, type and shape, so nothing downstream
+notices.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
-import onnx
-from onnx import helper
+import numpy as np
+import onnx_ir as ir
 
-from llama_export.export import schema
-
-# builder(node, fresh) -> replacement nodes; `fresh(suffix)` makes a unique value name under the node.
-Builder = Callable[[onnx.NodeProto, Callable[[str], str]], list[onnx.NodeProto]]
+from llama_export.artifact import schema
+from llama_export.export.passes import Pass
 
 
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+class Emit:
+    """Records the replacement nodes of one custom node; names them under that node's name."""
+
+    def __init__(self, node: ir.Node) -> None:
+        self.tape = ir.tape.Tape()
+        self.prefix = node.name or node.op_type
+
+    def __call__(self, op_type: str, inputs: Sequence[ir.Value | None], domain: str = "", **attributes) -> ir.Value:
+        return self.tape.op(op_type, inputs, attributes or None, domain=domain,
+                            name=f"{self.prefix}/{op_type}_{len(self.tape.nodes)}")
+
+    def multi(self, op_type: str, inputs: Sequence[ir.Value | None], n: int, **attributes) -> Sequence[ir.Value]:
+        return self.tape.op_multi_out(op_type, inputs, attributes or None, num_outputs=n,
+                                      name=f"{self.prefix}/{op_type}_{len(self.tape.nodes)}")
+
+    def i64(self, values: Sequence[int]) -> ir.Value:
+        """A Constant node holding int64 `values` (1-D)."""
+        return self("Constant", [], value=ir.tensor(np.asarray(values, dtype=np.int64)))
+
+    def cast(self, x: ir.Value, to: ir.DataType) -> ir.Value:
+        """Cast, or the value itself when it already has that type."""
+        return x if x.dtype == to else self("Cast", [x], to=int(to))
 
 
-def replace_custom_nodes(model: onnx.ModelProto, builders: dict[str, Builder],
-                         *, extra_opsets: dict[str, int] | None = None) -> onnx.ModelProto:
-    """A copy of `model` with every `llama_export` node whose op type is in `builders` replaced."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    new_nodes: list[onnx.NodeProto] = []
-    for node in g.node:
-        build = builders.get(node.op_type) if node.domain == schema.DOMAIN else None
-        if build is None:
-            new_nodes.append(node)
-            continue
-        counter = [0]
-
-        def fresh(suffix: str, _node=node, _counter=counter) -> str:
-            _counter[0] += 1
-            return f"{_node.name}/{suffix}_{_counter[0]}"
-
-        for i, n in enumerate(build(node, fresh)):
-            if not n.name:
-                n.name = f"{node.name}/{n.op_type}_{i}"
-            new_nodes.append(n)
-    del g.node[:]
-    g.node.extend(new_nodes)
-    if not any(n.domain == schema.DOMAIN for n in g.node):
-        keep = [o for o in out.opset_import if o.domain != schema.DOMAIN]
-        del out.opset_import[:]
-        out.opset_import.extend(keep)
-    for domain, version in (extra_opsets or {}).items():
-        if not any(o.domain == domain for o in out.opset_import):
-            out.opset_import.append(helper.make_opsetid(domain, version))
-    return out
+# builder(node, emit) -> the value that replaces node.outputs[0]
+Builder = Callable[[ir.Node, Emit], ir.Value]
 
 
-def const_i64(values: list[int], name: str) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64,
-                                                                               [len(values)], values))
+def attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
 
 
-def elem_type(model: onnx.ModelProto, name: str) -> int:
-    """Element type of value `name` (graph I/O, value_info or initializer)."""
-    g = model.graph
-    for v in (*g.input, *g.output, *g.value_info):
-        if v.name == name:
-            return v.type.tensor_type.elem_type
-    for i in g.initializer:
-        if i.name == name:
-            return i.data_type
-    raise KeyError(f"no type recorded for {name}")
+class ReplaceCustomNodesPass(Pass, ir.passes.InPlacePass):
+    """Replace every `llama_export` node whose op type has a builder (subclasses set `builders`)."""
+
+    builders: Mapping[str, Builder] = {}
+    extra_opsets: Mapping[str, int] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        g = model.graph
+        changed = False
+        for node in list(g):
+            build = self.builders.get(node.op_type) if node.domain == schema.DOMAIN else None
+            if build is None:
+                continue
+            emit = Emit(node)
+            out = build(node, emit)
+            ir.convenience.replace_nodes_and_values(g, node, [node], emit.tape.nodes, [node.outputs[0]], [out])
+            changed = True
+        if not any(n.domain == schema.DOMAIN for n in g):
+            g.opset_imports.pop(schema.DOMAIN, None)
+        for domain, version in self.extra_opsets.items():
+            g.opset_imports.setdefault(domain, version)
+        return ir.passes.PassResult(model, modified=changed)
+
+    def ensures(self, model: ir.Model) -> None:
+        left = sorted({n.op_type for n in model.graph if n.domain == schema.DOMAIN and n.op_type in self.builders})
+        if left:
+            raise AssertionError(f"{self} left custom nodes {left}")

@@ -1,18 +1,24 @@
-"""The main job: export one or more variants of a checkpoint, validate each on ONNX Runtime, report."""
+"""The main job: export one or more variants of a checkpoint, validate each on ONNX Runtime, report.
+
+It sits above both the exporter and the comparison engine (`runner.compare`, validation mode)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_export.compare import Comparison
+import onnx_ir as ir
+
+from llama_export.artifact.manifest import load_manifest, resolve_inside
+from llama_export.artifact.schema import COMPUTE_OPS
 from llama_export.config import Precision
 from llama_export.export.exporter import ExportOptions, export
-from llama_export.export.manifest import load_manifest
-from llama_export.export.passes.verify import custom_node_counts
-from llama_export.export.schema import COMPUTE_OPS
+from llama_export.export.passes.check import custom_node_counts
+from llama_export.runner.compare import VALIDATION, CompareSettings, validate_export
+from llama_export.runner.diff import Comparison
 
 log = logging.getLogger(__name__)
 
@@ -34,30 +40,22 @@ class VariantReport:
 
 
 def _graph_stats(path: Path) -> tuple[int, int, int]:
-    import onnx
-
-    from llama_export.export.manifest import resolve_inside
-
-    m = load_manifest(path)
+    m = load_manifest(path, verify_hashes=False)
     nodes = custom = 0
     for seg in m.rank(0).segments:
-        model = onnx.load(str(resolve_inside(path, seg.file)), load_external_data=False)
-        nodes += len(model.graph.node)
-        counts = custom_node_counts(model)
+        graph = ir.load(str(resolve_inside(path, seg.file))).graph
+        nodes += len(graph)
+        counts = custom_node_counts(graph)
         custom += sum(counts[o] for o in COMPUTE_OPS)
     return len(m.rank(0).segments), nodes, custom
 
 
 def run_job(base: ExportOptions, tps: list[int], dtypes: list[Precision], *, validate: bool = True,
-            steps: int = 8) -> list[VariantReport]:
-    from llama_export.export.validate import validate_export
-
+            settings: CompareSettings = VALIDATION) -> list[VariantReport]:
     reports = []
     for dtype in dtypes:
         for tp in tps:
-            opts = ExportOptions(checkpoint=base.checkpoint, out=base.out, tp=tp, dtype=dtype,
-                                 model_name=base.model_name, max_batch=base.max_batch,
-                                 max_seq_len=base.max_seq_len, progress=base.progress)
+            opts = dataclasses.replace(base, tp=tp, dtype=dtype)
             t0 = time.perf_counter()
             path = export(opts)
             dt = time.perf_counter() - t0
@@ -68,7 +66,7 @@ def run_job(base: ExportOptions, tps: list[int], dtypes: list[Precision], *, val
             elif dtype is Precision.BF16:
                 note = "not run: ONNX Runtime CPU has no bf16 kernels (checked with onnx.checker only)"
             else:
-                cmp = validate_export(path, base.checkpoint, steps=steps)
+                cmp = validate_export(path, base.checkpoint, settings=settings)
             reports.append(VariantReport(opts.variant, path, segs, nodes, custom, dt, cmp, note))
     return reports
 

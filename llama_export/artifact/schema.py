@@ -1,4 +1,6 @@
-"""The custom-node schema: domain `llama_export`, version 1. Semantics are written down once, here.
+"""The graph contract every export obeys: custom nodes, graph I/O names, opset and size rules.
+
+Custom nodes: domain `llama_export`, version 1. Semantics are written down once, here.
 
     RMSNorm(x, weight) -> y          attribute epsilon: float
         x: [..., D] (fp32/fp16/bf16), weight: [D] same dtype as x, y: like x
@@ -17,6 +19,14 @@
 
 The torch implementations are `llama_export.model.ops.rms_norm_reference` / `rope_reference`; the
 plain-ONNX reference decompositions are in `llama_export.export.reference`.
+
+Graph I/O of a rank (segments take and give subsets of these, plus boundary values):
+
+    inputs   tokens [batch, seq] int64, past_key_{i} / past_value_{i} [batch, kv_heads, past, head_dim]
+    outputs  logits [batch, vocab] fp32, present_key_{i} / present_value_{i} [batch, kv_heads, past+seq, head_dim]
+
+`check_model` is the one way to run `onnx.checker` on our graphs: it registers the custom-node schemas
+first, so the result never depends on what else the process imported or ran before.
 """
 
 from __future__ import annotations
@@ -32,10 +42,46 @@ ALL_GATHER = "AllGather"
 COMPUTE_OPS = (RMS_NORM, ROPE)
 COLLECTIVE_OPS = (ALL_REDUCE, ALL_GATHER)
 
+OPSET = 23
+# onnxruntime rejects IR version 14 (which onnx 1.23 writes by default); IR 10 is what opset 23 was
+# introduced with and what every runtime we target loads.
+IR_VERSION = 10
+# A protobuf cannot hold 2 GB: serialized graphs above this keep their weights in external data.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 1 - (64 << 20)
+
 # Symbolic dimension names used on every exported graph's inputs and outputs.
 DIM_BATCH = "batch"
 DIM_SEQ = "seq"
 DIM_PAST = "past"
+
+TOKENS = "tokens"
+LOGITS = "logits"
+
+
+def past_key(layer: int) -> str:
+    return f"past_key_{layer}"
+
+
+def past_value(layer: int) -> str:
+    return f"past_value_{layer}"
+
+
+def present_key(layer: int) -> str:
+    return f"present_key_{layer}"
+
+
+def present_value(layer: int) -> str:
+    return f"present_value_{layer}"
+
+
+def graph_inputs(n_layers: int) -> tuple[str, ...]:
+    """Input names of a rank graph, in order: tokens, every past key, every past value."""
+    return (TOKENS, *map(past_key, range(n_layers)), *map(past_value, range(n_layers)))
+
+
+def graph_outputs(n_layers: int) -> tuple[str, ...]:
+    """Output names of a rank graph, in order: logits, every present key, every present value."""
+    return (LOGITS, *map(present_key, range(n_layers)), *map(present_value, range(n_layers)))
 
 
 def register_onnx_schemas() -> None:
@@ -73,3 +119,19 @@ def register_onnx_schemas() -> None:
             OpSchema(name, DOMAIN, VERSION, doc=doc, inputs=inputs, outputs=outputs,
                      type_constraints=types, attributes=attrs)
         )
+
+
+def check_model(model, *, what: str = "exported graph") -> None:
+    """`onnx.checker.check_model(full_check=True)` with the custom-node schemas registered.
+
+    `model`: an `onnx.ModelProto`, or a path (required for graphs with external data). Raises
+    ArtifactError naming the first problem."""
+    import onnx
+
+    from llama_export.errors import ArtifactError
+
+    register_onnx_schemas()
+    try:
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ArtifactError(f"{what} fails onnx.checker: {str(e).splitlines()[0]}") from None
