@@ -42,10 +42,13 @@ def _add_run_parser(sub) -> None:
     _enum_arg(p, "--dtype", Precision, default=Precision.FP32,
               help="eager weight/activation dtype (exports carry their own) (default: fp32)")
     prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="text prompt (tokenized with the checkpoint's or export's tokenizer.model)")
+    prompt.add_argument("--prompt", help="text prompt (tokenized with the checkpoint's or export's tokenizer: "
+                        "sentencepiece or Meta Llama 3 tokenizer.model, or Hugging Face tokenizer.json)")
+    prompt.add_argument("--chat", help="a user message: formatted with the model's chat template, prints only the reply")
     prompt.add_argument("--batch", type=Path, help="file with one prompt per line (\\n for a newline); prompts of "
                         "equal token length run as one batch, so different lengths run as several")
     prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3 (batch rows separated by ';')")
+    p.add_argument("--system", help="system message of --chat")
     p.add_argument("--max-new-tokens", type=int, default=RunOptions.max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -70,7 +73,7 @@ class _ConsoleReporter:
             print(flush=True)
         else:
             for prompt, text in zip(summary.prompts, summary.texts):
-                print(f"{prompt}{text}")
+                print(f"{prompt}{text}" if summary.echo_prompt else text)
                 print("-" * 40, flush=True)
         batches = f" in {summary.batches} batches (prompts grouped by token length)" if summary.batches > 1 else ""
         print(f"[{opts.source.backend.value} tp={opts.tp}] prefill {summary.prompt_tokens} tokens{batches}: "
@@ -88,6 +91,8 @@ def _cmd_run(args, argv: list[str]) -> int:
     from llama_export.runner.generate import SamplingConfig
     from llama_export.runner.run import parse_prompt_ids, run
 
+    if args.system is not None and args.chat is None:
+        raise InputError("--system goes with --chat; add --chat TEXT")
     prompts = None
     if args.prompt is not None:
         prompts = (args.prompt,)
@@ -99,6 +104,8 @@ def _cmd_run(args, argv: list[str]) -> int:
         max_new_tokens=args.max_new_tokens,
         prompt_ids=parse_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None,
         prompts=prompts,
+        chat=args.chat,
+        system=args.system,
         sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
         json_out=args.json_out,
         device=args.device,

@@ -13,8 +13,9 @@ from llama_export.model.checkpoint import build_model
 from llama_export.parallel.comm import ThreadGroup
 from llama_export.runner.generate import generate
 from llama_export.backends import open_backend
-from llama_export.runner.source import ModelSource, Tokenizer
+from llama_export.runner.source import ModelSource
 from llama_export.runner.stitch import empty_cache, segmented_step
+from llama_export.text import Tokenizer
 from tests.helpers import random_meta_state, run_cli, tiny_config, write_meta
 
 PROMPTS = ["def ", "class Parser:", "import os\n", "    for i in range("]
@@ -99,7 +100,7 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
     ckpt = write_meta(tmp_path / "c", cfg, random_meta_state(cfg))
     r = run_cli("run", "--checkpoint", str(ckpt), "--prompt", "hello")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "has no tokenizer.model; copy the model's tokenizer there or use --prompt-ids" in r.stderr
+    assert "has no tokenizer.model or tokenizer.json; copy the model's tokenizer files there or use --prompt-ids" in r.stderr
 
 
 def test_export_without_tokenizer_refuses_text_prompts(tmp_path):
@@ -107,7 +108,7 @@ def test_export_without_tokenizer_refuses_text_prompts(tmp_path):
     ckpt = write_meta(tmp_path / "c", cfg, random_meta_state(cfg))
     path = export(ExportOptions(checkpoint=ckpt, out=tmp_path / "g", progress=False))
     r = run_cli("run", "--artifacts", str(path), "--backend", "ort", "--prompt", "hello")
-    assert r.returncode == 2 and "has no tokenizer.model" in r.stderr, r.stderr
+    assert r.returncode == 2 and "has no tokenizer (its checkpoint had no tokenizer.model" in r.stderr, r.stderr
 
 
 def test_batch_file_with_prompts_of_different_lengths(tmp_path):

@@ -52,6 +52,15 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class TextFile:
+    """A tokenizer / chat template / generation config file the export carries for the runner."""
+
+    name: str  # the checkpoint's file name (tokenizer.json, tokenizer_config.json, ...)
+    file: str  # relative POSIX path inside the export directory
+    sha256: str
+
+
+@dataclass(frozen=True)
 class RankEntry:
     rank: int
     segments: tuple[Segment, ...]
@@ -72,7 +81,7 @@ class Manifest:
     outputs: tuple[str, ...]  # graph-level outputs: logits, present_key_0, ...
     exporter_version: str
     custom_nodes: dict[str, Any] = field(default_factory=dict)
-    tokenizer: str | None = None  # relative path of tokenizer.model, when the checkpoint had one
+    text_files: tuple[TextFile, ...] = ()  # what the checkpoint had of llama_export.text.TEXT_FILES
 
     # ---- JSON -----------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -124,7 +133,7 @@ class Manifest:
                 outputs=tuple(d["outputs"]),
                 exporter_version=d["exporter_version"],
                 custom_nodes=dict(d.get("custom_nodes", {})),
-                tokenizer=d.get("tokenizer"),
+                text_files=tuple(TextFile(**t) for t in d.get("text_files", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"manifest is malformed ({type(e).__name__}: {e}); re-export") from None
@@ -176,7 +185,7 @@ def load_manifest(root: Path, *, verify_hashes: bool = True) -> Manifest:
     if len(m.ranks) != m.tp or [r.rank for r in m.ranks] != list(range(m.tp)):
         raise ArtifactError(f"{path}: tp={m.tp} but ranks {[r.rank for r in m.ranks]} are listed; re-export")
     files = [f for r in m.ranks for s in r.segments for f in (s.file, s.data_file) if f]
-    files += [m.tokenizer] if m.tokenizer else []
+    files += [t.file for t in m.text_files]
     for rel in files:
         f = resolve_inside(root, rel)
         if not f.is_file():
@@ -189,8 +198,25 @@ def load_manifest(root: Path, *, verify_hashes: bool = True) -> Manifest:
                         continue
                     got = sha256_file(resolve_inside(root, rel))
                     if got != want:
-                        raise ArtifactError(
-                            f"{rel} has sha256 {got[:12]}... but the manifest says {str(want)[:12]}...: "
-                            "the file was modified or truncated after export; re-export"
-                        )
+                        raise _hash_error(rel, got, want)
+        text_file_paths(root, m)
     return m
+
+
+def text_file_paths(root: Path, m: Manifest) -> dict[str, Path]:
+    """name -> path of each text file the export carries, checked against its sha256 (they are small,
+    so this is checked on every use, also where segment hashes are skipped)."""
+    out = {}
+    for t in m.text_files:
+        path = resolve_inside(root, t.file)
+        if not path.is_file():
+            raise ArtifactError(f"{t.file} is listed in {Path(root) / MANIFEST_NAME} but missing; re-export")
+        if (got := sha256_file(path)) != t.sha256:
+            raise _hash_error(t.file, got, t.sha256)
+        out[t.name] = path
+    return out
+
+
+def _hash_error(rel: str, got: str, want: str | None) -> ArtifactError:
+    return ArtifactError(f"{rel} has sha256 {got[:12]}... but the manifest says {str(want)[:12]}...: "
+                         "the file was modified or truncated after export; re-export")

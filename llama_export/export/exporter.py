@@ -1,7 +1,8 @@
 """Export a checkpoint: every rank traced, named, verified, partitioned, written with a manifest.
 
 Output: `<out>/<model_name>/<variant>/` (variant = `tp{N}-{dtype}`) holding `manifest.json`,
-`rank<r>/<kk>_<kind>.onnx` and `tokenizer.model` when the checkpoint has one. Everything is written into
+`rank<r>/<kk>_<kind>.onnx` and the checkpoint's text files (tokenizer, tokenizer config, chat template,
+generation config; `llama_export.text.TEXT_FILES`), hashed in the manifest. Everything is written into
 a temporary sibling directory and renamed into place only when complete and verified; an existing
 export is replaced whole or not at all.
 """
@@ -26,6 +27,7 @@ from llama_export.artifact.manifest import (
     RankEntry,
     Segment,
     TensorSpec,
+    TextFile,
     load_manifest,
     sha256_file,
 )
@@ -44,6 +46,7 @@ from llama_export.model.layers import rope_tables
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.comm import ExportComm, LocalComm
 from llama_export.parallel.plan import check_tp
+from llama_export.text import text_files_in
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +157,10 @@ def export(opts: ExportOptions) -> Path:
         bar = tqdm(range(opts.tp), desc=f"export {name} {opts.variant}", unit="rank", disable=not opts.progress)
         for rank in bar:
             ranks.append(export_rank(opts, rank, tmp))
-        tokenizer = None
-        if (Path(opts.checkpoint) / "tokenizer.model").is_file():
-            shutil.copyfile(Path(opts.checkpoint) / "tokenizer.model", tmp / "tokenizer.model")
-            tokenizer = "tokenizer.model"
+        text_files = []
+        for fname, src in text_files_in(opts.checkpoint).items():
+            shutil.copyfile(src, tmp / fname)
+            text_files.append(TextFile(name=fname, file=fname, sha256=sha256_file(tmp / fname)))
         manifest = Manifest(
             model_name=name, variant=opts.variant, model=cfg, tp=opts.tp, dtype=opts.dtype, opset=schema.OPSET,
             ir_version=schema.IR_VERSION, max_batch=opts.max_batch, ranks=tuple(ranks),
@@ -165,7 +168,7 @@ def export(opts: ExportOptions) -> Path:
             exporter_version=__version__,
             custom_nodes={"domain": schema.DOMAIN, "version": schema.VERSION,
                           "ops": [*schema.COMPUTE_OPS, *schema.COLLECTIVE_OPS]},
-            tokenizer=tokenizer,
+            text_files=tuple(text_files),
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         load_manifest(tmp)  # the written directory must pass the same checks every consumer runs

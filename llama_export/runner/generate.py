@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -104,15 +104,17 @@ def generate_stream(
     *,
     max_new_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
-    eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
     keep_logits: bool = True,
 ) -> Iterator[tuple[StepRecord, GenerationResult]]:
-    """Yield each chosen token as soon as it exists; stops at EOS (all rows) or max_new_tokens."""
+    """Yield each chosen token as soon as it exists; stops when every row has produced one of
+    `stop_ids` (a row that stopped keeps running until then) or after max_new_tokens."""
     gen = torch.Generator().manual_seed(sampling.seed)
     result = GenerationResult(prompt=prompt)
     keys, values = empty_cache
     tokens = prompt
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.int64, device=prompt.device)
     for i in range(max_new_tokens):
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -126,8 +128,8 @@ def generate_stream(
         rec = StepRecord(tokens=nxt, logits=logits if keep_logits else logits[:, :0])
         result.steps.append(rec)
         yield rec, result
-        if eos_id is not None:
-            finished |= nxt == eos_id
+        if stops.numel():
+            finished |= torch.isin(nxt, stops)
             if bool(finished.all()):
                 break
         tokens = nxt.unsqueeze(1)
@@ -140,11 +142,11 @@ def generate(
     *,
     max_new_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
-    eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
 ) -> GenerationResult:
     """`generate_stream` run to the end."""
     result = GenerationResult(prompt=prompt)
     for _, result in generate_stream(step, prompt, empty_cache, max_new_tokens=max_new_tokens,  # noqa: B007
-                                     sampling=sampling, eos_id=eos_id):
+                                     sampling=sampling, stop_ids=stop_ids):
         pass
     return result

@@ -25,6 +25,7 @@ from llama_export.parallel.plan import check_tp
 from llama_export.runner.generate import GenerationResult, SamplingConfig, generate_stream, validate_prompt
 from llama_export.runner.launch import RankEnv, die_with_launcher, init_process_group, launch_local, rank_env
 from llama_export.runner.source import ModelSource
+from llama_export.text import TextStream, Tokenizer, single_turn
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,17 @@ class RunOptions:
     max_new_tokens: int = 32
     prompt_ids: tuple[tuple[int, ...], ...] | None = None
     prompts: tuple[str, ...] | None = None
+    chat: str | None = None  # a user message, formatted with the model's chat template
+    system: str | None = None  # the system message of a chat
     sampling: SamplingConfig = SamplingConfig()
     json_out: Path | None = None
     device: str = "cpu"
     stream: bool = True
+
+    @property
+    def is_text(self) -> bool:
+        """Text in (prompts or chat) and out, through the model's tokenizer; else `prompt_ids`."""
+        return self.prompts is not None or self.chat is not None
 
 
 def parse_prompt_ids(text: str) -> tuple[tuple[int, ...], ...]:
@@ -58,7 +66,7 @@ def parse_prompt_ids(text: str) -> tuple[tuple[int, ...], ...]:
 def new_token_budget(opts: RunOptions, prompt_len: int, max_seq_len: int) -> int:
     """Tokens to generate. Text generation stops at the context limit (a prompt that alone fills the
     context is an error); `--prompt-ids` runs must fit exactly (`validate_prompt` refuses them)."""
-    if opts.prompts is None or prompt_len >= max_seq_len:
+    if not opts.is_text or prompt_len >= max_seq_len:
         return opts.max_new_tokens
     return min(opts.max_new_tokens, max_seq_len - prompt_len)
 
@@ -72,7 +80,7 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
         opts.source.check_tp(opts.tp)
         cfg = opts.source.config()
         check_tp(cfg, opts.tp)
-        for _, prompt in _prompt_groups(opts):
+        for _, prompt in _prompt_groups(opts, opts.source.tokenizer() if opts.is_text else None):
             validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
                             max_new_tokens=new_token_budget(opts, prompt.shape[1], cfg.max_seq_len))
         if opts.tp > 1:
@@ -103,12 +111,16 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
             dist.destroy_process_group()
 
 
-def _prompt_groups(opts: RunOptions) -> list[tuple[list[int], torch.Tensor]]:
-    """Batches to run: (indices into the prompts, ids [B, S]). `--prompt-ids` rows form one batch;
-    text prompts are grouped by token length (no padding), in order of first appearance."""
+def _prompt_groups(opts: RunOptions, tok: Tokenizer | None) -> list[tuple[list[int], torch.Tensor]]:
+    """Batches to run: (indices into the prompts, ids [B, S]). `--prompt-ids` rows form one batch, a chat
+    is one row (the model's chat template applied); text prompts are grouped by token length (no
+    padding), in order of first appearance."""
     if opts.prompt_ids is not None:
         return [(list(range(len(opts.prompt_ids))), torch.tensor(opts.prompt_ids, dtype=torch.int64))]
-    tok = opts.source.tokenizer()
+    if opts.chat is not None:
+        if not opts.chat.strip():
+            raise InputError("the chat message is empty; give some text with --chat")
+        return [([0], torch.tensor([tok.chat(single_turn(opts.chat, system=opts.system))], dtype=torch.int64))]
     rows = [tok.encode(p) for p in opts.prompts or ()]
     if not rows or any(len(r) == 0 for r in rows) or any(not p.strip() for p in opts.prompts or ()):
         raise InputError("the prompt is empty; give some text with --prompt")
@@ -122,14 +134,15 @@ def _prompt_groups(opts: RunOptions) -> list[tuple[list[int], torch.Tensor]]:
 class RunSummary:
     """What rank 0 reports when generation ends."""
 
-    prompts: tuple[str, ...] | None  # text prompts, or None for --prompt-ids runs
-    texts: tuple[str, ...]  # generated text per prompt ("" for --prompt-ids runs)
+    prompts: tuple[str, ...] | None  # text prompts (a chat: its user message), or None for --prompt-ids runs
+    texts: tuple[str, ...]  # generated text per prompt, up to its stop token ("" for --prompt-ids runs)
     prompt_tokens: int  # all prompts together
     batches: int  # prompts run as this many batches (grouped by token length)
     new_tokens: int  # decode steps + 1, summed over batches
     prefill_tok_s: float
     decode_tok_s: float
     streamed: bool  # the text of prompt 0 was already passed to `Reporter.text`
+    echo_prompt: bool  # the output shows the prompt before the generated text (not for a chat)
     context_limit: int | None  # max_seq_len, when generation stopped there
 
 
@@ -151,13 +164,13 @@ class _Silent:
 
 def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.device,
               reporter: Reporter) -> int:
-    groups = _prompt_groups(opts)
+    tok = opts.source.tokenizer() if opts.is_text else None
+    groups = _prompt_groups(opts, tok)
     step, make_cache, cfg = opts.source.step(comm=comm, device=device)
-    tok = opts.source.tokenizer() if opts.prompts is not None else None
-    eos_id = tok.eos_id if tok is not None else None
     n_prompts = sum(len(idx) for idx, _ in groups)
-    stream = env.rank == 0 and tok is not None and opts.stream and n_prompts == 1
-    if stream:
+    echo = opts.prompts is not None
+    stream = TextStream(tok.decode) if env.rank == 0 and tok is not None and opts.stream and n_prompts == 1 else None
+    if stream is not None and echo:
         reporter.text(opts.prompts[0])
     # One throw-away step first, so that the reported prefill time is not the first call's set-up
     # (kernel selection, allocator warm-up, lazy initialisation). The cache is functional: nothing stays.
@@ -172,18 +185,21 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
         budget = new_token_budget(opts, prompt.shape[1], cfg.max_seq_len)
         validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_new_tokens=budget)
         result = GenerationResult(prompt=prompt)
-        shown = ""
-        for _, result in generate_stream(
+        stopped = False
+        for rec, result in generate_stream(
             step, prompt, make_cache(prompt.shape[0]), max_new_tokens=budget, sampling=opts.sampling,
-            eos_id=eos_id, keep_logits=opts.json_out is not None,
+            stop_ids=tok.stop_ids if tok is not None else (), keep_logits=opts.json_out is not None,
         ):
-            if stream:
-                text = tok.decode(result.new_tokens[0].tolist())
-                reporter.text(text[len(shown):])
-                shown = text
+            if stream is not None and not stopped:
+                token = int(rec.tokens[0])
+                stopped = token in tok.stop_ids
+                if not stopped and (delta := stream.push([token])):
+                    reporter.text(delta)
+        if stream is not None and (rest := stream.finish()):
+            reporter.text(rest)
         if tok is not None:
             for i, ids in zip(idx, result.new_tokens.tolist()):
-                texts[i] = tok.decode(ids)
+                texts[i] = tok.decode(tok.until_stop(ids))
         n_new = len(result.steps)
         prompt_tokens += prompt.numel()
         new_tokens += n_new
@@ -195,9 +211,10 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
             _write_json(opts, result)  # --prompt-ids runs are a single batch
     if env.rank == 0:
         reporter.finish(opts, RunSummary(
-            prompts=opts.prompts, texts=tuple(texts), prompt_tokens=prompt_tokens, batches=len(groups),
+            prompts=opts.prompts if opts.chat is None else (opts.chat,), texts=tuple(texts), prompt_tokens=prompt_tokens, batches=len(groups),
             new_tokens=new_tokens, prefill_tok_s=prompt_tokens / prefill_s if prefill_s else 0.0,
-            decode_tok_s=decode_tokens / decode_s if decode_s else 0.0, streamed=stream,
+            decode_tok_s=decode_tokens / decode_s if decode_s else 0.0, streamed=stream is not None,
+            echo_prompt=echo,
             context_limit=cfg.max_seq_len if hit_limit else None,
         ))
     return 0

@@ -7,18 +7,19 @@ either of them branching on the backend.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llama_export.artifact.manifest import Manifest, resolve_inside
+from llama_export.artifact.manifest import Manifest, text_file_paths
 from llama_export.backends import artifact_manifest, open_backend
 from llama_export.config import Backend, ModelConfig, Precision
 from llama_export.errors import InputError
 from llama_export.parallel.comm import Communicator
 from llama_export.runner.generate import StepFn
+from llama_export.text import Tokenizer, load_tokenizer, text_files_in
+from llama_export.text.files import TOKENIZER_FILES
 
 
 def default_checkpoint() -> Path:
@@ -60,24 +61,23 @@ class ModelSource:
             if m.tp != tp:
                 raise InputError(f"the export at {self.artifacts} is for tp={m.tp}, not --tp {tp}; use --tp {m.tp}")
 
-    def tokenizer_path(self) -> Path:
-        if self.backend is not Backend.EAGER:
-            m = self.manifest(verify_hashes=False)
-            if m.tokenizer is None:
-                raise InputError(
-                    f"the export at {self.artifacts} has no tokenizer.model (its checkpoint had none); "
-                    "use --prompt-ids, or re-export from a checkpoint folder that holds tokenizer.model"
-                )
-            return resolve_inside(self.artifacts, m.tokenizer)
-        path = self.checkpoint_dir / "tokenizer.model"
-        if not path.is_file():
-            raise InputError(f"{self.checkpoint_dir} has no tokenizer.model; copy the model's tokenizer there "
-                             "or use --prompt-ids")
-        return path
+    def text_files(self) -> tuple[dict[str, Path], str]:
+        """The model's text files (name -> path; `llama_export.text.TEXT_FILES`) and how to name their
+        place in messages: an export's hashed copies (checked on every use), else the checkpoint's."""
+        if self.backend is Backend.EAGER:
+            return text_files_in(self.checkpoint_dir), str(self.checkpoint_dir)
+        files = text_file_paths(self.artifacts, self.manifest(verify_hashes=False))
+        if not any(name in files for name in TOKENIZER_FILES):
+            raise InputError(
+                f"the export at {self.artifacts} has no tokenizer (its checkpoint had no tokenizer.model or "
+                "tokenizer.json); use --prompt-ids, or re-export from a checkpoint folder that holds one"
+            )
+        return files, f"the export at {self.artifacts}"
 
     def tokenizer(self) -> Tokenizer:
-        """The sentencepiece tokenizer of the checkpoint or export (`encode` prepends BOS)."""
-        return Tokenizer(_load_sp(self.tokenizer_path()))
+        """The model's tokenizer, whatever its format (see `llama_export.text`)."""
+        files, where = self.text_files()
+        return load_tokenizer(files, source=where)
 
     def step(self, *, comm: Communicator, device: torch.device):
         """(step function, make_cache(batch) -> empty KV cache, model config) for this rank."""
@@ -98,26 +98,3 @@ class ModelSource:
             return empty_cache(manifest, comm.rank, batch, device=backend.device)
 
         return step, make_cache, manifest.model
-
-
-@functools.lru_cache(maxsize=4)
-def _load_sp(path: Path):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(path))
-
-
-class Tokenizer:
-    """Sentencepiece with LLaMA conventions: BOS prepended on encode, EOS ends generation."""
-
-    def __init__(self, sp) -> None:
-        self.sp = sp
-        self.bos_id = sp.bos_id()
-        self.eos_id = sp.eos_id()
-
-    def encode(self, text: str) -> list[int]:
-        ids = self.sp.encode(text)
-        return ([self.bos_id] if self.bos_id >= 0 else []) + ids if ids else []
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)

@@ -222,8 +222,8 @@ def build_engines(artifacts_dir: Path, out_dir: Path, options: BuildOptions = Bu
         )
         (tmp / BUILD_MANIFEST).write_text(json.dumps(doc, indent=2), encoding="utf-8")
         shutil.copyfile(artifacts_dir / MANIFEST_NAME, tmp / EXPORT_MANIFEST)
-        if manifest.tokenizer:
-            shutil.copyfile(resolve_inside(artifacts_dir, manifest.tokenizer), tmp / "tokenizer.model")
+        for t in manifest.text_files:  # at the same relative paths, so the copied manifest describes them
+            shutil.copyfile(resolve_inside(artifacts_dir, t.file), tmp / t.file)
         for f in tmp.rglob("*.trt.onnx*"):
             f.unlink()  # lowered graphs were inputs to the builder only
     return out_dir
