@@ -39,14 +39,6 @@ class TokenizerSettings:
     special_tokens: Mapping[str, str]  # SPECIAL_TOKEN_NAMES present -> token text
     chat_template: str | None = None
 
-    @property
-    def bos_token(self) -> str | None:
-        return self.special_tokens.get("bos_token")
-
-    @property
-    def eos_token(self) -> str | None:
-        return self.special_tokens.get("eos_token")
-
 
 def _token_text(value: Any, *, field: str, path: Path) -> str | None:
     """A special token as written by transformers: a string, or an AddedToken dict with "content"."""
@@ -76,19 +68,15 @@ def read_tokenizer_settings(files: TextFiles) -> TokenizerSettings:
     chat_template.jinja file wins over the config's entry, tokenizer_config.json over
     special_tokens_map.json."""
     special: dict[str, str] = {}
-    if "special_tokens_map.json" in files:
-        path = files["special_tokens_map.json"]
-        d = _json_object(path)
-        for name in SPECIAL_TOKEN_NAMES:
-            if (text := _token_text(d.get(name), field=name, path=path)) is not None:
-                special[name] = text
     cfg: dict[str, Any] = {}
-    if "tokenizer_config.json" in files:
-        path = files["tokenizer_config.json"]
-        cfg = _json_object(path)
-        for name in SPECIAL_TOKEN_NAMES:
-            if (text := _token_text(cfg.get(name), field=name, path=path)) is not None:
-                special[name] = text
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
+        if name not in files:
+            continue
+        d = _json_object(files[name])
+        for token in SPECIAL_TOKEN_NAMES:
+            if (text := _token_text(d.get(token), field=token, path=files[name])) is not None:
+                special[token] = text
+        cfg = d if name == "tokenizer_config.json" else cfg
     template = _chat_template(cfg.get("chat_template"), files.get("tokenizer_config.json", Path()))
     if "chat_template.jinja" in files:
         template = files["chat_template.jinja"].read_text(encoding="utf-8")
