@@ -227,6 +227,9 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="device of the backend (trt: cuda); eager runs on the CPU")
     p.add_argument("--json", type=Path, dest="json_out", help="write the full report as JSON")
     p.add_argument("--plot", type=Path, help="PNG of error against depth (default: next to --json, else none)")
+    p.add_argument("--polygraphy", type=Path, metavar="DIR",
+                   help="save every segment's feeds and eager reference outputs in Polygraphy's JSON format "
+                   "(with lowered graphs and commands.txt) to check one segment alone; see docs/tensorrt.md")
     p.set_defaults(func=_cmd_compare)
 
 
@@ -245,7 +248,7 @@ def _cmd_compare(args, argv: list[str]) -> int:
         prompt = torch.tensor([ids])
     settings = CompareSettings(steps=args.steps, seed=args.seed)
     report = compare(args.artifacts, args.backend, manifest, source.checkpoint_dir, mode=Mode.LOCATE,
-                     settings=settings, prompt=prompt, device=args.device)
+                     settings=settings, prompt=prompt, device=args.device, polygraphy=args.polygraphy)
     print(format_report(report))
     plot = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
     if args.json_out:

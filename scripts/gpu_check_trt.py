@@ -6,7 +6,7 @@
 1. Triton JIT kernels vs the torch references (fp32/fp16/bf16, RoPE interleaved and rotate-half).
 2. The AOT PTX (sm_80 and, on Hopper, sm_90) loaded through the CUDA driver (ctypes on libcuda) and
    launched exactly as the plugin's aot_impl describes it: grid, block, shared memory, int32 extra
-   args between the input and output pointers, null for Triton's trailing scratch pointers.
+   args between the input and output pointers, nothing else (the entry declares exactly those).
 3. Timing of each kernel vs the torch reference (ratio > 1: the kernel is faster).
 Exit status: 0 all passed, 1 a check failed, 2 no GPU.
 """
@@ -149,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         ptrs = [ctypes.c_void_p(t.data_ptr()) for t in inputs]
         scal = [ctypes.c_int32(int(v)) for _, v in k.scalars]
         outs = [ctypes.c_void_p(t.data_ptr()) for t in outputs]
-        scratch = [ctypes.c_void_p(0) for _ in range(k.trailing_params)]
         torch.cuda.synchronize()
         drv.launch(fn, k.grid, k.block, k.shared_mem, torch.cuda.current_stream().cuda_stream,
-                   ptrs + scal + outs + scratch)
+                   ptrs + scal + outs)
         torch.cuda.synchronize()
         return {"grid": list(k.grid), "block": k.block[0], "smem": k.shared_mem}
 

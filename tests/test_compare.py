@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -93,3 +97,39 @@ def test_corruption_is_located_inside_a_tp1_graph(exported, tmp_path):
     first = report.first_divergence()
     assert first is not None and first.label == "layers.1.ffn"
     assert all(s.rel < report.threshold for s in report.segments if s.index < first.index)
+
+
+def _polygraphy(dump: Path, command: str) -> subprocess.CompletedProcess:
+    """Run one line of the dump's commands.txt with Polygraphy's own CLI (from the dump directory)."""
+    argv = shlex.split(command)
+    assert argv[0] == "polygraphy"
+    exe = Path(sys.executable).with_name("polygraphy")
+    return subprocess.run([str(exe), *argv[1:]], cwd=dump, capture_output=True, text=True, timeout=300)
+
+
+def test_polygraphy_checks_one_segment_alone(exported, tmp_path):
+    """compare --polygraphy: `polygraphy run <segment>.ort.onnx --onnxrt` on the saved feeds passes against
+    eager's outputs; the same check on an export with a corrupted weight in that segment fails."""
+    ckpt, path = exported
+    seg = "01_layers.0.attention"
+    command = None
+    for name, export_dir in (("clean", path), ("bad", _corrupt(path, tmp_path / "bad", seg, "attention.wq"))):
+        m = load_manifest(export_dir)
+        dump = tmp_path / f"pg-{name}"
+        compare(export_dir, Backend.ORT, m, ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=1), polygraphy=dump)
+        for r in range(m.tp):
+            for s in m.rank(r).segments:
+                for suffix in (".inputs.json", ".eager.json", ".ort.onnx", ".trt.onnx"):
+                    assert (dump / f"rank{r}" / f"{s.name}{suffix}").is_file()
+        lines = (dump / "commands.txt").read_text().splitlines()
+        command = next(c for c in lines if c.startswith(f"polygraphy run rank0/{seg}.ort.onnx --onnxrt"))
+        proc = _polygraphy(dump, command)
+        log = proc.stdout + proc.stderr
+        if name == "clean":
+            assert proc.returncode == 0, log[-4000:]
+            # eager references for the tensor the all-reduce takes and the KV cache were compared
+            for out in ("/model/layers.0/attention/wo/MatMul_output_0", "present_key_0", "present_value_0"):
+                assert f"PASSED | Output: '{out}'" in log, log[-4000:]
+        else:
+            assert proc.returncode != 0 and "FAILED | Output: '/model/layers.0/attention/wo/MatMul_output_0'" in log, \
+                log[-4000:]

@@ -26,6 +26,7 @@ first at `layers.3.ffn`.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
 import json
@@ -42,9 +43,10 @@ from llama_export.artifact.manifest import Manifest, Segment
 from llama_export.backends import open_backend
 from llama_export.config import Backend
 from llama_export.errors import InputError
-from llama_export.files import write_atomic
+from llama_export.files import staged_dir, write_atomic
 from llama_export.model.checkpoint import build_model, load_config
 from llama_export.parallel.comm import ThreadGroup
+from llama_export.runner import polygraphy_data
 from llama_export.runner.diff import TOLERANCES, Comparison, TensorDiff
 from llama_export.runner.generate import generate
 from llama_export.runner.stitch import empty_cache, segmented_step
@@ -168,8 +170,12 @@ def probes_for(segments: tuple[Segment, ...], n_layers: int) -> list[Probe]:
 
 def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: Path, *, mode: Mode,
             settings: CompareSettings = CompareSettings(), prompt: Tensor | None = None,
-            device: str = "cpu") -> CompareReport:
-    """Backend (on `device`; eager always on the CPU) against eager; see the module docstring."""
+            device: str = "cpu", polygraphy: Path | None = None) -> CompareReport:
+    """Backend (on `device`; eager always on the CPU) against eager; see the module docstring.
+
+    `polygraphy` (LOCATE only): also save each segment's prefill feeds and eager references there, in
+    Polygraphy's formats (`polygraphy_data.py`).
+    """
     cfg = manifest.model
     if load_config(checkpoint, max_seq_len=cfg.max_seq_len) != cfg:
         raise InputError(f"{checkpoint} does not hold the model of this export ({manifest.model_name}); "
@@ -187,13 +193,18 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
         ref_logits, forced = [s.logits for s in res.steps], [s.tokens for s in res.steps]
         del model
 
+    if polygraphy is not None and mode is not Mode.LOCATE:
+        raise ValueError("Polygraphy segment files need the per-rank eager reference of Mode.LOCATE")
+    dump = None
+
     def rank_fn(rank: int, comm):
         segments = manifest.rank(rank).segments
         probes = probes_for(segments, cfg.n_layers) if mode is Mode.LOCATE else []
         model = captured = None
+        recorder = polygraphy_data.CollectiveRecorder(comm)
         if mode is Mode.LOCATE:
             # Eager, same rank and TP degree, capturing module outputs where the probes read the backend.
-            model = build_model(checkpoint, tp=manifest.tp, rank=rank, comm=comm, dtype=dtype,
+            model = build_model(checkpoint, tp=manifest.tp, rank=rank, comm=recorder, dtype=dtype,
                                 max_seq_len=cfg.max_seq_len)
             captured = {}
             for p in probes:
@@ -218,15 +229,24 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
                     tokens = forced[i].unsqueeze(1)
                     continue
                 captured.clear()
+                recorder.inputs.clear()
                 elog, ek, ev = model(tokens, ek, ev)
                 eager_logits.append(elog)
                 if i == 0:  # per-probe diffs of the prefill (the longest, most informative step)
                     seg_diffs = _probe_diffs(rank, probes, cur, captured, elog, ek, ev)
+                    if dump is not None:
+                        dump.add_rank(rank, cur, polygraphy_data.eager_references(
+                            segments, recorder.inputs, elog, ek, ev))
                 tokens = elog.argmax(-1, keepdim=True)  # teacher forcing with eager's greedy token
         be.close()
         return backend_logits, eager_logits, seg_diffs
 
-    results = ThreadGroup(manifest.tp).run(rank_fn)
+    with contextlib.ExitStack() as stack:
+        if polygraphy is not None:
+            dump = polygraphy_data.SegmentDump(stack.enter_context(staged_dir(polygraphy)), manifest, artifacts)
+        results = ThreadGroup(manifest.tp).run(rank_fn)
+        if dump is not None:
+            dump.finish(polygraphy)
     backend_logits, eager_logits, _ = results[0]
     reference = ref_logits if mode is Mode.VALIDATE else eager_logits
     cmp = Comparison(label=f"{manifest.variant} {backend.value} vs eager", tolerance=tolerance.logits_atol)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch  # noqa: E402
 
 from llama_export.backends.tensorrt import aot, kernels  # noqa: E402
+
+# The parameters TensorRT's AOT launcher passes, in order: input pointers, int32 extra args, output
+# pointers (tensorrt.plugin.aot_impl). RMSNorm(x, weight) -> y; RoPE(x, cos, sin) -> y with `seq` as
+# its one extra arg. Written out here, not derived from the launch plans under test.
+TENSORRT_LAUNCH = {
+    "rms_norm_kernel": [".u64", ".u64", ".u64"],
+    "rope_kernel": [".u64", ".u64", ".u64", ".u32", ".u64"],
+}
 
 PLANS = {
     "rms_norm-fp16": kernels.rms_norm_launch((2, 3, 96), "fp16", 1e-5),
@@ -32,9 +43,56 @@ def test_compiles_to_ptx_for_target(name: str, arch: int) -> None:
     # The PTX requires exactly the block the plan launches with.
     assert aot.reqntid(k.ptx) == plan.block[0] == k.num_warps * 32
     assert k.grid == plan.grid and k.scalars == plan.scalars
-    assert aot.count_entry_params(k.ptx, k.name) == k.n_params
-    assert k.n_params == len(plan.inputs) + len(plan.scalars) + len(plan.outputs) + k.trailing_params
-    assert k.shared_mem >= 0
+    assert [t for t, _ in aot.entry_params(k.ptx, k.name)] == TENSORRT_LAUNCH[k.name]
+    assert len(k.dropped_params) == 2  # Triton 3.9's global and profile scratch pointers
+    assert all(n not in k.ptx for n in k.dropped_params)
+    assert ".version 8.8" in k.ptx and k.shared_mem >= 0
+
+
+@pytest.mark.parametrize("arch", aot.ARCHS)
+@pytest.mark.parametrize("name", ["rms_norm-bf16-4096", "rope-fp32-interleaved"])
+def test_rewritten_ptx_assembles(name: str, arch: int, tmp_path: Path) -> None:
+    """The PTX with its trailing parameters removed is valid: the ptxas Triton itself uses accepts it."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    k = aot.compile_plan(PLANS[name], arch=arch)
+    target = re.search(r"\.target\s+(\w+)", k.ptx).group(1)  # sm_80, sm_90a
+    (tmp_path / "k.ptx").write_text(k.ptx)
+    proc = subprocess.run([get_ptxas(arch).path, f"--gpu-name={target}", "k.ptx", "-o", "k.cubin"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "k.cubin").stat().st_size > 0
+
+
+_PTX = """
+.visible .entry k(
+	.param .u64 .ptr .global .align 1 k_param_0,
+	.param .u32 k_param_1,
+	.param .u64 .ptr .global .align 1 k_param_2,
+	.param .u64 .ptr .global .align 1 k_param_3
+)
+{
+	ld.param.b64 	%rd1, [k_param_0];
+	ld.param.b32 	%r1, [k_param_1];
+	// k_param_30 is another name
+	ret;
+}
+"""
+
+
+def test_drop_unused_params_removes_only_the_declarations() -> None:
+    ptx, dropped = aot.drop_unused_params(_PTX, "k", keep=2)
+    assert dropped == ("k_param_2", "k_param_3")
+    assert aot.entry_params(ptx, "k") == [(".u64", "k_param_0"), (".u32", "k_param_1")]
+    assert ptx.split(")", 1)[1] == _PTX.split(")", 1)[1]  # the body is untouched
+
+
+def test_drop_unused_params_refuses_a_used_parameter() -> None:
+    used = _PTX.replace("\tret;", "\tld.param.b64 \t%rd2, [k_param_3];\n\tret;")
+    with pytest.raises(ValueError, match="k_param_3"):
+        aot.drop_unused_params(used, "k", keep=2)
+    with pytest.raises(ValueError, match="fewer"):
+        aot.drop_unused_params(_PTX, "k", keep=5)
 
 
 def test_rejects_unknown_arch() -> None:
@@ -73,7 +131,7 @@ def test_python_launch_equals_aot_description(monkeypatch, which: str) -> None:
     assert kw == dict(plan.constexprs)
     n_in = k.n_inputs
     assert tuple(args[n_in:n_in + len(k.scalars)]) == tuple(v for _, v in k.scalars)
-    assert len(args) == k.n_inputs + len(k.scalars) + k.n_outputs
+    assert len(args) == k.n_inputs + len(k.scalars) + k.n_outputs == len(aot.entry_params(k.ptx, k.name))
     if which == "rope":
         assert k.scalars == (("seq", 3),) and grid == (2 * 3 * 4, 1, 1)
 

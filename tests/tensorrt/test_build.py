@@ -12,8 +12,9 @@ import pytest
 
 from llama_export.backends.tensorrt import build, profiles, structure
 from llama_export.config import ModelConfig, Precision
-from llama_export.errors import BackendUnavailableError
+from llama_export.errors import ArtifactError, BackendUnavailableError
 from llama_export.artifact.manifest import Manifest, RankEntry, Segment, TensorSpec, sha256_file
+from tests.helpers import run_cli
 from tests.tensorrt.graphs import attention_like_segment
 
 try:  # the bindings can be installed yet fail to load libnvinfer: only an import tells
@@ -94,6 +95,77 @@ def test_build_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
 
     with pytest.raises(BackendUnavailableError, match="TensorRT"):
         TensorRTBackend(d, 0)
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the message shown when TensorRT is missing")
+def test_cli_build_without_tensorrt_is_one_line_exit_2(tmp_path: Path) -> None:
+    d, _ = _export_dir(tmp_path, n_layers=1)
+    proc = run_cli("build", "--artifacts", str(d), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: TensorRT is not available"), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "engines").exists()
+
+
+class _Cache:
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def serialize(self) -> bytes:
+        return self.blob
+
+
+class _FakeTrt:
+    """Just enough of tensorrt for _Builder's timing-cache logic; `accepts` says which caches TensorRT takes."""
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity: int) -> None:
+            pass
+
+    def __init__(self, accepts) -> None:
+        self.accepts, outer = accepts, self
+
+        class Config:
+            def create_timing_cache(self, blob: bytes) -> _Cache:
+                return _Cache(bytes(blob))
+
+            def set_timing_cache(self, cache: _Cache, ignore_mismatch: bool) -> bool:
+                assert ignore_mismatch is False
+                outer.attached.append(cache.blob)
+                return outer.accepts(cache.blob)
+
+        class Builder:
+            def __init__(self, logger) -> None:
+                pass
+
+            def create_builder_config(self) -> Config:
+                return Config()
+
+        self.Builder, self.attached = Builder, []
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_timing_cache_rejected_by_tensorrt_is_replaced_not_written_back(tmp_path: Path, stale: bool, caplog) -> None:
+    cache_file = tmp_path / "timing.cache"
+    cache_file.write_bytes(b"from another GPU")
+    trt = _FakeTrt(lambda blob: blob == b"" or not stale)
+    b = build._Builder(trt, cache_file, aot_plugins=True, workspace_gib=1)
+    config = trt.Builder(None).create_builder_config()
+    b.attach_timing_cache(config)
+    b.attach_timing_cache(config)  # the next segment gets the replacement directly
+    if stale:
+        assert trt.attached == [b"from another GPU", b"", b""] and b.serialized_cache() == b""
+        assert "rejected the timing cache" in caplog.text
+    else:
+        assert trt.attached == [b"from another GPU"] * 2 and b.serialized_cache() == b"from another GPU"
+
+
+def test_a_rejected_empty_timing_cache_is_an_error(tmp_path: Path) -> None:
+    trt = _FakeTrt(lambda blob: False)
+    b = build._Builder(trt, None, aot_plugins=True, workspace_gib=1)
+    with pytest.raises(ArtifactError, match="empty timing cache"):
+        b.attach_timing_cache(trt.Builder(None).create_builder_config())
 
 
 def test_importing_never_imports_tensorrt_or_triton() -> None:

@@ -12,7 +12,10 @@
 Everything is written to a staged directory beside `out_dir` and swapped into place when complete.
 TensorRT 11 API used (Python API docs, "Builder", "IBuilderConfig", "OnnxParser", "Refitter",
 "ITimingCache"): networks are always strongly typed there (the STRONGLY_TYPED flag is accepted and
-ignored), precision comes from the ONNX. Written against the documentation; it has not run here.
+ignored), precision comes from the ONNX. Every TensorRT name, enum member and call signature used here
+is checked against the TensorRT 11.4 Python package (tests/tensorrt/conformance/check_api.py), and the
+plugin-preference flags drive the parser-side plugin creation there. Not run anywhere yet: a real
+parse, build or refit (refit of engines with plugin layers included); that needs libnvinfer and a GPU.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -39,6 +42,9 @@ from llama_export.artifact.manifest import (
     resolve_inside,
     sha256_file,
 )
+
+if TYPE_CHECKING:  # annotations only: the API conformance check reads them (tests/tensorrt/conformance)
+    import tensorrt as trt
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,39 @@ def default_out_dir(manifest: Manifest, root: Path = Path("engines")) -> Path:
     return root / manifest.model_name / manifest.variant
 
 
+def network_flags(trt: Any, *, aot_plugins: bool) -> int:
+    """Strongly typed (always on in TensorRT 11), and which plugin implementation the parser asks for."""
+    F = trt.NetworkDefinitionCreationFlag
+    prefer = F.PREFER_AOT_PYTHON_PLUGINS if aot_plugins else F.PREFER_JIT_PYTHON_PLUGINS
+    return 1 << int(F.STRONGLY_TYPED) | 1 << int(prefer)
+
+
+def parse_onnx(trt: Any, builder: trt.Builder, logger: trt.ILogger, onnx_path: Path, *,
+               aot_plugins: bool) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
+    """A lowered segment parsed into a new network (the parser must outlive the network's use)."""
+    network = builder.create_network(network_flags(trt, aot_plugins=aot_plugins))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ArtifactError(f"TensorRT could not parse {Path(onnx_path).name}: {errors}")
+    return network, parser
+
+
+def polygraphy_network(onnx_path: str, *, aot_plugins: bool = True) -> Callable[[], tuple[Any, Any, Any]]:
+    """`load_network` for a Polygraphy network script: (builder, network, parser) of a lowered segment,
+    parsed with the llama_export plugins registered (see runner/polygraphy_data.py)."""
+
+    def load_network() -> tuple[Any, Any, Any]:
+        trt = import_tensorrt()
+        register_plugins()
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network, parser = parse_onnx(trt, builder, logger, Path(onnx_path), aot_plugins=aot_plugins)
+        return builder, network, parser
+
+    return load_network
+
+
 class _Builder:
     """Holds the TensorRT builder, logger and the timing cache shared by every segment."""
 
@@ -124,26 +163,31 @@ class _Builder:
         config = self.builder.create_builder_config()
         blob = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
         self.timing_cache = config.create_timing_cache(blob)
+        self.cache_origin = cache_path if blob else None  # where a loaded cache came from
 
-    def _network_flags(self) -> int:
-        F = self.trt.NetworkDefinitionCreationFlag
-        flags = 1 << int(F.STRONGLY_TYPED)  # ignored (always on) in TensorRT 11, required on 10.x
-        prefer = "PREFER_AOT_PYTHON_PLUGINS" if self.aot_plugins else "PREFER_JIT_PYTHON_PLUGINS"
-        if hasattr(F, prefer):
-            flags |= 1 << int(getattr(F, prefer))
-        return flags
+    def attach_timing_cache(self, config: trt.IBuilderConfig) -> None:
+        """Give `config` the shared timing cache; a loaded cache TensorRT rejects is replaced by a new one.
+
+        TensorRT refuses a cache made on another GPU or by another TensorRT version
+        (`set_timing_cache` returns False); the rejected cache is then neither used nor written back.
+        """
+        if config.set_timing_cache(self.timing_cache, ignore_mismatch=False):
+            return
+        if self.cache_origin is None:
+            raise ArtifactError("TensorRT rejected a new, empty timing cache")
+        log.warning("TensorRT rejected the timing cache %s (another GPU or TensorRT version?); starting a new one",
+                    self.cache_origin)
+        self.timing_cache, self.cache_origin = config.create_timing_cache(b""), None
+        if not config.set_timing_cache(self.timing_cache, ignore_mismatch=False):
+            raise ArtifactError("TensorRT rejected a new, empty timing cache")
 
     def build(self, onnx_path: Path, profs: Sequence[profiles.Profile]) -> bytes:
         trt = self.trt
-        network = self.builder.create_network(self._network_flags())
-        parser = trt.OnnxParser(network, self.logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise ArtifactError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+        network, _parser = parse_onnx(trt, self.builder, self.logger, onnx_path, aot_plugins=self.aot_plugins)
         config = self.builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace)
         config.set_flag(trt.BuilderFlag.REFIT)
-        config.set_timing_cache(self.timing_cache, ignore_mismatch=False)
+        self.attach_timing_cache(config)
         for p in profs:
             op = self.builder.create_optimization_profile()
             for name, (lo, opt, hi) in p.shapes.items():
@@ -156,7 +200,8 @@ class _Builder:
 
     def refit(self, base_plan: bytes, renamed_onnx: Path) -> bytes:
         trt = self.trt
-        engine = trt.Runtime(self.logger).deserialize_cuda_engine(base_plan)
+        runtime = trt.Runtime(self.logger)  # kept referenced while the engine is in use
+        engine = runtime.deserialize_cuda_engine(base_plan)
         refitter = trt.Refitter(engine, self.logger)
         parser_refitter = trt.OnnxParserRefitter(refitter, self.logger)
         if not parser_refitter.refit_from_file(str(renamed_onnx)) or not refitter.refit_cuda_engine():

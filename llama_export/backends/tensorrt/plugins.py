@@ -9,24 +9,31 @@ I/O dtypes fp32 / fp16 / bf16 (x, weight and y share one), linear layout. D (and
 static in the network; batch and sequence may be dynamic.
 
 Each op has (TensorRT Python API docs, section "tensorrt.plugin"):
-- `@trtp.register`: shape/type inference, output = `x.like()` ("tensorrt.plugin.register").
-- `@trtp.autotune`: the supported type/format combinations ("tensorrt.plugin.autotune",
-  "AutoTuneCombination": '|' ties the I/O types together).
+- `@trtp.register`: shape/type inference, output = `x.like()`.
+- `@trtp.autotune`: the supported type/format combinations ('|' ties the I/O types together).
 - `@trtp.aot_impl`: returns (kernel name, PTX, `KernelLaunchParams`, `SymIntExprs` extra args), compiled
-  by `aot.compile_plan` from the same `LaunchPlan` the Python launch uses ("tensorrt.plugin.aot_impl":
-  extra args sit after the tensor inputs and before the outputs, as our kernels declare them). The
-  engine then runs without Python. Attributes are not serialized with AOT, so epsilon / interleaved
-  are compiled into the PTX as constexprs.
-- `@trtp.impl`: JIT fallback calling the Triton launch helpers on TensorRT's stream ("tensorrt.plugin.impl").
+  by `aot.compile_plan` from the same `LaunchPlan` the Python launch uses; the PTX entry takes exactly
+  the input pointers, the extra args and the output pointers TensorRT passes. The engine then runs
+  without Python. Attributes are not serialized with AOT, so epsilon / interleaved are compiled into
+  the PTX as constexprs.
+- `@trtp.impl`: JIT fallback calling the Triton helpers on TensorRT's stream. Tensors reach torch through
+  `cuda_array_interface` (tensorrt.plugin's own `Tensor.__cuda_array_interface__` refuses BF16).
 Which one an engine uses is chosen per network with `NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS`
-/ `PREFER_JIT_PYTHON_PLUGINS` (TensorRT 11 Python API, "Builder").
+/ `PREFER_JIT_PYTHON_PLUGINS`.
 
 The ONNX parser finds these plugins for nodes lowered by `lowering.py` (op type + plugin_namespace +
-plugin_version "1"). None of this has run against a real TensorRT in this project's environment.
+plugin_version "1"). Checked against the real TensorRT 11.4 Python package on CPU
+(`tests/tensorrt/conformance/`): registration, the parser's plugin creation, shape/type inference, format
+combinations, launch parameters and kernel retrieval (AOT), field serialization, runtime re-creation
+and enqueue (JIT), with TensorRT's C++ objects faked. Not run: an engine build or execution on a GPU.
 """
+
+# No `from __future__ import annotations`: tensorrt.plugin validates the decorated functions'
+# annotations (inspect.signature) and needs real classes there, not strings.
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from llama_export import dtypes
@@ -41,6 +48,7 @@ INSTALL_HINT = (
     "install TensorRT 11 and its Python bindings on a machine with an NVIDIA GPU: "
     "pip install 'llama_export[gpu]' (the tensorrt wheels fetch NVIDIA's libraries from NVIDIA's index)"
 )
+_TYPES = "FP32|FP16|BF16"  # x, weight and y share one of these (AutoTuneCombination syntax)
 
 _lock = threading.Lock()
 _registered = False
@@ -63,7 +71,7 @@ def _trt_dtype_name(trt: Any, dtype: Any) -> str:
     raise ValueError(f"llama_export plugins support fp32/fp16/bf16, got {dtype}")
 
 
-def _static(expr: Any, what: str) -> int:
+def _static(expr: "trtp.ShapeExpr | int", what: str) -> int:
     """A shape expression that must be a build-time constant (hidden size, heads, head_dim)."""
     if isinstance(expr, int):
         return expr
@@ -89,73 +97,154 @@ def _aot_result(trtp: Any, plan: Any) -> tuple[str, str, Any, Any]:
     params.shared_mem = k.shared_mem
     extra = trtp.SymIntExprs(len(k.scalars))
     for i, (_, value) in enumerate(k.scalars):
-        extra[i] = sym(value)
-    if k.trailing_params:
-        log.debug("%s: PTX has %d trailing Triton scratch parameter(s)", k.name, k.trailing_params)
+        extra[i] = trtp.SymInt32(value)
     return k.name, k.ptx, params, extra
 
 
+def cuda_array_interface(trt: Any, t: "trtp.Tensor") -> tuple[dict[str, Any], Any]:
+    """`__cuda_array_interface__` (version 3) of a JIT plugin tensor, and the torch dtype to view it as.
+
+    BF16 has no numpy type, so it is described as int16 (same size) and viewed as torch.bfloat16.
+    Strides: TensorRT gives elements, the interface wants bytes. "stream": None, the caller launches on
+    TensorRT's stream itself.
+    """
+    import torch
+
+    views = {trt.float32: ("<f4", torch.float32), trt.float16: ("<f2", torch.float16),
+             trt.bfloat16: ("<i2", torch.bfloat16)}
+    if t.dtype not in views:
+        raise ValueError(f"llama_export plugins support fp32/fp16/bf16 tensors, got {t.dtype}")
+    typestr, dtype = views[t.dtype]
+    itemsize = int(typestr[2:])
+    iface = {
+        "shape": tuple(int(d) for d in t.shape),
+        "typestr": typestr,
+        "data": (int(t.data_ptr), False),
+        "strides": tuple(int(s) * itemsize for s in t.strides),
+        "version": 3,
+        "stream": None,
+    }
+    return iface, dtype
+
+
+class _CudaArray:
+    def __init__(self, iface: dict[str, Any]) -> None:
+        self.__cuda_array_interface__ = iface
+
+
+def _as_torch(trt: Any, t: Any) -> Any:
+    """A torch CUDA tensor over the memory of JIT plugin tensor `t` (no copy)."""
+    import torch
+
+    iface, dtype = cuda_array_interface(trt, t)
+    storage = torch.as_tensor(_CudaArray(iface), device="cuda")
+    return storage if storage.dtype == dtype else storage.view(dtype)
+
+
+def _on_stream(stream: int) -> Any:
+    """Context in which torch and Triton launch on TensorRT's CUDA stream `stream`."""
+    import torch
+
+    return torch.cuda.stream(torch.cuda.ExternalStream(stream))
+
+
+def _define_once(trtp: Any, plugin_id: str, describe: Callable[..., Any]) -> None:
+    """`@trtp.register(plugin_id)` unless an earlier call in this process already did.
+
+    tensorrt.plugin refuses a second registration of a name, so a retry after a failure further on
+    (an implementation rejected by its validation) must not register again; the implementations are
+    (re)attached by the caller either way.
+    """
+    namespace, name = plugin_id.split("::")
+    try:
+        getattr(getattr(trtp.op, namespace), name)
+    except AttributeError:
+        trtp.register(plugin_id)(describe)
+
+
+def _define_rms_norm(trt: Any, trtp: Any) -> None:
+    from llama_export.backends.tensorrt import kernels
+
+    def rms_norm_desc(x: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float) -> trtp.TensorDesc:
+        return x.like()
+
+    _define_once(trtp, RMS_NORM_ID, rms_norm_desc)
+
+    @trtp.autotune(RMS_NORM_ID)
+    def rms_norm_autotune(
+        x: trtp.TensorDesc, weight: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
+    ) -> list[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(f"{_TYPES}, {_TYPES}, {_TYPES}", "LINEAR")]
+
+    @trtp.aot_impl(RMS_NORM_ID)
+    def rms_norm_aot(
+        x: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float, outputs: tuple[trtp.TensorDesc], tactic: int
+    ) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        dims = [x.shape_expr[i] for i in range(len(x.shape_expr))]
+        dims[-1] = _static(dims[-1], "RMSNorm hidden size")
+        plan = kernels.rms_norm_launch(tuple(dims), _trt_dtype_name(trt, x.dtype), epsilon)
+        return _aot_result(trtp, plan)
+
+    @trtp.impl(RMS_NORM_ID)
+    def rms_norm_jit(
+        x: trtp.Tensor, weight: trtp.Tensor, epsilon: float, outputs: tuple[trtp.Tensor], stream: int
+    ) -> None:
+        with _on_stream(stream):
+            kernels.rms_norm(_as_torch(trt, x), _as_torch(trt, weight), epsilon, out=_as_torch(trt, outputs[0]))
+
+
+def _define_rope(trt: Any, trtp: Any) -> None:
+    from llama_export.backends.tensorrt import kernels
+
+    def rope_desc(x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, interleaved: int) -> trtp.TensorDesc:
+        return x.like()
+
+    _define_once(trtp, ROPE_ID, rope_desc)
+
+    @trtp.autotune(ROPE_ID)
+    def rope_autotune(
+        x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
+    ) -> list[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(f"{_TYPES}, FP32|FP32|FP32, FP32|FP32|FP32, {_TYPES}", "LINEAR")]
+
+    @trtp.aot_impl(ROPE_ID)
+    def rope_aot(
+        x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, interleaved: int,
+        outputs: tuple[trtp.TensorDesc], tactic: int,
+    ) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        s = x.shape_expr
+        shape = (s[0], s[1], _static(s[2], "RoPE heads"), _static(s[3], "RoPE head_dim"))
+        plan = kernels.rope_launch(shape, _trt_dtype_name(trt, x.dtype), bool(interleaved))
+        return _aot_result(trtp, plan)
+
+    @trtp.impl(ROPE_ID)
+    def rope_jit(
+        x: trtp.Tensor, cos: trtp.Tensor, sin: trtp.Tensor, interleaved: int, outputs: tuple[trtp.Tensor], stream: int
+    ) -> None:
+        with _on_stream(stream):
+            kernels.rope(_as_torch(trt, x), _as_torch(trt, cos), _as_torch(trt, sin), bool(interleaved),
+                         out=_as_torch(trt, outputs[0]))
+
+
 def register_plugins() -> None:
-    """Register both plugins with TensorRT's plugin registry (idempotent, thread-safe)."""
+    """Register both plugins with TensorRT's plugin registry (idempotent, thread-safe).
+
+    If tensorrt.plugin rejects a definition, raises BackendUnavailableError; calling again repeats the
+    same checks (nothing is registered twice) and completes the registration once they pass.
+    """
     global _registered
     with _lock:
         if _registered:
             return
-        import_tensorrt()
-        import tensorrt as trt
+        trt = import_tensorrt()
         import tensorrt.plugin as trtp
-        import torch
 
-        from llama_export.backends.tensorrt import kernels
-
-        types = "FP32|FP16|BF16"
-
-        # ---- RMSNorm ------------------------------------------------------------------------------
-        @trtp.register(RMS_NORM_ID)
-        def rms_norm_desc(x: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float) -> trtp.TensorDesc:
-            return x.like()
-
-        @trtp.autotune(RMS_NORM_ID)
-        def rms_norm_autotune(x: trtp.TensorDesc, weight: trtp.TensorDesc, outputs):
-            return [trtp.AutoTuneCombination(f"{types}, {types}, {types}", "LINEAR")]
-
-        @trtp.aot_impl(RMS_NORM_ID)
-        def rms_norm_aot(x: trtp.TensorDesc, weight: trtp.TensorDesc, epsilon: float, outputs, tactic):
-            dims = [x.shape_expr[i] for i in range(len(x.shape_expr))]
-            dims[-1] = _static(dims[-1], "RMSNorm hidden size")
-            plan = kernels.rms_norm_launch(tuple(dims), _trt_dtype_name(trt, x.dtype), epsilon)
-            return _aot_result(trtp, plan)
-
-        @trtp.impl(RMS_NORM_ID)
-        def rms_norm_jit(x: trtp.Tensor, weight: trtp.Tensor, epsilon: float, outputs, stream: int) -> None:
-            xt, wt = torch.as_tensor(x, device="cuda"), torch.as_tensor(weight, device="cuda")
-            yt = torch.as_tensor(outputs[0], device="cuda")
-            with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-                kernels.rms_norm(xt, wt, epsilon, out=yt)
-
-        # ---- RoPE ---------------------------------------------------------------------------------
-        @trtp.register(ROPE_ID)
-        def rope_desc(x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, interleaved: int) -> trtp.TensorDesc:
-            return x.like()
-
-        @trtp.autotune(ROPE_ID)
-        def rope_autotune(x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, outputs):
-            return [trtp.AutoTuneCombination(f"{types}, FP32|FP32|FP32, FP32|FP32|FP32, {types}", "LINEAR")]
-
-        @trtp.aot_impl(ROPE_ID)
-        def rope_aot(x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, interleaved: int, outputs, tactic):
-            s = x.shape_expr
-            shape = (s[0], s[1], _static(s[2], "RoPE heads"), _static(s[3], "RoPE head_dim"))
-            plan = kernels.rope_launch(shape, _trt_dtype_name(trt, x.dtype), bool(interleaved))
-            return _aot_result(trtp, plan)
-
-        @trtp.impl(ROPE_ID)
-        def rope_jit(x: trtp.Tensor, cos: trtp.Tensor, sin: trtp.Tensor, interleaved: int, outputs, stream: int) -> None:
-            xt = torch.as_tensor(x, device="cuda")
-            ct, st = torch.as_tensor(cos, device="cuda"), torch.as_tensor(sin, device="cuda")
-            yt = torch.as_tensor(outputs[0], device="cuda")
-            with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-                kernels.rope(xt, ct, st, bool(interleaved), out=yt)
-
+        try:
+            _define_rms_norm(trt, trtp)
+            _define_rope(trt, trtp)
+        except (ValueError, TypeError) as e:
+            raise BackendUnavailableError(
+                f"tensorrt.plugin {trt.__version__} rejected the llama_export plugin definitions: {e}"
+            ) from e
         _registered = True
         log.info("registered TensorRT plugins %s and %s", RMS_NORM_ID, ROPE_ID)

@@ -11,7 +11,8 @@ Per `run_segment(k, feeds)` (TensorRT 11 Python API, "IExecutionContext"):
 Zero-length tensors (an empty KV cache, past = 0) are legal TensorRT inputs ("empty tensors"); their
 data pointer would be null, so they are bound to a small valid scratch buffer instead. Refit engines
 keep the tensor names of the engine they were refit from; build_manifest.json maps them.
-Written against the TensorRT documentation; it has not run in this project's environment.
+Every TensorRT name and call signature used here is checked against the TensorRT 11.4 Python package
+(tests/tensorrt/conformance/check_api.py); running engines has not been done (no TensorRT GPU runtime).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -30,6 +31,9 @@ from llama_export.backends.tensorrt.build import BUILD_FORMAT, BUILD_MANIFEST, E
 from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
 from llama_export.errors import ArtifactError, BackendUnavailableError, InputError
 from llama_export.artifact.manifest import Manifest, resolve_inside, sha256_file
+
+if TYPE_CHECKING:  # annotations only: the API conformance check reads them (tests/tensorrt/conformance)
+    import tensorrt as trt
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ def _torch_dtype(trt: Any, dt: Any) -> torch.dtype:
 
 
 class _Segment:
-    def __init__(self, trt: Any, runtime: Any, plan: bytes, entry: dict[str, Any]) -> None:
+    def __init__(self, trt: Any, runtime: trt.Runtime, plan: bytes, entry: dict[str, Any]) -> None:
         self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise ArtifactError(f"TensorRT could not deserialize {entry['plan']} (built with another version/GPU?)")
@@ -53,16 +57,17 @@ class _Segment:
                                          for k, v in p["shapes"].items()})
             for p in entry["profiles"]
         )
-        self.contexts: dict[int, Any] = {}
+        self.contexts: dict[int, trt.IExecutionContext] = {}
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
 
-    def context(self, profile: int, stream: torch.cuda.Stream) -> Any:
+    def context(self, profile: int, stream: torch.cuda.Stream) -> trt.IExecutionContext:
         if profile not in self.contexts:
             ctx = self.engine.create_execution_context()
-            ctx.set_optimization_profile_async(profile, stream.cuda_stream)
+            if not ctx.set_optimization_profile_async(profile, stream.cuda_stream):
+                raise ArtifactError(f"TensorRT could not select optimization profile {profile}")
             self.contexts[profile] = ctx
         return self.contexts[profile]
 
@@ -116,7 +121,7 @@ class TensorRTBackend:
 
     def run_segment(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
         """Run segment `index` on CUDA tensors named as in manifest.json; returns the outputs likewise."""
-        seg = self._segments[index]
+        seg: _Segment = self._segments[index]
         engine_to_manifest = {v: k for k, v in seg.io_names.items()}
         wanted = {engine_to_manifest.get(n, n) for n in seg.inputs}
         if set(feeds) != wanted:
@@ -131,7 +136,8 @@ class TensorRTBackend:
             want = _torch_dtype(self.trt, seg.engine.get_tensor_dtype(name))
             t = t.to(self.device, want).contiguous()
             keep.append(t)
-            ctx.set_input_shape(name, tuple(t.shape))
+            if not ctx.set_input_shape(name, tuple(t.shape)):
+                raise InputError(f"segment {index} input {name} of shape {tuple(t.shape)} is outside its profile")
             ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._empty.data_ptr())
         outputs = {}
         for name in seg.outputs:
