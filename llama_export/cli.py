@@ -250,6 +250,8 @@ def _cmd_compare(args, argv: list[str]) -> int:
     report = compare(args.artifacts, args.backend, manifest, source.checkpoint_dir, mode=Mode.LOCATE,
                      settings=settings, prompt=prompt, device=args.device, polygraphy=args.polygraphy)
     print(format_report(report))
+    if args.polygraphy:
+        print(f"polygraphy: one command per segment in {args.polygraphy / 'commands.txt'}")
     plot = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
     if args.json_out:
         write_json(report, args.json_out)

@@ -176,6 +176,8 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
     `polygraphy` (LOCATE only): also save each segment's prefill feeds and eager references there, in
     Polygraphy's formats (`polygraphy_data.py`).
     """
+    if polygraphy is not None and mode is not Mode.LOCATE:
+        raise ValueError("Polygraphy segment files need the per-rank eager reference of Mode.LOCATE")
     cfg = manifest.model
     if load_config(checkpoint, max_seq_len=cfg.max_seq_len) != cfg:
         raise InputError(f"{checkpoint} does not hold the model of this export ({manifest.model_name}); "
@@ -193,8 +195,6 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
         ref_logits, forced = [s.logits for s in res.steps], [s.tokens for s in res.steps]
         del model
 
-    if polygraphy is not None and mode is not Mode.LOCATE:
-        raise ValueError("Polygraphy segment files need the per-rank eager reference of Mode.LOCATE")
     dump = None
 
     def rank_fn(rank: int, comm):

@@ -13,7 +13,7 @@
     DIR/trt_network.py                   Polygraphy network script: TensorRT parses $LLAMA_EXPORT_SEGMENT
                                          with the llama_export plugins registered
     DIR/commands.txt                     the polygraphy command for every segment, with the dtype's
-                                         tolerance
+                                         divergence threshold as --atol / --rtol
 
     polygraphy run DIR/rank0/01_layers.0.attention.ort.onnx --onnxrt \\
         --load-inputs DIR/rank0/01_layers.0.attention.inputs.json \\
@@ -39,13 +39,12 @@ from torch import Tensor
 
 from llama_export.artifact import schema
 from llama_export.artifact.manifest import Manifest, Segment, resolve_inside
+from llama_export.runner.diff import TOLERANCES
 
 log = logging.getLogger(__name__)
 _polygraphy_lock = threading.Lock()
 
 RUNNER = "eager"
-# Polygraphy --atol/--rtol per dtype: the relative error at which `compare` calls a segment divergent.
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
 
 _NETWORK_SCRIPT = '''\
 """Polygraphy network script: TensorRT parses $LLAMA_EXPORT_SEGMENT (a .trt.onnx segment) with the
@@ -61,8 +60,6 @@ load_network = polygraphy_network(os.environ["LLAMA_EXPORT_SEGMENT"])
 def _array(t: Tensor):
     t = t.detach().cpu().contiguous()
     return t if t.dtype == torch.bfloat16 else t.numpy()
-
-
 
 
 class CollectiveRecorder:
@@ -140,7 +137,7 @@ class SegmentDump:
         if missing:
             log.debug("rank %d %s: no eager value for %s; polygraphy will not compare them", rank, seg.name, missing)
         lowered = self._lowered(seg, stem)
-        tol = TOLERANCE[self.manifest.dtype.value]
+        tol = TOLERANCES[self.manifest.dtype].divergence_rel  # Polygraphy's --atol and --rtol
         rel = f"rank{rank}/{seg.name}"
         data = f"--load-inputs {rel}.inputs.json --load-outputs {rel}.eager.json --atol {tol} --rtol {tol}"
         note = [] if lowered else [f"# {rel}: no segment ONNX here (an engine directory); lower the export's {seg.file}"]
@@ -165,7 +162,7 @@ class SegmentDump:
     def finish(self, final: Path) -> None:
         """Write commands.txt (to be run from `final`, where the directory will be) and the network script."""
         (self.dir / "commands.txt").write_text(
-            f"# run from {final}\n" + "".join(f"{c}\n" for k in sorted(self._commands) for c in self._commands[k]),
+            f"# run from {Path(final).resolve()}\n" + "".join(f"{c}\n" for k in sorted(self._commands) for c in self._commands[k]),
             encoding="utf-8")
         (self.dir / "trt_network.py").write_text(_NETWORK_SCRIPT, encoding="utf-8")
         log.info("Polygraphy feeds and eager references written to %s (commands.txt)", final)

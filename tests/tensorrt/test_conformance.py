@@ -71,36 +71,42 @@ def test_conformance_checks_pass(trt_env: dict[str, str]) -> None:
     assert counts.get("passed", 0) >= 10 and set(counts) == {"passed"}, _summary(proc)
 
 
-# (file, original text, mutated text, checks to run, what the failure must name)
+# name -> ([(file, original text, mutated text, what the failure must name)], checks to run). The API
+# mistakes share one mutated copy: the API check reports every problem it finds in one run.
 MUTATIONS = {
-    "api-name": ("build.py", "config.set_timing_cache(self.timing_cache, ignore_mismatch=False)",
-                 "config.set_timing_caches(self.timing_cache, ignore_mismatch=False)",
-                 "check_api.py", "IBuilderConfig has no attribute 'set_timing_caches'"),
-    "keyword": ("build.py", "config.set_timing_cache(self.timing_cache, ignore_mismatch=False)",
-                "config.set_timing_cache(self.timing_cache, ignore_mismatches=False)",
-                "check_api.py", "has no keyword 'ignore_mismatches'"),
-    "enum-member": ("build.py", "F.PREFER_AOT_PYTHON_PLUGINS", "F.PREFER_AOT_PLUGINS",
-                    "check_api.py", "NetworkDefinitionCreationFlag has no attribute 'PREFER_AOT_PLUGINS'"),
-    "plugin-parameter": ("plugins.py", "outputs: tuple[trtp.TensorDesc], tactic: int\n    )",
-                         "outputs: tuple[trtp.TensorDesc], tactics: int\n    )",
-                         "check_plugins.py::test_registration_completes_after_a_failed_attempt",
-                         "Unexpected attribute 'tactics' specified in aot_impl function"),
+    "api-name-keyword-enum": ([
+        ("build.py", "if config.set_timing_cache(self.timing_cache, ignore_mismatch=False):",
+         "if config.set_timing_caches(self.timing_cache, ignore_mismatch=False):",
+         "IBuilderConfig has no attribute 'set_timing_caches'"),
+        ("build.py", "if not config.set_timing_cache(self.timing_cache, ignore_mismatch=False):",
+         "if not config.set_timing_cache(self.timing_cache, ignore_mismatches=False):",
+         "has no keyword 'ignore_mismatches'"),
+        ("build.py", "F.PREFER_AOT_PYTHON_PLUGINS", "F.PREFER_AOT_PLUGINS",
+         "NetworkDefinitionCreationFlag has no attribute 'PREFER_AOT_PLUGINS'"),
+    ], "check_api.py"),
+    "plugin-parameter": ([
+        ("plugins.py", "outputs: tuple[trtp.TensorDesc], tactic: int\n    )",
+         "outputs: tuple[trtp.TensorDesc], tactics: int\n    )",
+         "Unexpected attribute 'tactics' specified in aot_impl function"),
+    ], "check_plugins.py::test_registration_completes_after_a_failed_attempt"),
     # The bug tensorrt.plugin 11.4 found first: an aot_impl without its return annotation.
-    "plugin-return": ("plugins.py", "    ) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:",
-                      "    ):", "check_plugins.py::test_registration_completes_after_a_failed_attempt",
-                      "No return annotation found for aot_impl function"),
+    "plugin-return": ([
+        ("plugins.py", "    ) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:", "    ):",
+         "No return annotation found for aot_impl function"),
+    ], "check_plugins.py::test_registration_completes_after_a_failed_attempt"),
 }
 
 
 @pytest.mark.parametrize("name", list(MUTATIONS))
 def test_checks_fail_on_a_wrong_use(name: str, trt_env: dict[str, str], tmp_path: Path) -> None:
-    file, old, new, checks, message = MUTATIONS[name]
+    edits, checks = MUTATIONS[name]
     shutil.copytree(ROOT / "llama_export", tmp_path / "llama_export", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    target = tmp_path / "llama_export" / "backends" / "tensorrt" / file
-    text = target.read_text()
-    assert text.count(old) >= 1, f"mutation {name} no longer applies to {file}"
-    target.write_text(text.replace(old, new, 1))
+    for file, old, new, _ in edits:
+        target = tmp_path / "llama_export" / "backends" / "tensorrt" / file
+        text = target.read_text()
+        assert old in text, f"mutation {name} no longer applies to {file}: {old!r}"
+        target.write_text(text.replace(old, new, 1))
     proc = run_checks(trt_env, tmp_path, checks)
     assert proc.returncode == 1, _summary(proc)
-    assert message in proc.stdout, _summary(proc)
+    for *_, message in edits:
+        assert message in proc.stdout, _summary(proc)

@@ -140,12 +140,17 @@ def _dim_names(dims: list[list[int | str]]) -> dict[str, int]:
     return {d: _size(d) for ds in dims for d in ds if isinstance(d, str)}
 
 
+@pytest.fixture
+def builder_side(trt_modules: tuple[Any, Any], registered: dict[str, Any], registry: Any,
+                 expression_fakes: None) -> tuple[Any, Any]:
+    """(tensorrt, registry) with our plugins registered and shape expressions faked."""
+    return trt_modules[0], registry
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-def test_aot_plugins_as_the_builder_drives_them(
-    dtype: str, trt_modules: tuple[Any, Any], registered: dict[str, Any], registry: Any,
-    lowered: dict[str, onnx.ModelProto], expression_fakes: None,
-) -> None:
-    trt, _ = trt_modules
+def test_aot_plugins_as_the_builder_drives_them(dtype: str, builder_side: tuple[Any, Any],
+                                                lowered: dict[str, onnx.ModelProto]) -> None:
+    trt, registry = builder_side
     graph = _Graph(lowered[dtype])
     for node in _custom_nodes(lowered[dtype]):
         _, plugin, in_dims, descs = _build_side(trt, registry, graph, node, aot_plugins=True)
@@ -191,11 +196,9 @@ def _cpu_launches(trt: Any, seen: list[Any]):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-def test_jit_plugins_serialize_recreate_and_enqueue(
-    dtype: str, trt_modules: tuple[Any, Any], registered: dict[str, Any], registry: Any,
-    lowered: dict[str, onnx.ModelProto], expression_fakes: None,
-) -> None:
-    trt, _ = trt_modules
+def test_jit_plugins_serialize_recreate_and_enqueue(dtype: str, builder_side: tuple[Any, Any],
+                                                     lowered: dict[str, onnx.ModelProto]) -> None:
+    trt, registry = builder_side
     graph = _Graph(lowered[dtype])
     torch_dtype = Precision(dtype).torch_dtype
     g = torch.Generator().manual_seed(0)
