@@ -63,12 +63,17 @@ def import_tensorrt() -> Any:
     return trt
 
 
-def _trt_dtype_name(trt: Any, dtype: Any) -> str:
-    """"fp32" / "fp16" / "bf16" for a TensorRT float dtype (the Triton kernels' spelling)."""
+def _float_dtype(trt: Any, dtype: Any) -> dtypes.DType:
+    """The fp32 / fp16 / bf16 entry of `dtypes` for a TensorRT dtype."""
     for d in dtypes.FLOAT_TYPES:
         if d.precision is not None and getattr(trt, d.name, None) == dtype:
-            return d.precision
+            return d
     raise ValueError(f"llama_export plugins support fp32/fp16/bf16, got {dtype}")
+
+
+def _trt_dtype_name(trt: Any, dtype: Any) -> str:
+    """"fp32" / "fp16" / "bf16" for a TensorRT float dtype (the Triton kernels' spelling)."""
+    return _float_dtype(trt, dtype).precision
 
 
 def _static(expr: "trtp.ShapeExpr | int", what: str) -> int:
@@ -110,21 +115,17 @@ def cuda_array_interface(trt: Any, t: "trtp.Tensor") -> tuple[dict[str, Any], An
     """
     import torch
 
-    views = {trt.float32: ("<f4", torch.float32), trt.float16: ("<f2", torch.float16),
-             trt.bfloat16: ("<i2", torch.bfloat16)}
-    if t.dtype not in views:
-        raise ValueError(f"llama_export plugins support fp32/fp16/bf16 tensors, got {t.dtype}")
-    typestr, dtype = views[t.dtype]
-    itemsize = int(typestr[2:])
+    d = _float_dtype(trt, t.dtype)
+    itemsize = d.torch.itemsize
     iface = {
-        "shape": tuple(int(d) for d in t.shape),
-        "typestr": typestr,
+        "shape": tuple(int(n) for n in t.shape),
+        "typestr": f"<{'i' if d.torch == torch.bfloat16 else 'f'}{itemsize}",
         "data": (int(t.data_ptr), False),
         "strides": tuple(int(s) * itemsize for s in t.strides),
         "version": 3,
         "stream": None,
     }
-    return iface, dtype
+    return iface, d.torch
 
 
 class _CudaArray:
