@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from llama_export.config import Backend, Precision
+from llama_export.config import DTYPE_CHOICES, Backend, ModelDType, Precision, WeightQuant
 from llama_export.errors import InputError, LlamaExportError
 from llama_export.runner.compare import VALIDATION, CompareSettings
 from llama_export.runner.run import RunOptions
@@ -27,6 +27,18 @@ def _enum_arg(parser: argparse.ArgumentParser, flag: str, enum_type, **kwargs) -
     parser.add_argument(flag, type=parse, metavar="{" + ",".join(values) + "}", **kwargs)
 
 
+def _dtype_arg(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    """A `--dtype` option parsed to `ModelDType` ('fp16', 'int4', 'int8-fp16', ...)."""
+
+    def parse(text: str) -> ModelDType:
+        try:
+            return ModelDType.parse(text)
+        except LlamaExportError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parser.add_argument(flag, type=parse, metavar="{" + ",".join(DTYPE_CHOICES) + ",...}", **kwargs)
+
+
 def _add_run_parser(sub) -> None:
     p = sub.add_parser(
         "run",
@@ -39,8 +51,9 @@ def _add_run_parser(sub) -> None:
     _enum_arg(p, "--backend", Backend, default=Backend.EAGER,
               help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines) (default: eager)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree = number of rank processes")
-    _enum_arg(p, "--dtype", Precision, default=Precision.FP32,
-              help="eager weight/activation dtype (exports carry their own) (default: fp32)")
+    _dtype_arg(p, "--dtype", default=ModelDType(Precision.FP32),
+               help="eager dtype; int8/int4 run the weights quantized and dequantized (block 32), the "
+               "reference of a quantized export (exports carry their own) (default: fp32)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text prompt (tokenized with the checkpoint's or export's tokenizer: "
                         "sentencepiece or Meta Llama 3 tokenizer.model, or Hugging Face tokenizer.json)")
@@ -83,8 +96,9 @@ class _ConsoleReporter:
 
 
 def _source(args) -> ModelSource:
+    dtype = getattr(args, "dtype", ModelDType(Precision.FP32))
     return ModelSource(backend=args.backend, checkpoint=args.checkpoint, artifacts=args.artifacts,
-                       dtype=getattr(args, "dtype", Precision.FP32))
+                       dtype=dtype.activations, weights=dtype.weights)
 
 
 def _cmd_run(args, argv: list[str]) -> int:
@@ -132,8 +146,17 @@ def _add_export_parser(sub) -> None:
 def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (default: the built-in demo model)")
     p.add_argument("--tp", type=int, nargs="+", default=None, help="tensor-parallel degree(s) (default: 1 2)")
-    _enum_arg(p, "--dtype", Precision, nargs="+", default=[d.dtype],
-              help="graph dtype(s); bf16 graphs are for GPU backends and are not run on ORT CPU (default: fp32)")
+    _dtype_arg(p, "--dtype", nargs="+", default=[ModelDType(d.dtype)],
+               help="graph dtype(s): fp32, fp16, bf16 (bf16 graphs are for GPU backends, not run on ORT CPU); "
+               "int8, int4 = weight-only quantized weights with fp32 activations, int8-fp16, int4-fp16 "
+               "with fp16 ones (default: fp32)")
+    q = WeightQuant(bits=4)
+    p.add_argument("--block-size", type=int, default=q.block_size,
+                   help=f"int8/int4: input features per quantization block (default: {q.block_size})")
+    p.add_argument("--quantize-embedding", action="store_true", default=q.embedding,
+                   help="int8/int4: quantize the embedding table too (default: kept in the activation dtype)")
+    p.add_argument("--no-quantize-output", dest="quantize_output", action="store_false", default=q.output,
+                   help="int8/int4: keep the output projection in the activation dtype (default: quantized)")
     p.add_argument("--out", type=Path, default=d.out, help="output root; writes OUT/<name>/tp<N>-<dtype>/")
     p.add_argument("--name", help="model name in the output path (default: the checkpoint folder's name)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="largest batch the graphs accept")
@@ -154,7 +177,10 @@ def _cmd_export(args, argv: list[str]) -> int:
                          model_name=args.name, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                          progress=not args.no_progress)
     tps = args.tp or ([1, 2] if args.checkpoint is None else [1])
-    reports = run_job(base, tps, args.dtype, validate=not args.no_validate,
+    dtypes = [d if d.weights is None else dataclasses.replace(d, weights=WeightQuant(
+        d.weights.bits, args.block_size, output=args.quantize_output, embedding=args.quantize_embedding))
+        for d in args.dtype]
+    reports = run_job(base, tps, dtypes, validate=not args.no_validate,
                       settings=dataclasses.replace(VALIDATION, steps=args.steps))
     print(format_table(reports))
     for r in reports:

@@ -16,7 +16,7 @@ from llama_export.errors import ConfigError
 
 
 class Precision(str, enum.Enum):
-    """Element type of weights and activations."""
+    """Element type of activations, and of weights unless a `WeightQuant` quantizes them."""
 
     FP32 = "fp32"
     FP16 = "fp16"
@@ -25,6 +25,81 @@ class Precision(str, enum.Enum):
     @property
     def torch_dtype(self) -> torch.dtype:
         return dtypes.by_precision(self.value).torch
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Weight-only quantization: `bits`-bit integers in blocks of `block_size` input features per output
+    channel, symmetric (zero point 0), one scale per block in the activation dtype (`model.quantize` has
+    the formula). Which weights: every 2-D weight of the layers, the output projection if `output`, the
+    embedding table (blocks along the model dimension) if `embedding`; norms never."""
+
+    bits: int
+    block_size: int = 32
+    output: bool = True
+    embedding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ConfigError(f"weight bits={self.bits} is not supported; use 8 (int8) or 4 (int4)")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size {self.block_size} must be a power of two >= 16 (e.g. 32, 64, 128)")
+
+    @property
+    def name(self) -> str:
+        """'int4', 'int8'; a block size other than 32 is spelled: 'int4b128'."""
+        return f"int{self.bits}" + ("" if self.block_size == 32 else f"b{self.block_size}")
+
+    def quantizes(self, param: str) -> bool:
+        """Whether parameter `param` (a Meta name, e.g. `layers.0.attention.wq.weight`) is quantized."""
+        if param == "tok_embeddings.weight":
+            return self.embedding
+        if param == "output.weight":
+            return self.output
+        return param.startswith("layers.") and not param.endswith("norm.weight")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "symmetric": True}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WeightQuant:
+        d = dict(d)
+        if not d.pop("symmetric", True):
+            raise ConfigError("this export uses asymmetric weight quantization, which this version cannot run")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelDType:
+    """A `--dtype` value: the activation precision and, when weights are quantized, their scheme.
+
+    'fp32' 'fp16' 'bf16': weights and activations of that type. 'int8' 'int4': int8 / int4 weights
+    (block 32; `--block-size` and friends adjust `weights`) with fp32 activations; 'int8-fp16',
+    'int4-bf16', ...: with other activations."""
+
+    activations: Precision
+    weights: WeightQuant | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelDType:
+        bits, _, act = text.partition("-")
+        try:
+            if bits in ("int8", "int4"):
+                return cls(Precision(act or "fp32"), WeightQuant(int(bits[3:])))
+            if not act:
+                return cls(Precision(bits))
+        except ValueError:
+            pass
+        raise ConfigError(f"unknown dtype {text!r}; use fp32, fp16, bf16, int8, int4, or int8-/int4- and the "
+                          "activation dtype (int4-fp16)")
+
+    def __str__(self) -> str:
+        """'fp16', 'int4-fp32', 'int4b128-fp32': the variant's dtype part."""
+        act = self.activations.value
+        return act if self.weights is None else f"{self.weights.name}-{act}"
+
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16", "int8", "int4", "int8-fp16", "int4-fp16")  # shown in --help
 
 
 class Backend(str, enum.Enum):

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from llama_export.artifact.manifest import load_manifest, resolve_inside
 from llama_export.artifact.schema import COMPUTE_OPS
-from llama_export.config import Precision
+from llama_export.config import ModelDType, Precision
 from llama_export.export.exporter import ExportOptions, export
 from llama_export.export.passes.check import custom_node_counts
 from llama_export.runner.compare import VALIDATION, CompareSettings, validate_export
@@ -50,12 +50,12 @@ def _graph_stats(path: Path) -> tuple[int, int, int]:
     return len(m.rank(0).segments), nodes, custom
 
 
-def run_job(base: ExportOptions, tps: list[int], dtypes: list[Precision], *, validate: bool = True,
+def run_job(base: ExportOptions, tps: list[int], dtypes: list[ModelDType], *, validate: bool = True,
             settings: CompareSettings = VALIDATION) -> list[VariantReport]:
     reports = []
     for dtype in dtypes:
         for tp in tps:
-            opts = dataclasses.replace(base, tp=tp, dtype=dtype)
+            opts = dataclasses.replace(base, tp=tp, dtype=dtype.activations, weights=dtype.weights)
             t0 = time.perf_counter()
             path = export(opts)
             dt = time.perf_counter() - t0
@@ -63,7 +63,7 @@ def run_job(base: ExportOptions, tps: list[int], dtypes: list[Precision], *, val
             cmp, note = None, ""
             if not validate:
                 note = "not validated (--no-validate)"
-            elif dtype is Precision.BF16:
+            elif dtype.activations is Precision.BF16:
                 note = "not run: ONNX Runtime CPU has no bf16 kernels (checked with onnx.checker only)"
             else:
                 cmp = validate_export(path, base.checkpoint, settings=settings)
@@ -72,17 +72,17 @@ def run_job(base: ExportOptions, tps: list[int], dtypes: list[Precision], *, val
 
 
 def format_table(reports: list[VariantReport]) -> str:
-    head = (f"{'variant':<12} {'segs/rank':>9} {'nodes':>6} {'custom':>6} {'max abs':>9} {'cosine':>10} "
+    head = (f"{'variant':<14} {'segs/rank':>9} {'nodes':>6} {'custom':>6} {'max abs':>9} {'cosine':>10} "
             f"{'top-1':>6} {'greedy':>6} {'export s':>8} {'check s':>7}  result")
     lines = [head, "-" * len(head)]
     for r in reports:
         c = r.comparison
         if c is None:
-            lines.append(f"{r.variant:<12} {r.segments:>9} {r.nodes:>6} {r.custom_nodes:>6} {'-':>9} {'-':>10} "
+            lines.append(f"{r.variant:<14} {r.segments:>9} {r.nodes:>6} {r.custom_nodes:>6} {'-':>9} {'-':>10} "
                          f"{'-':>6} {'-':>6} {r.export_s:>8.1f} {'-':>7}  {r.note}")
         else:
             verdict = "ok" if c else f"FAIL (tolerance {c.tolerance:.0e})"
-            lines.append(f"{r.variant:<12} {r.segments:>9} {r.nodes:>6} {r.custom_nodes:>6} {c.max_abs:>9.2e} "
+            lines.append(f"{r.variant:<14} {r.segments:>9} {r.nodes:>6} {r.custom_nodes:>6} {c.max_abs:>9.2e} "
                          f"{c.min_cosine:>10.6f} {c.top1:>6.3f} {c.tokens_agree:>6.3f} {r.export_s:>8.1f} "
                          f"{c.seconds:>7.1f}  {verdict}")
     return "\n".join(lines)

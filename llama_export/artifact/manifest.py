@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from llama_export.config import ModelConfig, Precision
+from llama_export.config import ModelConfig, Precision, WeightQuant
 from llama_export.errors import ArtifactError
 
 FORMAT = "llama_export.manifest"
@@ -72,7 +72,7 @@ class Manifest:
     variant: str
     model: ModelConfig
     tp: int
-    dtype: Precision
+    dtype: Precision  # activations (and weights, unless weight_quant quantizes them)
     opset: int
     ir_version: int
     max_batch: int
@@ -82,12 +82,15 @@ class Manifest:
     exporter_version: str
     custom_nodes: dict[str, Any] = field(default_factory=dict)
     text_files: tuple[TextFile, ...] = ()  # what the checkpoint had of llama_export.text.TEXT_FILES
+    weight_quant: WeightQuant | None = None  # the weight-only quantization scheme (None: float weights)
+    quantized_weights: tuple[str, ...] = ()  # the parameters it quantized (the same names on every rank)
 
     # ---- JSON -----------------------------------------------------------------------------------
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["model"] = self.model.to_dict()
         d["dtype"] = self.dtype.value
+        d["weight_quant"] = self.weight_quant.to_dict() if self.weight_quant else None
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **d}, indent=2)
 
     @classmethod
@@ -134,6 +137,8 @@ class Manifest:
                 exporter_version=d["exporter_version"],
                 custom_nodes=dict(d.get("custom_nodes", {})),
                 text_files=tuple(TextFile(**t) for t in d.get("text_files", ())),
+                weight_quant=WeightQuant.from_dict(d["weight_quant"]) if d.get("weight_quant") else None,
+                quantized_weights=tuple(d.get("quantized_weights", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"manifest is malformed ({type(e).__name__}: {e}); re-export") from None

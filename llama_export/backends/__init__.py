@@ -36,15 +36,17 @@ def artifact_manifest(backend: Backend, root: Path, *, verify_hashes: bool = Tru
 
 
 def open_backend(backend: Backend, manifest: Manifest, root: Path, *, rank: int, device: torch.device,
-                 extra_outputs: tuple[str, ...] = ()) -> RankBackend:
+                 extra_outputs: tuple[str, ...] = (), exact: bool = False) -> RankBackend:
     """The RankBackend of `backend` for one rank of an export (or engine) directory.
 
     `extra_outputs`: values inside the graphs to return as well where the backend can (ORT; used by
-    `compare` to look inside a TP=1 graph)."""
+    `compare` to look inside a TP=1 graph). `exact`: compute quantized weights with the graph's own
+    arithmetic rather than faster approximate kernels where the backend has both (ORT; used when
+    checking an export against eager)."""
     if backend is Backend.ORT:
         from llama_export.backends.ort import OrtBackend
 
-        return OrtBackend(manifest, root, rank=rank, device=device, extra_outputs=extra_outputs)
+        return OrtBackend(manifest, root, rank=rank, device=device, extra_outputs=extra_outputs, exact=exact)
     if backend is Backend.TENSORRT:
         try:
             from llama_export.backends.tensorrt.runner import TensorRTBackend

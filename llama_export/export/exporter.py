@@ -1,8 +1,9 @@
 """Export a checkpoint: every rank traced, named, verified, partitioned, written with a manifest.
 
-Output: `<out>/<model_name>/<variant>/` (variant = `tp{N}-{dtype}`) holding `manifest.json`,
-`rank<r>/<kk>_<kind>.onnx` and the checkpoint's text files (tokenizer, tokenizer config, chat template,
-generation config; `llama_export.text.TEXT_FILES`), hashed in the manifest. Everything is written into
+Output: `<out>/<model_name>/<variant>/` (variant = `tp{N}-{dtype}`, `tp{N}-int4-{dtype}` with quantized
+weights) holding `manifest.json`, `rank<r>/<kk>_<kind>.onnx` and the checkpoint's text files (tokenizer,
+tokenizer config, chat template, generation config; `llama_export.text.TEXT_FILES`), hashed in the
+manifest. Everything is written into
 a temporary sibling directory and renamed into place only when complete and verified; an existing
 export is replaced whole or not at all.
 """
@@ -31,18 +32,20 @@ from llama_export.artifact.manifest import (
     load_manifest,
     sha256_file,
 )
-from llama_export.config import Precision
+from llama_export.config import ModelDType, Precision, WeightQuant
 from llama_export.errors import ArtifactError
 from llama_export.export.passes import Pipeline
 from llama_export.export.passes.check import CheckRankGraphPass
 from llama_export.export.passes.cleanup import CleanupPass
 from llama_export.export.passes.naming import NameGraphPass
 from llama_export.export.passes.partition import partition
+from llama_export.export.passes.quantize import QuantizeWeightsPass
 from llama_export.export.passes.weights import AttachWeightsPass
 from llama_export.export.trace import trace_rank
 from llama_export.files import staged_dir
 from llama_export.model.checkpoint import RankWeights, load_config
 from llama_export.model.layers import rope_tables
+from llama_export.model.quantize import quantized_parameters
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.comm import ExportComm, LocalComm
 from llama_export.parallel.plan import check_tp
@@ -56,7 +59,8 @@ class ExportOptions:
     checkpoint: Path
     out: Path = Path("graphs")
     tp: int = 1
-    dtype: Precision = Precision.FP32
+    dtype: Precision = Precision.FP32  # activations (and weights, unless `weights` quantizes them)
+    weights: WeightQuant | None = None
     model_name: str | None = None  # default: the checkpoint folder's name
     max_batch: int = 8
     max_seq_len: int | None = None  # default: the checkpoint's
@@ -64,7 +68,7 @@ class ExportOptions:
 
     @property
     def variant(self) -> str:
-        return f"tp{self.tp}-{self.dtype.value}"
+        return f"tp{self.tp}-{ModelDType(self.dtype, self.weights)}"
 
 
 def segment_kinds(n_segments: int, n_layers: int) -> list[tuple[str, int | None]]:
@@ -113,6 +117,7 @@ def export_rank(opts: ExportOptions, rank: int, root: Path) -> RankEntry:
         for key, p in module._parameters.items():
             module._parameters[key] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
     shape = model.shape
+    expect_quantized = quantized_parameters(model, opts.weights) if opts.weights else []
     graph = trace_rank(model.eval(), max_batch=opts.max_batch)
     del model
     Pipeline(CleanupPass(), NameGraphPass(), CheckRankGraphPass(cfg, opts.tp))(graph)
@@ -122,6 +127,7 @@ def export_rank(opts: ExportOptions, rank: int, root: Path) -> RankEntry:
     buffers = {"rope_cos": cos, "rope_sin": sin}
     kinds = segment_kinds(len(cuts), cfg.n_layers)
     segments = []
+    quantized: list[str] = []
     with RankWeights(opts.checkpoint, shape, dtype=dtype) as weights:
         def fetch(name: str) -> torch.Tensor:
             return buffers[name] if name in buffers else weights.get(name)
@@ -130,6 +136,10 @@ def export_rank(opts: ExportOptions, rank: int, root: Path) -> RankEntry:
             cut = cuts[k]
             cuts[k] = None  # the segment's weights are freed as soon as it is on disk
             AttachWeightsPass(fetch)(cut.model)
+            if opts.weights is not None:
+                quantize = QuantizeWeightsPass(opts.weights, where=f" on rank {rank} at tp={opts.tp}")
+                quantize(cut.model)
+                quantized += quantize.quantized
             label = kind if layer is None else f"layers.{layer}.{kind}"
             rel = f"rank{rank}/{k:02d}_{label}.onnx"
             data_rel = _write_segment(cut.model, root, rel)
@@ -141,6 +151,10 @@ def export_rank(opts: ExportOptions, rank: int, root: Path) -> RankEntry:
                 data_file=data_rel, data_sha256=sha256_file(root / data_rel) if data_rel else None,
             ))
             del cut, g
+    if sorted(quantized) != sorted(expect_quantized):
+        missing = sorted(set(expect_quantized) - set(quantized))
+        raise ArtifactError(f"rank {rank}: no MatMul/Gather reads {missing[:3]} directly, so the quantization "
+                            "pass could not quantize them")
     return RankEntry(rank=rank, segments=tuple(segments))
 
 
@@ -148,6 +162,12 @@ def export(opts: ExportOptions) -> Path:
     """Run the whole export; returns the final export directory."""
     cfg = load_config(opts.checkpoint, max_seq_len=opts.max_seq_len)
     check_tp(cfg, opts.tp)
+    quantized: list[str] = []
+    if opts.weights is not None:  # a block size that does not fit every rank fails here, before tracing
+        for rank in range(opts.tp):
+            with torch.device("meta"):
+                rank_model = Transformer(cfg, tp=opts.tp, rank=rank, comm=ExportComm(rank, opts.tp))
+            quantized = quantized_parameters(rank_model, opts.weights)
     if opts.dtype is Precision.BF16:
         log.warning("bf16 graphs cannot run on ONNX Runtime's CPU provider; they are meant for GPU backends")
     name = opts.model_name or Path(opts.checkpoint).resolve().name
@@ -168,7 +188,7 @@ def export(opts: ExportOptions) -> Path:
             exporter_version=__version__,
             custom_nodes={"domain": schema.DOMAIN, "version": schema.VERSION,
                           "ops": [*schema.COMPUTE_OPS, *schema.COLLECTIVE_OPS]},
-            text_files=tuple(text_files),
+            text_files=tuple(text_files), weight_quant=opts.weights, quantized_weights=tuple(quantized),
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         load_manifest(tmp)  # the written directory must pass the same checks every consumer runs

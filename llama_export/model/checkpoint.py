@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llama_export.config import ModelConfig, load_json
+from llama_export.config import ModelConfig, WeightQuant, load_json
 from llama_export.errors import CheckpointError
+from llama_export.model.quantize import quantize_model_
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.comm import Communicator
 from llama_export.parallel.plan import RankShape, Slice, shard_slice
@@ -139,11 +140,17 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     max_seq_len: int | None = None,
     device: torch.device | str = "cpu",
+    weights: WeightQuant | None = None,
 ) -> Transformer:
-    """Config + rank `rank`'s weights from `path`, as a ready eval-mode `Transformer`."""
+    """Config + rank `rank`'s weights from `path`, as a ready eval-mode `Transformer`.
+
+    With `weights`, the weights that scheme quantizes hold their dequantized values (the eager
+    reference of a quantized export, `model.quantize.quantize_model_`)."""
     cfg = load_config(path, max_seq_len=max_seq_len)
     with torch.device("meta"):
         model = Transformer(cfg, tp=tp, rank=rank, comm=comm)
     state = load_rank_state(path, model.shape, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
+    if weights is not None:
+        quantize_model_(model, weights)
     return model.to(device).eval()

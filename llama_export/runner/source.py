@@ -14,7 +14,7 @@ import torch
 
 from llama_export.artifact.manifest import Manifest, text_file_paths
 from llama_export.backends import artifact_manifest, open_backend
-from llama_export.config import Backend, ModelConfig, Precision
+from llama_export.config import Backend, ModelConfig, Precision, WeightQuant
 from llama_export.errors import InputError
 from llama_export.parallel.comm import Communicator
 from llama_export.runner.generate import StepFn
@@ -34,6 +34,7 @@ class ModelSource:
     checkpoint: Path | None = None  # eager: Meta or HF folder (None: the demo model)
     artifacts: Path | None = None  # ort: export directory; trt: engine directory
     dtype: Precision = Precision.FP32  # eager only: exports carry their own
+    weights: WeightQuant | None = None  # eager only: run with these weights quantized and dequantized
 
     def __post_init__(self) -> None:
         if self.backend is not Backend.EAGER and self.artifacts is None:
@@ -85,7 +86,7 @@ class ModelSource:
             from llama_export.model.checkpoint import build_model
 
             model = build_model(self.checkpoint_dir, tp=comm.world_size, rank=comm.rank, comm=comm,
-                                dtype=self.dtype.torch_dtype, device=device)
+                                dtype=self.dtype.torch_dtype, device=device, weights=self.weights)
             step: StepFn = model
             return step, model.empty_cache, model.cfg
         from llama_export.runner.stitch import empty_cache, segmented_step

@@ -16,7 +16,7 @@ import dataclasses
 
 from llama_export.artifact import schema
 from llama_export.artifact.manifest import load_manifest, resolve_inside, sha256_file
-from llama_export.config import Precision
+from llama_export.config import ModelDType, Precision
 from llama_export.export.exporter import ExportOptions, export
 from llama_export.export.passes.check import DECOMPOSITION_OPS
 from llama_export.runner.compare import VALIDATION, validate_export
@@ -132,7 +132,7 @@ def test_bf16_export_is_checked_but_not_run_on_ort_cpu(ckpts, tmp_path):
     from llama_export.job import run_job
 
     base = ExportOptions(checkpoint=ckpts[1]["gqa"], out=tmp_path, progress=False)
-    (report,) = run_job(base, [2], [Precision.BF16])
+    (report,) = run_job(base, [2], [ModelDType(Precision.BF16)])
     assert report.comparison is None and "no bf16 kernels" in report.note
     m = load_manifest(report.path)
     assert m.dtype is Precision.BF16

@@ -1,6 +1,7 @@
 """ONNX Runtime backend: one InferenceSession per segment of one rank.
 
-Sessions are created from the canonical custom-node graphs, lowered in memory (`lowering.py`).
+Sessions are created from the canonical custom-node graphs, lowered in memory (`lowering.py`, and
+`weight_only.py` for quantized weights).
 onnxruntime is imported lazily, so that importing llama_export never needs it.
 """
 
@@ -33,8 +34,15 @@ class OrtBackend:
     """RankBackend over ONNX Runtime sessions (CPU execution provider; CUDA where onnxruntime-gpu is)."""
 
     def __init__(self, manifest: Manifest, root: Path, *, rank: int, device: torch.device,
-                 threads: int | None = None, extra_outputs: tuple[str, ...] = ()) -> None:
+                 threads: int | None = None, extra_outputs: tuple[str, ...] = (), exact: bool = False) -> None:
+        """`exact`: run quantized weights with the canonical graph's arithmetic (fp32 compute,
+        `EXACT_ACCURACY_LEVEL`) instead of the fast int8-activation kernels (see `weight_only.py`)."""
         from llama_export.backends.ort.lowering import OrtLoweringPass
+        from llama_export.backends.ort.weight_only import (
+            DEFAULT_ACCURACY_LEVEL,
+            EXACT_ACCURACY_LEVEL,
+            WeightOnlyLoweringPass,
+        )
 
         ort = _ort()
         self.device = torch.device(device)
@@ -57,6 +65,7 @@ class OrtBackend:
             except Exception as e:  # protobuf DecodeError and friends
                 raise ArtifactError(f"{seg.file} is not a readable ONNX model ({type(e).__name__}); re-export") from None
             OrtLoweringPass()(lowered)
+            WeightOnlyLoweringPass(EXACT_ACCURACY_LEVEL if exact else DEFAULT_ACCURACY_LEVEL)(lowered)
             names = [o.name for o in seg.outputs] + _expose(lowered, extra_outputs)
             self.output_names.append(names)
             seg_opts = opts

@@ -1,0 +1,461 @@
+"""llama_export beside onnxruntime-genai and llama.cpp: same weights, same prompt ids, same machine.
+
+One random-weight checkpoint (default: the 134M model of issue 13, dim 768 x 12 layers, vocab 32000,
+fp32) is written as a Hugging Face folder; from it come our exports, onnxruntime-genai's models (its
+model builder, fp32/int8/int4) and llama.cpp GGUF files (f32/q8_0/q4_0, written here with the `gguf`
+package from the same tensors; q/k rows in llama.cpp's interleaved order, which is Meta's). Every
+(system, workload) runs in a fresh process (`peers_worker.py`) in interleaved rounds, the order rotated
+each round; the table shows medians over rounds, ratios to our ONNX Runtime fp32 run of the same round
+set, the decode memory-bandwidth bound (weight bytes per token over a tensor-copy bandwidth measured in
+each round), peak RSS per process, and how many greedy ids equal ours (fp32).
+
+Workloads (batch 1, --threads threads for everyone):
+  short   one prompt of 128 ids -> 128 new tokens
+  long    one prompt of 2048 ids -> 128 new tokens (also: decode ms per step here / in `short`)
+  ragged  8 prompts of 16..256 ids -> --ragged-new tokens each, run one after another (our ragged
+          batching is a separate feature; this is the one-by-one baseline every system can run)
+
+The peers are optional and never dependencies of llama_export; a system whose package is missing is
+skipped with the line to install it:
+    pip install onnxruntime-genai==0.18.0 gguf==0.19.0
+    nice -n 10 pip install llama-cpp-python==0.3.36     # compiles llama.cpp: several minutes
+    pip install transformers==5.24.0                     # (in '.[test]') the transformers row
+
+    python benchmarks/bench_peers.py [--workloads short long ragged] [--rounds 5] [--workdir DIR]
+
+--workdir keeps the checkpoint and converted models between invocations (rebuilt if the shape changes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+INSTALL = {
+    "onnxruntime_genai": "pip install onnxruntime-genai==0.18.0",
+    "llama_cpp": "nice -n 10 pip install llama-cpp-python==0.3.36",
+    "gguf": "pip install gguf==0.19.0",
+    "transformers": "pip install transformers==5.24.0",
+}
+# Bytes per weight a decode step reads, by precision class: fp32, and ggml's 32-weight blocks with an
+# fp16 scale (q8_0: 34 bytes, q4_0: 18 bytes per block), the densest layout of each class measured here.
+BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 34 / 32, "int4": 18 / 32}
+
+
+@dataclass(frozen=True)
+class System:
+    label: str  # shown in the table
+    worker: str  # peers_worker.py SYSTEM
+    precision: str  # fp32 | int8 | int4
+    model: Path  # what the worker loads
+
+
+def have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# ---- the checkpoint and its conversions ---------------------------------------------------------
+def make_state(cfg, seed: int = 0) -> dict:
+    """Random weights by Meta name, Meta (interleaved-RoPE) layout: N(0, 0.02) matrices, unit norms."""
+    import torch
+
+    from llama_export.model.checkpoint import expected_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    return {n: (torch.randn(s, generator=g) * 0.02 if len(s) > 1 else torch.ones(s))
+            for n, s in expected_shapes(cfg).items()}
+
+
+def write_hf(cfg, state: dict, out: Path) -> None:
+    """config.json + model.safetensors as transformers writes a LlamaForCausalLM (q/k rows rotate-half)."""
+    from safetensors.torch import save_file
+
+    from llama_export.model.hf_format import hf_name, interleaved_to_rotate_half
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in state.items():
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = interleaved_to_rotate_half(t, cfg.head_dim)
+        tensors[hf_name(name)] = t.contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+    }, indent=1))
+    write_placeholder_tokenizer(cfg.vocab_size, out)
+
+
+def write_placeholder_tokenizer(vocab: int, out: Path) -> None:
+    """A word-level tokenizer.json over placeholder tokens: onnxruntime-genai's builder copies a tokenizer
+    with the model (ids are fed directly, so its pieces never matter)."""
+    from tokenizers import Tokenizer, models
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"t{i}" for i in range(3, vocab))]
+    Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>")).save(
+        str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"}))
+
+
+_GGUF_NAMES = {
+    "attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
+    "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w3.weight": "ffn_up.weight",
+    "feed_forward.w2.weight": "ffn_down.weight", "attention_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+
+
+def gguf_name(meta: str) -> str:
+    top = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+           "output.weight": "output.weight"}
+    if meta in top:
+        return top[meta]
+    _, i, rest = meta.split(".", 2)
+    return f"blk.{i}.{_GGUF_NAMES[rest]}"
+
+
+def write_gguf(cfg, state: dict, out: Path, qtype: str) -> None:
+    """A llama-architecture GGUF. q/k stay in Meta's interleaved row order: llama.cpp's LLaMA RoPE is
+    the interleaved (GPT-J style "NORM") rotation, and its HF converter permutes HF rows back to it.
+    Every 2-D tensor (embedding and output included, like llama-quantize --pure) gets `qtype`; norms
+    stay f32. The vocabulary is a placeholder SentencePiece list (ids are fed directly)."""
+    import gguf
+    import numpy as np
+
+    q = {"f32": gguf.GGMLQuantizationType.F32, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+         "q4_0": gguf.GGMLQuantizationType.Q4_0}[qtype]
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
+    tmp = out.with_suffix(".partial")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name("bench-peers-random")
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_file_type(ftype)
+    w.add_vocab_size(cfg.vocab_size)
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
+             *([gguf.TokenType.BYTE] * 256)]
+    tokens += [f"\u2581t{i}" for i in range(len(tokens), cfg.vocab_size)]
+    types += [gguf.TokenType.NORMAL] * (cfg.vocab_size - len(types))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(cfg.vocab_size)])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    for name, t in state.items():
+        a = t.float().numpy()
+        if a.ndim == 2 and q is not gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(a, q), raw_dtype=q)
+        else:
+            w.add_tensor(gguf_name(name), np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.rename(out)
+
+
+def build_genai(hf: Path, out: Path, precision: str) -> float:
+    """onnxruntime-genai's model builder on the HF folder (CPU target); returns its wall time."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    with open(out.parent / f"{out.name}.log", "w") as logf:
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
+                        "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache")],
+                       check=True, stdout=logf, stderr=subprocess.STDOUT)
+    dt = time.perf_counter() - t0
+    tmp.rename(out)
+    return dt
+
+
+def prepare(args, cfg, work: Path, log) -> list[System]:
+    """Write (or reuse) the checkpoint and every conversion; the systems that can run here."""
+    stamp = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    if (work / "stamp.json").is_file() and (work / "stamp.json").read_text() != stamp:
+        log(f"{work} holds another model shape: rebuilding")
+        for child in work.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "stamp.json").write_text(stamp)
+    hf = work / "hf"
+    state = None
+    if not (hf / "config.json").is_file():
+        state = make_state(cfg)
+        write_hf(cfg, state, hf)
+    systems: list[System] = []
+
+    from llama_export.config import WeightQuant, split_dtype
+    from llama_export.export.exporter import ExportOptions, export
+
+    for dtype in args.ours:
+        bits, act = split_dtype(dtype)
+        opts = ExportOptions(checkpoint=hf, out=work / "graphs", tp=1, dtype=act, progress=False,
+                             weights=WeightQuant(bits=bits) if bits else None)
+        path = work / "graphs" / "hf" / opts.variant
+        if not (path / "manifest.json").is_file():
+            t0 = time.perf_counter()
+            export(opts)
+            log(f"llama_export export {opts.variant}: {time.perf_counter() - t0:.1f} s")
+        systems.append(System(f"llama_export ORT {dtype}", "ours-ort", f"int{bits}" if bits else "fp32", path))
+    systems.append(System("llama_export eager fp32", "ours-eager", "fp32", hf))
+    if have("transformers"):
+        systems.append(System("transformers eager fp32", "transformers", "fp32", hf))
+    else:
+        log(f"skipping transformers: {INSTALL['transformers']}")
+
+    if have("onnxruntime_genai"):
+        for p in ("fp32", "int8", "int4"):
+            out = work / f"genai-{p}"
+            if not out.is_dir():
+                log(f"onnxruntime-genai builder {p}: {build_genai(hf, out, p):.1f} s")
+            systems.append(System(f"onnxruntime-genai {p}", "genai", p, out))
+    else:
+        log(f"skipping onnxruntime-genai: {INSTALL['onnxruntime_genai']}")
+
+    if have("llama_cpp") and have("gguf"):
+        for qtype, p in (("f32", "fp32"), ("q8_0", "int8"), ("q4_0", "int4")):
+            out = work / f"model-{qtype}.gguf"
+            if not out.is_file():
+                if state is None:
+                    state = read_state(cfg, hf)
+                t0 = time.perf_counter()
+                write_gguf(cfg, state, out, qtype)
+                log(f"GGUF {qtype}: {time.perf_counter() - t0:.1f} s")
+            systems.append(System(f"llama.cpp {qtype}", "llamacpp", p, out))
+    else:
+        missing = [m for m in ("llama_cpp", "gguf") if not have(m)]
+        log("skipping llama.cpp: " + "; ".join(INSTALL[m] for m in missing))
+    return systems
+
+
+def read_state(cfg, hf: Path) -> dict:
+    """The checkpoint's tensors back in Meta names and layout (through our own HF loader)."""
+    import torch
+
+    from llama_export.model.checkpoint import load_rank_state
+    from llama_export.parallel.plan import RankShape
+
+    return load_rank_state(hf, RankShape(cfg, 1, 0), dtype=torch.float32)
+
+
+# ---- running ----------------------------------------------------------------------------------
+def workloads(args, vocab: int) -> dict[str, dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=g).tolist()  # no BOS/EOS/UNK ids
+
+    ragged_lens = [16 + round(i * (256 - 16) / 7) for i in range(8)]
+    all_w = {
+        "short": {"prompts": [ids(128)], "new": args.new},
+        "long": {"prompts": [ids(2048)], "new": args.new},
+        "ragged": {"prompts": [ids(n) for n in ragged_lens], "new": args.ragged_new},
+    }
+    out = {k: all_w[k] for k in args.workloads}
+    for w in out.values():
+        w["max_len"] = max(len(p) for p in w["prompts"]) + w["new"] + 8
+    return out
+
+
+def run_worker(system: System, workload: Path, out: Path, threads: int) -> dict | None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(HERE / "peers_worker.py"), system.worker, str(system.model),
+                           str(workload), str(out)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        print(f"  {system.label}: failed ({proc.returncode}): {' | '.join(tail)}", flush=True)
+        return None
+    return json.loads(out.read_text())
+
+
+def weight_bytes_per_token(cfg, precision: str) -> float:
+    """Bytes of weights one decode step reads: every projection at the precision's bytes per weight,
+    norms in fp32, one embedding row."""
+    projections = cfg.num_parameters() - cfg.vocab_size * cfg.dim - (2 * cfg.n_layers + 1) * cfg.dim
+    return projections * BYTES_PER_WEIGHT[precision] + (2 * cfg.n_layers + 1 + 1) * cfg.dim * 4
+
+
+def agreement(ids: list[list[int]], ref: list[list[int]]) -> str:
+    same = sum(a == b for x, y in zip(ids, ref) for a, b in zip(x, y))
+    total = sum(len(y) for y in ref)
+    first = next((i for x, y in zip(ids, ref) for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
+    return f"{same}/{total}" + ("" if first is None else f" (1st diff @{first})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--ragged-new", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workloads", nargs="+", default=["short"], choices=["short", "long", "ragged"])
+    ap.add_argument("--ours", nargs="+", default=["fp32", "int8", "int4"], help="our export dtypes to run on ORT")
+    ap.add_argument("--only", nargs="+", default=None, help="run only systems whose label contains one of these")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep models here between runs (default: a temp dir)")
+    args = ap.parse_args()
+
+    from llama_export.config import ModelConfig, meta_ffn_hidden_dim
+    from bench_generate import copy_bandwidth
+
+    cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
+                      vocab_size=args.vocab, hidden_dim=meta_ffn_hidden_dim(args.dim, 256, None),
+                      max_seq_len=4096)
+    tmp = None
+    work = args.workdir
+    if work is None:
+        tmp = tempfile.TemporaryDirectory()
+        work = Path(tmp.name)
+    work = work.resolve()
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    print(f"model: {cfg.num_parameters() / 1e6:.0f}M parameters (dim {cfg.dim} x {cfg.n_layers} layers, vocab "
+          f"{cfg.vocab_size}), fp32 checkpoint; batch 1, {args.threads} threads, {os.cpu_count()} cores; "
+          f"{args.rounds} interleaved rounds, medians", flush=True)
+    systems = prepare(args, cfg, work, log)
+    if args.only:
+        systems = [s for s in systems if any(o in s.label for o in args.only)]
+    loads = workloads(args, cfg.vocab_size)
+    results: dict[tuple[str, str], list[dict]] = {}
+    bws = []
+    for name, w in loads.items():
+        wpath = work / f"workload-{name}.json"
+        wpath.write_text(json.dumps(w))
+        for r in range(args.rounds):
+            bws.append(copy_bandwidth())
+            order = systems[r % len(systems):] + systems[:r % len(systems)]
+            # Other processes on the machine distort every timing (llama.cpp's OpenMP threads suffer most
+            # when cores are oversubscribed); the load average is printed so a reader can tell.
+            log(f"[{name}] round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.1f} on "
+                f"{os.cpu_count()} cores)")
+            for s in order:
+                res = run_worker(s, wpath, work / "result.json", args.threads)
+                if res is not None:
+                    results.setdefault((name, s.label), []).append(res)
+    bw = statistics.median(bws)
+    print(f"\nmemory bandwidth (tensor copy, read+write, median of {len(bws)}): {bw / 1e9:.1f} GB/s")
+    bounds = {p: bw / weight_bytes_per_token(cfg, p) for p in BYTES_PER_WEIGHT}
+    print("decode bound (weight bytes per token / bandwidth): " +
+          " / ".join(f"{p} {b:.0f} tok/s" for p, b in bounds.items()))
+    report(systems, loads, results, bounds)
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def _med(runs: list[dict], key) -> float:
+    return statistics.median(key(r) for r in runs)
+
+
+def report(systems, loads, results, bounds) -> None:
+    base_label = "llama_export ORT fp32"
+    summary: dict[tuple[str, str], dict] = {}
+    for name, w in loads.items():
+        new = w["new"]
+        n_prompts = len(w["prompts"])
+        ref = results.get((name, base_label))
+        ref_ids = [x["ids"] for x in ref[0]["runs"]] if ref else None
+        print(f"\n== {name}: {n_prompts} prompt(s) of {sorted({len(p) for p in w['prompts']})} ids -> {new} new, "
+              f"one at a time ==")
+        print(f"{'system':<26} {'prefill ms':>10} {'decode tok/s':>12} {'spread':>7} {'vs ours':>7} "
+              f"{'of bound':>8} {'total tok/s':>11} {'peak RSS GB':>11} {'load s':>6}  ids = ours fp32")
+        for s in systems:
+            runs = results.get((name, s.label))
+            if not runs:
+                continue
+            prefill = _med(runs, lambda r: sum(x["prefill_s"] for x in r["runs"]) / n_prompts)
+            decs = [n_prompts * (new - 1) / sum(x["decode_s"] for x in r["runs"]) for r in runs]
+            dec = statistics.median(decs)
+            total = _med(runs, lambda r: n_prompts * new / sum(x["prefill_s"] + x["decode_s"] for x in r["runs"]))
+            rss = _med(runs, lambda r: r["peak_rss"])
+            summary[(name, s.label)] = {"prefill_ms": prefill * 1e3, "decode": dec, "rss": rss,
+                                        "precision": s.precision, "total": total}
+            base = summary.get((name, base_label))
+            vs = f"{dec / base['decode']:6.2f}x" if base else "    —"
+            spread = (max(decs) - min(decs)) / 2 / dec
+            agree = agreement([x["ids"] for x in runs[0]["runs"]], ref_ids) if ref_ids else "—"
+            print(f"{s.label:<26} {prefill * 1e3:10.1f} {dec:12.1f} {spread:6.0%} {vs:>7} "
+                  f"{dec / bounds[s.precision]:8.0%} {total:11.1f} {rss / 1e9:11.2f} "
+                  f"{_med(runs, lambda r: r['load_s']):6.1f}  {agree}")
+    targets(summary, loads)
+
+
+def targets(summary, loads) -> None:
+    """The issue's targets, as ratios of this run's medians (only those whose rows ran)."""
+    def get(w, label, key):
+        row = summary.get((w, label))
+        return row[key] if row else None
+
+    lines = []
+
+    def ratio(text, a, b, goal, higher=True):
+        if a is None or b is None:
+            return
+        r = a / b
+        ok = r >= goal if higher else r <= goal
+        lines.append(f"  {text:<62} {r:6.2f}  (target {'>=' if higher else '<='} {goal})  {'met' if ok else 'MISSED'}")
+
+    genai = {"fp32": "onnxruntime-genai fp32", "int8": "onnxruntime-genai int8", "int4": "onnxruntime-genai int4"}
+    lcpp = {"fp32": "llama.cpp f32", "int8": "llama.cpp q8_0", "int4": "llama.cpp q4_0"}
+    for p in ("fp32", "int8", "int4"):
+        ours = f"llama_export ORT {p}"
+        d = get("short", ours, "decode")
+        ratio(f"{p} decode vs onnxruntime-genai {p}", d, get("short", genai[p], "decode"), 1.1)
+        ratio(f"{p} decode vs {lcpp[p]}", d, get("short", lcpp[p], "decode"), {"fp32": 1.0, "int8": 1.0, "int4": 1.5}[p])
+        peers = [v for v in (get("short", genai[p], "prefill_ms"), get("short", lcpp[p], "prefill_ms")) if v]
+        if peers:
+            ratio(f"{p} prefill ms vs best peer", get("short", ours, "prefill_ms"), min(peers), 0.9, higher=False)
+        ratio(f"long: {p} decode vs onnxruntime-genai {p}", get("long", ours, "decode"),
+              get("long", genai[p], "decode"), 1.1)
+        if "long" in loads and "short" in loads:
+            # per-step time at context ~2048 over per-step time at ~128 = decode rate short / long
+            ratio(f"long: {p} per-step time at ctx 2048 / at ctx 128", get("short", ours, "decode"),
+                  get("long", ours, "decode"), 1.5, higher=False)
+    ratio("peak RSS int4 / fp32 (short)", get("short", "llama_export ORT int4", "rss"),
+          get("short", "llama_export ORT fp32", "rss"), 0.35, higher=False)
+    if lines:
+        print("\ntargets (issue 13), from the medians above:")
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Pass: weight-only quantization of a segment whose weights are attached.
+
+    before                                          after
+    W [K, N] fp ─► MatMul(x, W)             ──►     W_q [K, N] int4|int8 ─┐
+                                                    W_scale [K/B, N] fp  ─► DequantizeLinear(axis=0,
+                                                                             block_size=B) ─► MatMul(x, ·)
+    E [V, D] fp ─► Gather(E, tokens)        ──►     E_q [V, D], E_scale [V, D/B] ─► DequantizeLinear(axis=1,
+       (only with WeightQuant.embedding)                                             block_size=B) ─► Gather
+
+Standard ONNX (opset 21+ blocked `DequantizeLinear`, INT4/INT8 initializers), which TensorRT's
+weight-only GEMMs consume as is; the ONNX Runtime lowering rewrites the pairs into its fused kernels
+(`backends/ort/weight_only.py`). The pass works on whatever `MatMul(x, W)` with a 2-D float initializer
+`W` a segment has (after `AttachWeightsPass`, W is the transposed parameter `<param>_t`), so it does
+not depend on how projections are packed. It runs per rank on the rank's slices, so no block straddles
+ranks. Each tensor is quantized and its float values dropped before the next one. The numbers come
+from `model.quantize`, which the eager reference uses too.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import onnx_ir as ir
+import torch
+
+from llama_export import dtypes
+from llama_export.config import WeightQuant
+from llama_export.errors import ArtifactError
+from llama_export.export.passes import Pass
+from llama_export.model.quantize import check_blocks, quantize_blocks
+
+_INT = {8: (ir.DataType.INT8, "int8"), 4: (ir.DataType.INT4, ml_dtypes.int4)}
+
+
+def param_name(initializer: str) -> str:
+    """The checkpoint parameter behind a weight initializer (`<param>_t` when stored transposed)."""
+    return initializer[:-2] if initializer.endswith("_t") else initializer
+
+
+def _block_axis(value: ir.Value) -> int | None:
+    """0 when every use is `MatMul` input B, 1 when every use is `Gather` data; else None."""
+    uses = list(value.uses())
+    if uses and all(n.op_type == "MatMul" and n.domain == "" and i == 1 for n, i in uses):
+        return 0
+    if uses and all(n.op_type == "Gather" and n.domain == "" and i == 0 for n, i in uses):
+        return 1
+    return None
+
+
+class QuantizeWeightsPass(Pass, ir.passes.InPlacePass):
+    """Quantize the weights `scheme` selects, as the module docstring shows; `quantized` lists them."""
+
+    def __init__(self, scheme: WeightQuant, *, where: str = "") -> None:
+        self.scheme = scheme
+        self.where = where  # ends a block-size error, e.g. " on rank 1 at tp=2"
+        self.quantized: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        g = model.graph
+        b = self.scheme.block_size
+        qtype, np_type = _INT[self.scheme.bits]
+        for value in list(g.initializers.values()):
+            tensor = value.const_value
+            if tensor is None or value.shape is None or len(value.shape) != 2:
+                continue
+            if not tensor.dtype.is_floating_point() or not self.scheme.quantizes(param_name(value.name)):
+                continue
+            axis = _block_axis(value)
+            if axis is None:
+                continue
+            param = param_name(value.name)
+            w = torch.from_numpy(tensor.numpy()) if tensor.dtype != ir.DataType.BFLOAT16 else tensor.raw
+            w = w.t() if axis == 0 else w  # rows = output channels, blocks along the input features
+            check_blocks(param, w.shape[1], b, hint=self.where)
+            q, scale = quantize_blocks(w, bits=self.scheme.bits, block_size=b, scale_dtype=w.dtype)
+            if axis == 0:
+                q, scale = q.t(), scale.t()
+            qv = ir.Value(name=f"{value.name}_q", const_value=ir.Tensor(q.contiguous().numpy().astype(np_type),
+                                                                          dtype=qtype))
+            sv = ir.Value(name=f"{value.name}_scale",
+                          const_value=ir.tensor_adapters.TorchTensor(scale.contiguous()))
+            for v in (qv, sv):
+                v.shape, v.type = v.const_value.shape, ir.TensorType(v.const_value.dtype)
+            first = next(iter(value.uses()))[0]
+            path = first.name.rsplit("/", 1)[0] if first.name and "/" in first.name else value.name
+            dq = ir.node("DequantizeLinear", [qv, sv], {"axis": axis, "block_size": b},
+                         name=f"{path}/DequantizeLinear")
+            dq.outputs[0].name = f"{path}/DequantizeLinear_output_0"
+            dq.outputs[0].dtype, dq.outputs[0].shape = tensor.dtype, value.shape
+            g.insert_before(first, dq)
+            ir.convenience.replace_all_uses_with(value, dq.outputs[0])
+            g.initializers.pop(value.name)
+            g.register_initializer(qv)
+            g.register_initializer(sv)
+            self.quantized.append(param)
+        return ir.passes.PassResult(model, modified=bool(self.quantized))
+
+    def ensures(self, model: ir.Model) -> None:
+        names = [n.name for n in model.graph if n.op_type == "DequantizeLinear"]
+        if len(set(names)) != len(names):
+            raise ArtifactError("two quantized weights share a node path; their DequantizeLinear names collide")

@@ -1,0 +1,107 @@
+"""Perplexity of a token stream under any step function (eager, ONNX Runtime, TensorRT; any TP).
+
+Sliding windows of `window` tokens moved by `stride` (the scheme of Hugging Face's "Perplexity of
+fixed-length models"): window 0 covers tokens [0, W) and scores tokens 1..W-1; window j >= 1 covers
+[jS, jS + W) and scores only its last S tokens, so every token after the first is scored exactly once,
+given at least W - S and at most W - 1 tokens before it (fewer only in window 0).
+
+The step functions return last-token logits, so a window is streamed through the KV cache: its first
+W - S tokens are one prefill (whose logits score token jS + W - S), then each further token is one
+decode step that scores the next. The logits are exactly those a full-sequence forward over the window
+would give at those positions, which is what the tests check against. Full windows have the same
+shape, so `batch` of them run as one batch; window 0 and a final partial window run alone.
+
+    NLL = -sum_i log softmax(logits_i)[t_i]  (in float64),   perplexity = exp(NLL / scored tokens)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llama_export.errors import InputError
+from llama_export.runner.generate import StepFn
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    tokens: int  # length of the stream
+    scored: int  # tokens scored (tokens - 1)
+    nll: float  # summed negative log-likelihood, nats
+    window: int
+    stride: int
+    seconds: float
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll / self.scored
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+
+def plan_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(context start, first scored token, end) per window, end exclusive; the context is
+    [start, first) and tokens first..end-1 are scored."""
+    if n < 2:
+        raise InputError(f"the text has {n} token(s); perplexity needs at least 2")
+    if not 1 <= stride < window:
+        raise InputError(f"stride={stride} must be at least 1 and below window={window} (each window keeps "
+                         "window - stride tokens of context)")
+    out = [(0, 1, min(window, n))]
+    j = 1
+    while j * stride + window - stride < n:
+        start = j * stride
+        out.append((start, start + window - stride, min(start + window, n)))
+        j += 1
+    return out
+
+
+def _nll(logits: Tensor, targets: Tensor) -> float:
+    """Summed -log p(target) over rows; logits [B, V] fp32, targets [B]."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -float(logp.gather(-1, targets.view(-1, 1)).sum())
+
+
+def _run_group(step: StepFn, make_cache: Callable, ids: Tensor, group: list[tuple[int, int, int]]) -> float:
+    """NLL of windows that share their shape (same context and scored lengths), as one batch."""
+    ctx = torch.stack([ids[s:f] for s, f, _ in group])  # [B, f - s]
+    scored = torch.stack([ids[f:e] for _, f, e in group])  # [B, e - f]
+    keys, values = make_cache(len(group))
+    with torch.inference_mode():
+        logits, keys, values = step(ctx, keys, values)
+        total = _nll(logits, scored[:, 0])
+        for k in range(1, scored.shape[1]):
+            logits, keys, values = step(scored[:, k - 1: k], keys, values)
+            total += _nll(logits, scored[:, k])
+    return total
+
+
+def perplexity(step: StepFn, make_cache: Callable[[int], tuple[list[Tensor], list[Tensor]]], ids: Tensor, *,
+               window: int, stride: int, batch: int = 8,
+               progress: Callable[[int, int], None] | None = None) -> Perplexity:
+    """Perplexity of `ids` ([N] int64) under `step`; `make_cache(b)` gives an empty cache for b rows.
+
+    `progress(done, total)` is called after each group of windows, in windows."""
+    if batch < 1:
+        raise InputError(f"batch={batch} must be at least 1")
+    t0 = time.perf_counter()
+    windows = plan_windows(ids.numel(), window, stride)
+    groups: list[list[tuple[int, int, int]]] = [[windows[0]]]
+    full = [w for w in windows[1:] if w[2] - w[1] == stride]
+    groups += [full[i: i + batch] for i in range(0, len(full), batch)]
+    groups += [[w] for w in windows[1:] if w[2] - w[1] != stride]
+    total, done = 0.0, 0
+    for group in groups:
+        total += _run_group(step, make_cache, ids, group)
+        done += len(group)
+        if progress is not None:
+            progress(done, len(windows))
+    return Perplexity(tokens=ids.numel(), scored=ids.numel() - 1, nll=total, window=window, stride=stride,
+                      seconds=time.perf_counter() - t0)
