@@ -1,4 +1,4 @@
-"""Thin argparse front end: `llama-export {export,run,compare,build}`. Only this module prints errors."""
+"""Thin argparse front end: `llama-export {export,run,compare,eval,build}`. Only this module prints errors."""
 
 from __future__ import annotations
 
@@ -39,21 +39,27 @@ def _dtype_arg(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
     parser.add_argument(flag, type=parse, metavar="{" + ",".join(DTYPE_CHOICES) + ",...}", **kwargs)
 
 
+def _add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model comes from and how many ranks run it (`run`, `eval`)."""
+    src = p.add_argument_group("model source")
+    src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (eager; default: the built-in demo model)")
+    src.add_argument("--artifacts", type=Path, help="export directory with manifest.json (ort; for trt the engines directory)")
+    _enum_arg(src, "--backend", Backend, default=Backend.EAGER,
+              help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines) (default: eager)")
+    src.add_argument("--tp", type=int, default=1, help="tensor-parallel degree = number of rank processes")
+    _dtype_arg(src, "--dtype", default=ModelDType(Precision.FP32),
+               help="eager dtype; int8/int4 run the weights quantized and dequantized (block 32), the "
+               "reference of a quantized export (exports carry their own) (default: fp32)")
+    src.add_argument("--device", default="cpu", help="cpu or cuda (ort/eager: cpu in CI)")
+
+
 def _add_run_parser(sub) -> None:
     p = sub.add_parser(
         "run",
         help="generate across N rank processes on the eager, ort or trt backend",
         description="Greedy or sampled generation. Starts --tp rank processes itself (or runs under torchrun).",
     )
-    src = p.add_argument_group("model source")
-    src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (eager; default: the built-in demo model)")
-    src.add_argument("--artifacts", type=Path, help="export directory with manifest.json (ort; for trt the engines directory)")
-    _enum_arg(p, "--backend", Backend, default=Backend.EAGER,
-              help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines) (default: eager)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree = number of rank processes")
-    _dtype_arg(p, "--dtype", default=ModelDType(Precision.FP32),
-               help="eager dtype; int8/int4 run the weights quantized and dequantized (block 32), the "
-               "reference of a quantized export (exports carry their own) (default: fp32)")
+    _add_source_arguments(p)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text prompt (tokenized with the checkpoint's or export's tokenizer: "
                         "sentencepiece or Meta Llama 3 tokenizer.model, or Hugging Face tokenizer.json)")
@@ -66,10 +72,55 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (ort/eager: cpu in CI)")
     p.add_argument("--json", type=Path, dest="json_out",
                    help="write generated ids and every step's full last-token logits as JSON")
     p.set_defaults(func=_cmd_run)
+
+
+def _add_eval_parser(sub) -> None:
+    from llama_export.runner.evaluate import EvalOptions
+
+    d = EvalOptions(source=ModelSource(Backend.EAGER), text=Path("."))
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a text file on any backend and variant",
+        description="Stream a text file (tokenized as one sequence, BOS first) through the model in sliding "
+        "windows of --window tokens moved by --stride: every token after the first is scored once, given "
+        "at least window - stride preceding tokens (fewer in the first window). Reports the perplexity "
+        "exp(mean negative log-likelihood).",
+    )
+    p.add_argument("--text", type=Path, required=True, help="UTF-8 text file")
+    _add_source_arguments(p)
+    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's max_seq_len)")
+    p.add_argument("--stride", type=int, default=None, help="tokens the window moves by (default: window / 2)")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"windows run as one batch (default: {d.batch})")
+    p.add_argument("--json", type=Path, dest="json_out", help="write the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args, argv: list[str]) -> int:
+    import json
+
+    from llama_export.files import write_atomic
+    from llama_export.runner.evaluate import EvalOptions, run_eval
+
+    source = _source(args)
+    opts = EvalOptions(source=source, text=args.text, tp=args.tp, window=args.window, stride=args.stride,
+                       batch=args.batch, device=args.device, progress=not args.no_progress)
+    what = (str(args.artifacts) if args.artifacts else f"{source.checkpoint_dir} {args.dtype}")
+
+    def report(r) -> None:
+        print(f"perplexity {r.perplexity:.4f} over {r.tokens:,} tokens ({r.scored:,} scored; mean NLL "
+              f"{r.mean_nll:.4f} nats/token; window {r.window}, stride {r.stride}); {args.backend.value} "
+              f"tp={args.tp} {what}; {r.seconds:.1f} s", flush=True)
+        if args.json_out:
+            write_atomic(args.json_out, json.dumps({
+                "text": str(args.text), "backend": args.backend.value, "tp": args.tp, "model": what,
+                "tokens": r.tokens, "scored": r.scored, "nll": r.nll, "mean_nll": r.mean_nll,
+                "perplexity": r.perplexity, "window": r.window, "stride": r.stride, "seconds": r.seconds}))
+
+    return run_eval(opts, argv, report)
 
 
 class _ConsoleReporter:
@@ -297,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     _add_run_parser(sub)
     _add_compare_parser(sub)
+    _add_eval_parser(sub)
     _add_build_parser(sub)
     return parser
 

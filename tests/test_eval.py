@@ -59,3 +59,51 @@ def test_windows_score_every_token_once():
 def test_bad_windows_are_refused(n, w, s):
     with pytest.raises(InputError):
         plan_windows(n, w, s)
+
+
+TEXT = '''import os
+
+
+def read_config(path):
+    """Return the settings stored in the file at path."""
+    settings = {}
+    with open(path) as f:
+        for line in f:
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
+'''
+
+
+def test_eval_cli_on_the_demo_model(tmp_path, capsys):
+    """`llama-export eval` (eager, the demo model) against transformers' full-sequence logits on the same
+    weights and the demo tokenizer's ids, computed here."""
+    import sentencepiece as spm
+
+    from llama_export.demo import DEMO_DIR
+    from llama_export.model.checkpoint import load_config, load_rank_state
+    from llama_export.parallel.plan import RankShape
+    from tests.helpers import read_json, run_cli
+
+    text = tmp_path / "short.py"
+    text.write_text(TEXT)
+    r = run_cli("eval", "--text", str(text), "--window", "32", "--stride", "12", "--batch", "4",
+                "--json", str(tmp_path / "ppl.json"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    got = read_json(tmp_path / "ppl.json")
+    sp = spm.SentencePieceProcessor(model_file=str(DEMO_DIR / "tokenizer.model"))
+    ids = torch.tensor([sp.bos_id(), *sp.encode(TEXT)])
+    cfg = load_config(DEMO_DIR)
+    hf = hf_model_from_meta(cfg, load_rank_state(DEMO_DIR, RankShape(cfg, 1, 0), dtype=torch.float32))
+    want, scored = reference_nll(hf, ids, 32, 12)
+    assert got["tokens"] == ids.numel() and got["scored"] == scored and ids.numel() > 64
+    assert got["nll"] == pytest.approx(want, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(want / scored), rel=1e-5)
+    assert f"perplexity {got['perplexity']:.4f}" in r.stdout
+
+    from llama_export.cli import main
+
+    assert main(["eval", "--text", str(text), "--window", "999"]) == 2
+    assert "--window 999 exceeds the model's context max_seq_len=256" in capsys.readouterr().err
+    assert main(["eval", "--text", str(tmp_path / "nope.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err

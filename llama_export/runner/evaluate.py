@@ -20,12 +20,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from llama_export.errors import InputError
+from llama_export.parallel.plan import check_tp
 from llama_export.runner.generate import StepFn
+from llama_export.runner.launch import on_ranks, rank_env
+from llama_export.runner.source import ModelSource
 
 
 @dataclass(frozen=True)
@@ -105,3 +110,65 @@ def perplexity(step: StepFn, make_cache: Callable[[int], tuple[list[Tensor], lis
             progress(done, len(windows))
     return Perplexity(tokens=ids.numel(), scored=ids.numel() - 1, nll=total, window=window, stride=stride,
                       seconds=time.perf_counter() - t0)
+
+
+# ---- `llama-export eval` ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalOptions:
+    """One `eval`: a text file scored by one model source at one TP degree."""
+
+    source: ModelSource
+    text: Path
+    tp: int = 1
+    window: int | None = None  # default: the model's max_seq_len
+    stride: int | None = None  # default: window // 2
+    batch: int = 8
+    device: str = "cpu"
+    progress: bool = True
+
+
+def _read_ids(opts: EvalOptions) -> Tensor:
+    path = Path(opts.text)
+    if not path.is_file():
+        raise InputError(f"--text {path} does not exist; give a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--text {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    ids = opts.source.tokenizer().encode(text)  # one stream, BOS first
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def _window(opts: EvalOptions, max_seq_len: int) -> tuple[int, int]:
+    window = opts.window or max_seq_len
+    if window > max_seq_len:
+        raise InputError(f"--window {window} exceeds the model's context max_seq_len={max_seq_len}; use "
+                         f"--window {max_seq_len} or less")
+    stride = opts.stride or max(1, window // 2)
+    plan_windows(2, window, stride)  # checks stride against window
+    return window, stride
+
+
+def run_eval(opts: EvalOptions, argv: list[str], report: Callable[[Perplexity], None]) -> int:
+    """Entry point of the `eval` subcommand (parent or rank process); rank 0 calls `report`."""
+    if rank_env() is None:
+        opts.source.check_tp(opts.tp)
+        cfg = opts.source.config()
+        check_tp(cfg, opts.tp)
+        _window(opts, cfg.max_seq_len)
+        plan_windows(_read_ids(opts).numel(), *_window(opts, cfg.max_seq_len))
+
+    def work(env, comm, device) -> int:
+        step, make_cache, cfg = opts.source.step(comm=comm, device=device)
+        window, stride = _window(opts, cfg.max_seq_len)
+        ids = _read_ids(opts).to(device)
+        bar = tqdm(total=len(plan_windows(ids.numel(), window, stride)), unit="window", desc="eval",
+                   disable=not opts.progress or env.rank != 0)
+        result = perplexity(step, make_cache, ids, window=window, stride=stride, batch=opts.batch,
+                            progress=lambda done, total: bar.update(done - bar.n))
+        bar.close()
+        if env.rank == 0:
+            report(result)
+        return 0
+
+    return on_ranks(opts.tp, opts.device, argv, work)

@@ -15,13 +15,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from llama_export.errors import RankFailedError
+from llama_export.errors import InputError, RankFailedError
+from llama_export.parallel.comm import Communicator, DistComm, LocalComm
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,46 @@ def init_process_group(env: RankEnv, device: torch.device) -> None:
     dist.init_process_group(
         backend=backend, rank=env.rank, world_size=env.world_size, timeout=COLLECTIVE_TIMEOUT, **kwargs
     )
+
+
+# work(rank environment, communicator, device) -> exit code, run once on every rank
+RankWork = Callable[[RankEnv, Communicator, torch.device], int]
+
+
+def on_ranks(tp: int, device: str, argv: list[str], work: RankWork) -> int:
+    """Run `work` as this process's rank; returns the exit code.
+
+    In a plain process, tp=1 runs `work` right here and tp>1 starts the rank processes with `argv`
+    (`launch_local`), which come back here as ranks. In a rank process: join the process group, run
+    `work`, and leave without tearing gloo down (see below)."""
+    env = rank_env()
+    if env is None:
+        if tp > 1:
+            return launch_local(argv, tp)
+        env = RankEnv(rank=0, world_size=1, local_rank=0)
+    die_with_launcher()
+    if env.world_size != tp:
+        raise InputError(f"started with WORLD_SIZE={env.world_size} but --tp {tp}; make them equal")
+    dev = torch.device(device if device != "cuda" else f"cuda:{env.local_rank}")
+    comm: Communicator = LocalComm()
+    if env.world_size > 1:
+        init_process_group(env, dev)
+        comm = DistComm()
+    try:
+        code = work(env, comm, dev)
+        if dist.is_initialized():
+            dist.barrier()  # every rank is done with the group
+            # gloo's teardown (destroy_process_group, or interpreter exit with the group alive) sometimes
+            # aborts a rank ("terminate called without an active exception", SIGABRT) after all work is
+            # done, turning a finished run into a failed one. A finished rank process therefore leaves
+            # without running C++ destructors; its output is flushed first.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _free_port() -> int:

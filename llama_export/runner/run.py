@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 
 from llama_export.errors import InputError
 from llama_export.files import write_atomic
-from llama_export.parallel.comm import Communicator, DistComm, LocalComm
+from llama_export.parallel.comm import Communicator
 from llama_export.parallel.plan import check_tp
 from llama_export.runner.generate import GenerationResult, SamplingConfig, generate_stream, validate_prompt
-from llama_export.runner.launch import RankEnv, die_with_launcher, init_process_group, launch_local, rank_env
+from llama_export.runner.launch import RankEnv, on_ranks, rank_env
 from llama_export.runner.source import ModelSource
 from llama_export.text import TextStream, Tokenizer, single_turn
 
@@ -75,40 +72,15 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
     """Entry point of the `run` subcommand, in the parent process or in a rank process.
 
     `argv` is what rank processes are started with; `reporter` receives rank 0's output."""
-    env = rank_env()
-    if env is None:
+    if rank_env() is None:
         opts.source.check_tp(opts.tp)
         cfg = opts.source.config()
         check_tp(cfg, opts.tp)
         for _, prompt in _prompt_groups(opts, opts.source.tokenizer() if opts.is_text else None):
             validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
                             max_new_tokens=new_token_budget(opts, prompt.shape[1], cfg.max_seq_len))
-        if opts.tp > 1:
-            return launch_local(argv, opts.tp)
-        env = RankEnv(rank=0, world_size=1, local_rank=0)
-    die_with_launcher()
-    if env.world_size != opts.tp:
-        raise InputError(f"started with WORLD_SIZE={env.world_size} but --tp {opts.tp}; make them equal")
-    device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{env.local_rank}")
-    comm: Communicator = LocalComm()
-    if env.world_size > 1:
-        init_process_group(env, device)
-        comm = DistComm()
-    try:
-        code = _run_rank(opts, env, comm, device, reporter or _Silent())
-        if dist.is_initialized():
-            dist.barrier()  # every rank is done with the group
-            # gloo's teardown (destroy_process_group, or interpreter exit with the group alive) sometimes
-            # aborts a rank ("terminate called without an active exception", SIGABRT) after all work is
-            # done, turning a finished run into a failed one. A finished rank process therefore leaves
-            # without running C++ destructors; its output is flushed first.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        return code
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return on_ranks(opts.tp, opts.device, argv,
+                    lambda env, comm, device: _run_rank(opts, env, comm, device, reporter or _Silent()))
 
 
 def _prompt_groups(opts: RunOptions, tok: Tokenizer | None) -> list[tuple[list[int], torch.Tensor]]:

@@ -27,7 +27,7 @@ from llama_export.parallel.plan import RankShape
 from llama_export.runner.compare import validate_export
 from llama_export.runner.diff import TOLERANCES
 from llama_export.runner.stitch import empty_cache, segmented_step
-from tests.helpers import random_meta_state, run_cli
+from tests.helpers import random_meta_state
 
 # hidden 192 (multiple_of 32): every weight's input features split evenly into blocks of 16 at tp=2
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=131, hidden_dim=192, max_seq_len=64)
@@ -160,14 +160,33 @@ def test_tp2_quantized_matches_tp1_quantized(exports):
     assert (one - two).abs().max() <= 1e-3
 
 
-def test_block_size_that_would_straddle_ranks_is_refused(ckpt, tmp_path):
+def test_block_size_that_would_straddle_ranks_is_refused(ckpt, tmp_path, capsys):
+    from llama_export.cli import main
+
     # tp=2: wo holds 32 input features per rank (w2 96); 64 divides neither
-    r = run_cli("export", "--checkpoint", str(ckpt), "--out", str(tmp_path), "--tp", "2", "--dtype", "int4",
-                "--block-size", "64", "--no-validate", "--no-progress")
-    assert r.returncode == 2, r.stderr
-    line = r.stderr.strip()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path), "--tp", "2", "--dtype", "int4",
+                 "--block-size", "64", "--no-validate", "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip()
     assert "\n" not in line and "block_size=64" in line and "32 input features" in line and "tp=2" in line
     assert line.endswith("choose --block-size from [16, 32]")
     assert not any(tmp_path.rglob("*.onnx"))
-    bad = run_cli("export", "--checkpoint", str(ckpt), "--out", str(tmp_path), "--dtype", "int3", "--no-validate")
-    assert bad.returncode == 2 and "unknown dtype 'int3'" in bad.stderr
+    with pytest.raises(SystemExit) as e:  # argparse: usage line + the error, exit 2
+        main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path), "--dtype", "int3", "--no-validate"])
+    assert e.value.code == 2 and "unknown dtype 'int3'" in capsys.readouterr().err
+
+
+def test_perplexity_through_ort_equals_dequantized_eager(exports, ckpt):
+    """`eval` on a quantized export (exact arithmetic) = `eval` on the eager dequantized reference."""
+    from llama_export.model.checkpoint import build_model
+    from llama_export.runner.evaluate import perplexity
+
+    path = exports(4, 1)
+    manifest = load_manifest(path)
+    be = OrtBackend(manifest, path, rank=0, device=torch.device("cpu"), exact=True)
+    step = segmented_step(manifest, be, comm=LocalComm())
+    ids = torch.randint(0, CFG.vocab_size, (70,), generator=torch.Generator().manual_seed(2))
+    got = perplexity(step, lambda b: empty_cache(manifest, 0, b, device=torch.device("cpu")), ids,
+                     window=24, stride=10, batch=3)
+    model = build_model(ckpt, weights=manifest.weight_quant)
+    want = perplexity(model, model.empty_cache, ids, window=24, stride=10, batch=3)
+    assert got.nll == pytest.approx(want.nll, rel=1e-5)

@@ -22,7 +22,6 @@ import ml_dtypes
 import onnx_ir as ir
 import torch
 
-from llama_export import dtypes
 from llama_export.config import WeightQuant
 from llama_export.errors import ArtifactError
 from llama_export.export.passes import Pass
