@@ -217,19 +217,20 @@ def prepare(args, cfg, work: Path, log) -> list[System]:
         write_hf(cfg, state, hf)
     systems: list[System] = []
 
-    from llama_export.config import WeightQuant, split_dtype
+    from llama_export.config import ModelDType
     from llama_export.export.exporter import ExportOptions, export
 
-    for dtype in args.ours:
-        bits, act = split_dtype(dtype)
-        opts = ExportOptions(checkpoint=hf, out=work / "graphs", tp=1, dtype=act, progress=False,
-                             weights=WeightQuant(bits=bits) if bits else None)
+    for spelling in args.ours:
+        dtype = ModelDType.parse(spelling)
+        opts = ExportOptions(checkpoint=hf, out=work / "graphs", tp=1, dtype=dtype.activations,
+                             weights=dtype.weights, progress=False)
         path = work / "graphs" / "hf" / opts.variant
         if not (path / "manifest.json").is_file():
             t0 = time.perf_counter()
             export(opts)
             log(f"llama_export export {opts.variant}: {time.perf_counter() - t0:.1f} s")
-        systems.append(System(f"llama_export ORT {dtype}", "ours-ort", f"int{bits}" if bits else "fp32", path))
+        precision = f"int{dtype.weights.bits}" if dtype.weights else dtype.activations.value
+        systems.append(System(f"llama_export ORT {spelling}", "ours-ort", precision, path))
     systems.append(System("llama_export eager fp32", "ours-eager", "fp32", hf))
     if have("transformers"):
         systems.append(System("transformers eager fp32", "transformers", "fp32", hf))

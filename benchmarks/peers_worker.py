@@ -42,15 +42,13 @@ def ours(path: Path, backend: str, threads: int):
     from llama_export.config import Backend
     from llama_export.parallel.comm import LocalComm
     from llama_export.runner.generate import generate
-    from llama_export.runner.run import RunOptions
-    from llama_export.runner.steps import build_step
+    from llama_export.runner.source import ModelSource
 
     torch.set_num_threads(threads)
     b = Backend(backend)
-    opts = RunOptions(backend=b, tp=1, max_new_tokens=1, prompt_ids=((1,),),
-                      artifacts=path if b is not Backend.EAGER else None,
-                      checkpoint=path if b is Backend.EAGER else None)
-    step, make_cache, _, _ = build_step(opts, comm=LocalComm(), device=torch.device("cpu"))
+    source = ModelSource(b, checkpoint=path if b is Backend.EAGER else None,
+                         artifacts=path if b is not Backend.EAGER else None)
+    step, make_cache, _ = source.step(comm=LocalComm(), device=torch.device("cpu"))
 
     def run(prompt: list[int], new: int):
         r = generate(step, torch.tensor([prompt]), make_cache(1), max_new_tokens=new)

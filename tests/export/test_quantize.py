@@ -190,3 +190,20 @@ def test_perplexity_through_ort_equals_dequantized_eager(exports, ckpt):
     model = build_model(ckpt, weights=manifest.weight_quant)
     want = perplexity(model, model.empty_cache, ids, window=24, stride=10, batch=3)
     assert got.nll == pytest.approx(want.nll, rel=1e-5)
+
+
+def test_tensorrt_lowering_keeps_the_blocked_dequantize(exports, tmp_path):
+    """TensorRT takes the canonical DequantizeLinear + MatMul pairs as they are (its weight-only GEMM path;
+    engines are not built here, see docs/tensorrt.md): the lowering must leave them and still check."""
+    from llama_export.artifact import schema
+    from llama_export.backends.tensorrt.lowering import lower_file
+
+    path = exports(4, 2)
+    seg = load_manifest(path).rank(1).segments[2]  # layers.0.ffn on rank 1
+    lower_file(resolve_inside(path, seg.file), tmp_path / "ffn.onnx")
+    schema.check_model(tmp_path / "ffn.onnx")
+    before = onnx.load(str(resolve_inside(path, seg.file)))
+    after = onnx.load(str(tmp_path / "ffn.onnx"))
+    count = [sum(n.op_type == "DequantizeLinear" for n in m.graph.node) for m in (before, after)]
+    assert count[0] == count[1] == 3  # w1, w3, w2
+    assert {i.data_type for i in after.graph.initializer if i.name.endswith("_q")} == {onnx.TensorProto.INT4}
