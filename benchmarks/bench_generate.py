@@ -22,20 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Bytes per second (read + written) of a large out-of-cache tensor copy, best of `repeats`."""
-    import torch
-
-    a = torch.ones(nbytes // 4, dtype=torch.float32)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
+from bench_common import add_model_arguments, copy_bandwidth, model_config, random_state  # noqa: E402
 
 
 def run(args: list[str], out: Path) -> dict:
@@ -47,10 +36,7 @@ def run(args: list[str], out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_arguments(ap)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
@@ -58,25 +44,17 @@ def main() -> None:
 
     import torch
 
-    from llama_export.config import ModelConfig, meta_ffn_hidden_dim
     from llama_export.export.exporter import ExportOptions, export
-    from llama_export.model.checkpoint import expected_shapes
     from llama_export.model.meta_format import save_meta_checkpoint, to_meta_params
 
-    cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
-                      vocab_size=args.vocab, hidden_dim=meta_ffn_hidden_dim(args.dim, 256, None),
-                      max_seq_len=args.prompt + args.new + 8)
+    cfg = model_config(args, max_seq_len=args.prompt + args.new + 8)
     bw = copy_bandwidth()
     print(f"model: {cfg.num_parameters() / 1e6:.0f}M parameters fp32; batch 1, prompt {args.prompt}, "
           f"{args.new} new tokens; torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")
     print(f"memory bandwidth (tensor copy, read+write): {bw / 1e9:.1f} GB/s")
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        g = torch.Generator().manual_seed(0)
-        state = {n: torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 1.0)
-                 for n, s in expected_shapes(cfg).items()}
-        save_meta_checkpoint(root / "ckpt", state, to_meta_params(cfg, multiple_of=256))
-        del state
+        save_meta_checkpoint(root / "ckpt", random_state(cfg), to_meta_params(cfg, multiple_of=256))
         weight_bytes = cfg.num_parameters() * 4
         prompt = ",".join(str(i % cfg.vocab_size) for i in range(1, args.prompt + 1))
         common = ["--prompt-ids", prompt, "--max-new-tokens", str(args.new)]

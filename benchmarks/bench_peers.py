@@ -46,6 +46,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+from bench_common import add_model_arguments, copy_bandwidth, model_config, random_state  # noqa: E402
+
 INSTALL = {
     "onnxruntime_genai": "pip install onnxruntime-genai==0.18.0",
     "llama_cpp": "nice -n 10 pip install llama-cpp-python==0.3.36",
@@ -70,17 +72,6 @@ def have(module: str) -> bool:
 
 
 # ---- the checkpoint and its conversions ---------------------------------------------------------
-def make_state(cfg, seed: int = 0) -> dict:
-    """Random weights by Meta name, Meta (interleaved-RoPE) layout: N(0, 0.02) matrices, unit norms."""
-    import torch
-
-    from llama_export.model.checkpoint import expected_shapes
-
-    g = torch.Generator().manual_seed(seed)
-    return {n: (torch.randn(s, generator=g) * 0.02 if len(s) > 1 else torch.ones(s))
-            for n, s in expected_shapes(cfg).items()}
-
-
 def write_hf(cfg, state: dict, out: Path) -> None:
     """config.json + model.safetensors as transformers writes a LlamaForCausalLM (q/k rows rotate-half)."""
     from safetensors.torch import save_file
@@ -213,7 +204,7 @@ def prepare(args, cfg, work: Path, log) -> list[System]:
     hf = work / "hf"
     state = None
     if not (hf / "config.json").is_file():
-        state = make_state(cfg)
+        state = random_state(cfg)
         write_hf(cfg, state, hf)
     systems: list[System] = []
 
@@ -320,10 +311,7 @@ def agreement(ids: list[list[int]], ref: list[list[int]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_arguments(ap)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--ragged-new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
@@ -334,12 +322,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="keep models here between runs (default: a temp dir)")
     args = ap.parse_args()
 
-    from llama_export.config import ModelConfig, meta_ffn_hidden_dim
-    from bench_generate import copy_bandwidth
-
-    cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
-                      vocab_size=args.vocab, hidden_dim=meta_ffn_hidden_dim(args.dim, 256, None),
-                      max_seq_len=4096)
+    cfg = model_config(args, max_seq_len=4096)
     tmp = None
     work = args.workdir
     if work is None:
