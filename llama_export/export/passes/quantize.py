@@ -19,6 +19,7 @@ from `model.quantize`, which the eager reference uses too.
 from __future__ import annotations
 
 import ml_dtypes
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -45,6 +46,13 @@ def _block_axis(value: ir.Value) -> int | None:
     return None
 
 
+def _as_torch(tensor: ir.TensorProtocol) -> torch.Tensor:
+    array = tensor.numpy()
+    if tensor.dtype == ir.DataType.BFLOAT16:  # numpy has no bfloat16: its bits, viewed as torch's
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 class QuantizeWeightsPass(Pass, ir.passes.InPlacePass):
     """Quantize the weights `scheme` selects, as the module docstring shows; `quantized` lists them."""
 
@@ -67,7 +75,7 @@ class QuantizeWeightsPass(Pass, ir.passes.InPlacePass):
             if axis is None:
                 continue
             param = param_name(value.name)
-            w = torch.from_numpy(tensor.numpy()) if tensor.dtype != ir.DataType.BFLOAT16 else tensor.raw
+            w = _as_torch(tensor)
             w = w.t() if axis == 0 else w  # rows = output channels, blocks along the input features
             check_blocks(param, w.shape[1], b, hint=self.where)
             q, scale = quantize_blocks(w, bits=self.scheme.bits, block_size=b, scale_dtype=w.dtype)
