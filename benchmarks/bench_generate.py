@@ -31,7 +31,8 @@ def run(args: list[str], out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-m", "llama_export.cli", "run", *args, "--json", str(out)], check=True,
                    env=env, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+    (batch,) = json.loads(out.read_text())["batches"]  # one --prompt-ids batch
+    return batch
 
 
 def main() -> None:

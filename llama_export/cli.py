@@ -1,17 +1,134 @@
-"""Thin argparse front end: `llama-export {export,run,compare,eval,build}`. Only this module prints errors."""
+"""Thin argparse front end: `llama-export {export,run,compare,eval,build}`. Only this module prints errors.
+
+Every failure ends in one line on stderr and a fixed exit code; nothing is left half-written:
+
+    exit 2    bad input, an unusable file or destination, an OSError (disk full, read-only), a rank
+              that failed (the launcher names it), out of memory: `error: <what>; <fix>`
+    exit 1    a variant or comparison missed its tolerance (the table/report says which)
+    exit 130  SIGINT (Ctrl-C), 143 SIGTERM: `interrupted (SIGINT)`; staging folders are removed
+              (the signal is raised as an exception, so every cleanup runs as for an error)
+
+Argument values are range-checked by their argparse types, before anything is loaded. Anything else
+that escapes is a bug and keeps its traceback. This module imports the rest of the package (and so
+torch) only inside functions, after `main` has taken over SIGINT/SIGTERM: Ctrl-C during start-up is one
+line too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
+import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llama_export.config import DTYPE_CHOICES, Backend, ModelDType, Precision, WeightQuant
-from llama_export.errors import InputError, LlamaExportError
-from llama_export.runner.compare import VALIDATION, CompareSettings
-from llama_export.runner.run import RunOptions
-from llama_export.runner.source import ModelSource
+from llama_export.errors import InputError, LlamaExportError, PeerLostError
+
+if TYPE_CHECKING:
+    from llama_export.runner.source import ModelSource
+
+MAX_TP = 1024
+MAX_THREADS = 4096
+MAX_TOKENS = 1 << 24  # the largest context a config may declare (config.ContextLength)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): `error: argument --tp: ...; see --help`."""
+
+    def error(self, message: str):  # noqa: D102 (argparse's hook)
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is outside {lo}..{hi}")
+        return value
+
+    return parse
+
+
+def float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number in [lo, hi] (or (lo, hi] with `lo_open`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or not (lo < value if lo_open else lo <= value) or value > hi:
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+        return value
+
+    return parse
+
+
+def device_arg(text: str) -> str:
+    """argparse type: a device the installed torch can serve (cpu, cuda, cuda:N)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return text
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu and cuda devices are supported")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return text
+
+
+def _dtype_arg(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    """A `--dtype` option parsed to `ModelDType` ('fp16', 'int4', 'int8-fp16', ...)."""
+    from llama_export.config import DTYPE_CHOICES, ModelDType
+
+    def parse(text: str) -> ModelDType:
+        try:
+            return ModelDType.parse(text)
+        except LlamaExportError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parser.add_argument(flag, type=parse, metavar="{" + ",".join(DTYPE_CHOICES) + ",...}", **kwargs)
+
+
+def _add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model comes from and how many ranks run it (`run`, `eval`)."""
+    from llama_export.config import Backend, ModelDType, Precision
+
+    src = p.add_argument_group("model source")
+    src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (eager; default: the built-in demo model)")
+    src.add_argument("--artifacts", type=Path, help="export directory with manifest.json (ort; for trt the engines directory)")
+    _enum_arg(src, "--backend", Backend, default=Backend.EAGER,
+              help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines) (default: eager)")
+    src.add_argument("--tp", type=int_in(1, MAX_TP), default=1, help="tensor-parallel degree = number of rank processes")
+    _dtype_arg(src, "--dtype", default=ModelDType(Precision.FP32),
+               help="eager dtype; int8/int4 run the weights quantized and dequantized (block 32), the "
+               "reference of a quantized export (exports carry their own) (default: fp32)")
+    src.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (ort/eager: cpu in CI)")
+    _add_threads(p)
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
+                   help="CPU threads per rank (default: the cores this process may use / tp). On a busy "
+                   "machine, fewer threads than cores avoids waiting on descheduled threads")
 
 
 def _enum_arg(parser: argparse.ArgumentParser, flag: str, enum_type, **kwargs) -> None:
@@ -27,33 +144,10 @@ def _enum_arg(parser: argparse.ArgumentParser, flag: str, enum_type, **kwargs) -
     parser.add_argument(flag, type=parse, metavar="{" + ",".join(values) + "}", **kwargs)
 
 
-def _dtype_arg(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
-    """A `--dtype` option parsed to `ModelDType` ('fp16', 'int4', 'int8-fp16', ...)."""
-
-    def parse(text: str) -> ModelDType:
-        try:
-            return ModelDType.parse(text)
-        except LlamaExportError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parser.add_argument(flag, type=parse, metavar="{" + ",".join(DTYPE_CHOICES) + ",...}", **kwargs)
-
-
-def _add_source_arguments(p: argparse.ArgumentParser) -> None:
-    """Where the model comes from and how many ranks run it (`run`, `eval`)."""
-    src = p.add_argument_group("model source")
-    src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (eager; default: the built-in demo model)")
-    src.add_argument("--artifacts", type=Path, help="export directory with manifest.json (ort; for trt the engines directory)")
-    _enum_arg(src, "--backend", Backend, default=Backend.EAGER,
-              help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines) (default: eager)")
-    src.add_argument("--tp", type=int, default=1, help="tensor-parallel degree = number of rank processes")
-    _dtype_arg(src, "--dtype", default=ModelDType(Precision.FP32),
-               help="eager dtype; int8/int4 run the weights quantized and dequantized (block 32), the "
-               "reference of a quantized export (exports carry their own) (default: fp32)")
-    src.add_argument("--device", default="cpu", help="cpu or cuda (ort/eager: cpu in CI)")
-
-
 def _add_run_parser(sub) -> None:
+    from llama_export.runner.generate import MAX_TEMPERATURE
+    from llama_export.runner.run import RunOptions
+
     p = sub.add_parser(
         "run",
         help="generate across N rank processes on the eager, ort or trt backend",
@@ -68,17 +162,19 @@ def _add_run_parser(sub) -> None:
                         "equal token length run as one batch, so different lengths run as several")
     prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3 (batch rows separated by ';')")
     p.add_argument("--system", help="system message of --chat")
-    p.add_argument("--max-new-tokens", type=int, default=RunOptions.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int_in(0, MAX_TOKENS), default=RunOptions.max_new_tokens)
+    p.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=1.0)
+    p.add_argument("--seed", type=int_in(0, (1 << 63) - 1), default=0)
     p.add_argument("--json", type=Path, dest="json_out",
-                   help="write generated ids and every step's full last-token logits as JSON")
+                   help="write generated ids and every step's full last-token logits as JSON (every batch)")
     p.set_defaults(func=_cmd_run)
 
 
 def _add_eval_parser(sub) -> None:
+    from llama_export.config import Backend
     from llama_export.runner.evaluate import EvalOptions
+    from llama_export.runner.source import ModelSource
 
     d = EvalOptions(source=ModelSource(Backend.EAGER), text=Path("."))
     p = sub.add_parser(
@@ -91,9 +187,11 @@ def _add_eval_parser(sub) -> None:
     )
     p.add_argument("--text", type=Path, required=True, help="UTF-8 text file")
     _add_source_arguments(p)
-    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's max_seq_len)")
-    p.add_argument("--stride", type=int, default=None, help="tokens the window moves by (default: window / 2)")
-    p.add_argument("--batch", type=int, default=d.batch, help=f"windows run as one batch (default: {d.batch})")
+    p.add_argument("--window", type=int_in(2, MAX_TOKENS), default=None,
+                   help="tokens per window (default: the model's max_seq_len)")
+    p.add_argument("--stride", type=int_in(1, MAX_TOKENS), default=None,
+                   help="tokens the window moves by (default: window / 2)")
+    p.add_argument("--batch", type=int_in(1, 1 << 16), default=d.batch, help=f"windows run as one batch (default: {d.batch})")
     p.add_argument("--json", type=Path, dest="json_out", help="write the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
@@ -102,12 +200,14 @@ def _add_eval_parser(sub) -> None:
 def _cmd_eval(args, argv: list[str]) -> int:
     import json
 
-    from llama_export.files import write_atomic
+    from llama_export.files import check_output_file, write_atomic
     from llama_export.runner.evaluate import EvalOptions, run_eval
 
+    if args.json_out is not None:
+        check_output_file(args.json_out, what="--json")
     source = _source(args)
     opts = EvalOptions(source=source, text=args.text, tp=args.tp, window=args.window, stride=args.stride,
-                       batch=args.batch, device=args.device, progress=not args.no_progress)
+                       batch=args.batch, device=args.device, progress=not args.no_progress, threads=args.threads)
     what = (str(args.artifacts) if args.artifacts else f"{source.checkpoint_dir} {args.dtype}")
 
     def report(r) -> None:
@@ -147,6 +247,9 @@ class _ConsoleReporter:
 
 
 def _source(args) -> ModelSource:
+    from llama_export.config import ModelDType, Precision
+    from llama_export.runner.source import ModelSource
+
     dtype = getattr(args, "dtype", ModelDType(Precision.FP32))
     return ModelSource(backend=args.backend, checkpoint=args.checkpoint, artifacts=args.artifacts,
                        dtype=dtype.activations, weights=dtype.weights)
@@ -154,7 +257,7 @@ def _source(args) -> ModelSource:
 
 def _cmd_run(args, argv: list[str]) -> int:
     from llama_export.runner.generate import SamplingConfig
-    from llama_export.runner.run import parse_prompt_ids, run
+    from llama_export.runner.run import RunOptions, parse_prompt_ids, run
 
     if args.system is not None and args.chat is None:
         raise InputError("--system goes with --chat; add --chat TEXT")
@@ -162,7 +265,8 @@ def _cmd_run(args, argv: list[str]) -> int:
     if args.prompt is not None:
         prompts = (args.prompt,)
     elif args.batch is not None:
-        prompts = tuple(line.rstrip("\n").replace("\\n", "\n") for line in args.batch.read_text().splitlines() if line.strip())
+        prompts = tuple(line.replace("\\n", "\n") for line in _read_text(args.batch, "--batch").splitlines()
+                        if line.strip())
     opts = RunOptions(
         source=_source(args),
         tp=args.tp,
@@ -174,8 +278,18 @@ def _cmd_run(args, argv: list[str]) -> int:
         sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
         json_out=args.json_out,
         device=args.device,
+        threads=args.threads,
     )
     return run(opts, argv, _ConsoleReporter())
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot read it ({e.strerror}); check the path") from None
 
 
 def _add_export_parser(sub) -> None:
@@ -195,14 +309,19 @@ def _add_export_parser(sub) -> None:
 
 
 def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
+    from llama_export.artifact.manifest import MAX_BATCH
+    from llama_export.config import ModelDType, WeightQuant
+    from llama_export.runner.compare import VALIDATION
+
     p.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (default: the built-in demo model)")
-    p.add_argument("--tp", type=int, nargs="+", default=None, help="tensor-parallel degree(s) (default: 1 2)")
+    p.add_argument("--tp", type=int_in(1, MAX_TP), nargs="+", default=None,
+                   help="tensor-parallel degree(s) (default: 1 2)")
     _dtype_arg(p, "--dtype", nargs="+", default=[ModelDType(d.dtype)],
                help="graph dtype(s): fp32, fp16, bf16 (bf16 graphs are for GPU backends, not run on ORT CPU); "
                "int8, int4 = weight-only quantized weights with fp32 activations, int8-fp16, int4-fp16 "
                "with fp16 ones (default: fp32)")
     q = WeightQuant(bits=4)
-    p.add_argument("--block-size", type=int, default=q.block_size,
+    p.add_argument("--block-size", type=int_in(16, 1 << 16), default=q.block_size,
                    help=f"int8/int4: input features per quantization block (default: {q.block_size})")
     p.add_argument("--quantize-embedding", action="store_true", default=q.embedding,
                    help="int8/int4: quantize the embedding table too (default: kept in the activation dtype)")
@@ -210,20 +329,27 @@ def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
                    help="int8/int4: keep the output projection in the activation dtype (default: quantized)")
     p.add_argument("--out", type=Path, default=d.out, help="output root; writes OUT/<name>/tp<N>-<dtype>/")
     p.add_argument("--name", help="model name in the output path (default: the checkpoint folder's name)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="largest batch the graphs accept")
-    p.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: the checkpoint's)")
-    p.add_argument("--steps", type=int, default=VALIDATION.steps, help="greedy decode steps checked after the prefill")
+    p.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=d.max_batch, help="largest batch the graphs accept")
+    p.add_argument("--max-seq-len", type=int_in(2, MAX_TOKENS), default=None,
+                   help="context limit (default: the checkpoint's)")
+    p.add_argument("--steps", type=int_in(1, MAX_TOKENS), default=VALIDATION.steps,
+                   help="greedy decode steps checked after the prefill")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime check")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads(p)
 
 
 def _cmd_export(args, argv: list[str]) -> int:
     import dataclasses
 
+    from llama_export.config import WeightQuant
     from llama_export.export.exporter import ExportOptions
     from llama_export.job import format_table, run_job
+    from llama_export.runner.compare import VALIDATION
+    from llama_export.runner.launch import set_process_threads
     from llama_export.runner.source import default_checkpoint
 
+    set_process_threads(args.threads)
     base = ExportOptions(checkpoint=args.checkpoint or default_checkpoint(), out=args.out,
                          model_name=args.name, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                          progress=not args.no_progress)
@@ -236,9 +362,10 @@ def _cmd_export(args, argv: list[str]) -> int:
     print(format_table(reports))
     for r in reports:
         print(f"  {r.variant}: {r.path}")
-    failed = [r.variant for r in reports if not r.ok]
+    failed = [r for r in reports if not r.ok]
     if failed:
-        print(f"error: {', '.join(failed)} exceeded the tolerance against eager", file=sys.stderr)
+        print(f"error: {', '.join(r.variant for r in failed)} exceeded the tolerance against eager; kept in "
+              f"{', '.join(str(r.path) for r in failed)} (any earlier export of it is unchanged)", file=sys.stderr)
         return 1
     return 0
 
@@ -257,12 +384,14 @@ def _add_build_parser(sub) -> None:
                    help="export directory with manifest.json (graphs/<model>/<variant>)")
     p.add_argument("--out", type=Path, default=None,
                    help="engine directory (default: engines/<model_name>/<variant> from the manifest)")
-    p.add_argument("--ranks", type=int, nargs="+", default=d.ranks, help="ranks to build (default: all)")
+    p.add_argument("--ranks", type=int_in(0, MAX_TP - 1), nargs="+", default=d.ranks,
+                   help="ranks to build (default: all)")
     p.add_argument("--no-refit", dest="refit", action="store_false", default=d.refit,
                    help="build every layer segment from scratch instead of refitting one engine per kind")
     p.add_argument("--jit-plugins", dest="aot_plugins", action="store_false", default=d.aot_plugins,
                    help="run the plugins' Python (JIT) implementation instead of the AOT PTX")
-    p.add_argument("--workspace-gib", type=float, default=d.workspace_gib, help="builder workspace limit in GiB")
+    p.add_argument("--workspace-gib", type=float_in(0.0, 1 << 20, lo_open=True), default=d.workspace_gib,
+                   help="builder workspace limit in GiB")
     p.add_argument("--timing-cache", type=Path, default=d.timing_cache,
                    help="timing cache to start from (default: the one in --out, if any)")
     p.set_defaults(func=_cmd_build)
@@ -276,7 +405,10 @@ def _cmd_build(args, argv: list[str]) -> int:
     from llama_export.backends.tensorrt.build import BuildOptions, build_engines, default_out_dir
 
     logging.getLogger("llama_export").setLevel(logging.INFO)
+    from llama_export.files import check_output_dir
+
     out = args.out or default_out_dir(load_manifest(args.artifacts, verify_hashes=False))
+    check_output_dir(out, what="--out")  # before the first engine is built
     options = BuildOptions(ranks=tuple(args.ranks) if args.ranks else None, refit=args.refit,
                            aot_plugins=args.aot_plugins, workspace_gib=args.workspace_gib,
                            timing_cache=args.timing_cache)
@@ -286,6 +418,9 @@ def _cmd_build(args, argv: list[str]) -> int:
 
 
 def _add_compare_parser(sub) -> None:
+    from llama_export.config import Backend
+    from llama_export.runner.compare import CompareSettings
+
     p = sub.add_parser(
         "compare",
         help="compare a backend with the eager model per segment, layer and rank",
@@ -298,21 +433,32 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--artifacts", type=Path, required=True, help="export directory (trt: engine directory)")
     _enum_arg(p, "--backend", Backend, default=Backend.ORT, help="ort or trt (default: ort)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint the export came from (default: the demo model)")
-    p.add_argument("--steps", type=int, default=d.steps, help="decode steps after the prefill")
+    p.add_argument("--steps", type=int_in(1, MAX_TOKENS), default=d.steps, help="decode steps after the prefill")
     p.add_argument("--prompt", help=f"text prompt (default: {d.prompt_len} random token ids, seeded)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random prompt")
-    p.add_argument("--device", default="cpu", help="device of the backend (trt: cuda); eager runs on the CPU")
+    p.add_argument("--seed", type=int_in(0, (1 << 63) - 1), default=d.seed, help="seed of the random prompt")
+    p.add_argument("--device", type=device_arg, default="cpu",
+                   help="device of the backend (trt: cuda); eager runs on the CPU")
     p.add_argument("--json", type=Path, dest="json_out", help="write the full report as JSON")
     p.add_argument("--plot", type=Path, help="PNG of error against depth (default: next to --json, else none)")
     p.add_argument("--polygraphy", type=Path, metavar="DIR",
                    help="save every segment's feeds and eager reference outputs in Polygraphy's JSON format "
                    "(with lowered graphs and commands.txt) to check one segment alone; see docs/tensorrt.md")
+    _add_threads(p)
     p.set_defaults(func=_cmd_compare)
 
 
 def _cmd_compare(args, argv: list[str]) -> int:
+    from llama_export.files import check_output_dir, check_output_file
     from llama_export.runner.compare import CompareSettings, Mode, compare, format_report, plot_report, write_json
+    from llama_export.runner.launch import set_process_threads
 
+    set_process_threads(args.threads)
+    plot = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
+    for path, what in ((args.json_out, "--json"), (plot, "--plot")):
+        if path is not None:
+            check_output_file(path, what=what)
+    if args.polygraphy is not None:
+        check_output_dir(args.polygraphy, what="--polygraphy")
     source = _source(args)
     manifest = source.manifest()
     prompt = None
@@ -329,7 +475,6 @@ def _cmd_compare(args, argv: list[str]) -> int:
     print(format_report(report))
     if args.polygraphy:
         print(f"polygraphy: one command per segment in {args.polygraphy / 'commands.txt'}")
-    plot = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
     if args.json_out:
         write_json(report, args.json_out)
     if plot:
@@ -339,7 +484,7 @@ def _cmd_compare(args, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llama-export",
         description="Export LLaMA-family models to tensor-parallel ONNX / TensorRT and run them.",
     )
@@ -353,24 +498,91 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread so that every `finally` runs (staging folders are
+    removed, rank processes stopped) exactly as for an error."""
+
+
+_received: list[int] = []  # the first signal, once one arrived
+
+
+@contextmanager
+def _signals_as_exceptions() -> Iterator[None]:
+    def handler(signum, _frame):
+        if _received:
+            return  # already unwinding: let the cleanup finish
+        _received.append(signum)
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _os_error_line(e: OSError) -> str:
+    where = " -> ".join(f"{f}" for f in (e.filename, e.filename2) if f) or "while writing"
+    fix = {
+        errno.ENOSPC: "free some space or write elsewhere (--out/--json)",
+        errno.EDQUOT: "free some space or write elsewhere (--out/--json)",
+        errno.EFBIG: "the file is larger than this file system or `ulimit -f` allows; write elsewhere",
+        errno.EROFS: "the file system is read-only; write elsewhere",
+        errno.EACCES: "check the permissions",
+        errno.EPERM: "check the permissions",
+    }.get(e.errno, "check the path")
+    return f"{e.strerror or type(e).__name__} ({where}); {fix}"
+
+
+def _failure(e: BaseException) -> tuple[str, str, int]:
+    """(one line, kind, exit code) for an exception that ends a command (kind: a
+    `runner.launch.FailureKind` value); re-raises a bug's exception."""
+    if _received or isinstance(e, KeyboardInterrupt):
+        # torch sometimes wraps an interrupt that arrives during tracing in its own error: the signal
+        # decides, not the exception's type.
+        signum = _received[0] if _received else signal.SIGINT
+        return f"interrupted ({signal.Signals(signum).name})", "interrupted", 128 + signum
+    if isinstance(e, PeerLostError):
+        return str(e), "peer", 2
+    if isinstance(e, LlamaExportError):
+        return str(e), "own", 2
+    if isinstance(e, OSError):
+        return _os_error_line(e), "own", 2
+    if isinstance(e, MemoryError):
+        return "out of memory; use a smaller --max-batch/--tp per machine or a machine with more memory", "own", 2
+    raise e
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args, argv)
-    except LlamaExportError as e:
-        from llama_export.runner.launch import rank_env
+    with _signals_as_exceptions():
+        try:
+            args = build_parser().parse_args(argv)
+            logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                                format="%(levelname)s %(name)s: %(message)s")
+            return args.func(args, argv)
+        except BaseException as e:
+            if isinstance(e, SystemExit) and not _received:
+                raise  # --help, or argparse's one-line error
+            message, kind, code = _failure(e)
+    _say(message, kind, code)
+    return code
 
-        env = rank_env()
+
+def _say(message: str, kind: str, code: int) -> None:
+    """Print the one line, or in a rank started by the launcher hand it to the launcher (which prints
+    one line for the whole run); then leave a rank process without gloo's teardown."""
+    from llama_export.runner.launch import FailureKind, leave_rank, rank_env, report_failure
+
+    if not report_failure(message, FailureKind(kind)):
+        try:
+            env = rank_env()
+        except LlamaExportError:
+            env = None
         prefix = f"error (rank {env.rank}): " if env is not None and env.world_size > 1 else "error: "
-        print(prefix + str(e), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(message if kind == "interrupted" else prefix + message, file=sys.stderr)
+    leave_rank(code)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,27 @@
 """Typed, frozen configuration. Meta (`params.json`) and Hugging Face (`config.json`) field names are
-mapped here and nowhere else."""
+mapped here and nowhere else.
+
+Each file is parsed strictly into its own schema (`MetaParams`, `HFConfig`) before it becomes a
+`ModelConfig`; the ranges below hold for both files and for `ModelConfig` itself, so a value that would
+make a model silently wrong (0 layers, a NaN or non-positive `rope_theta`/`norm_eps`, a truncated float)
+is refused with the file, field, value and fix.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import json
+import re
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llama_export import dtypes
 from llama_export.errors import ConfigError
+from llama_export.parsing import check_fields, parse_json_file, parse_value
 
 
 class Precision(str, enum.Enum):
@@ -110,14 +119,38 @@ class Backend(str, enum.Enum):
     TENSORRT = "trt"
 
 
+# Ranges: generous bounds around every published LLaMA (Llama 3.1 405B: dim 16384, 126 layers, 128
+# heads, FFN 53248, vocabulary 128256, context 131072). A value outside them is a typo, not a model.
+Width = Annotated[int, Field(ge=1, le=1 << 20)]  # dim, FFN hidden size, multiple_of
+LayerCount = Annotated[int, Field(ge=1, le=1024)]
+HeadCount = Annotated[int, Field(ge=1, le=4096)]
+HeadDim = Annotated[int, Field(ge=2, le=4096)]
+VocabSize = Annotated[int, Field(ge=1, le=1 << 24)]
+ContextLength = Annotated[int, Field(ge=2, le=1 << 24)]  # room for a prompt token and a new one
+NormEps = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+RopeTheta = Annotated[float, Field(gt=1, allow_inf_nan=False)]  # base**(-2i/d): <= 1 is no RoPE
+ScaleFactor = Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)]
+FreqFactor = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+FfnMultiplier = Annotated[float, Field(gt=0, le=64, allow_inf_nan=False)]
+
+CHECKPOINT_FIX = "fix the file to describe these weights (see the model's original)"
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama-3.1 frequency-dependent RoPE scaling (`rope_type: llama3`)."""
 
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    factor: ScaleFactor = 8.0
+    low_freq_factor: FreqFactor = 1.0
+    high_freq_factor: FreqFactor = 4.0
+    original_max_position_embeddings: ContextLength = 8192
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.high_freq_factor <= self.low_freq_factor:
+            # Meta's apply_scaling divides by (high_freq_factor - low_freq_factor).
+            raise ConfigError(f"rope scaling high_freq_factor={self.high_freq_factor} must be greater than "
+                              f"low_freq_factor={self.low_freq_factor}")
 
 
 def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -130,25 +163,25 @@ def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a LLaMA-family model; every field is resolved (no sentinels)."""
+    """Shape of a LLaMA-family model; every field is resolved (no sentinels) and range-checked."""
 
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int
-    hidden_dim: int
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    dim: Width
+    n_layers: LayerCount
+    n_heads: HeadCount
+    n_kv_heads: HeadCount
+    vocab_size: VocabSize
+    hidden_dim: Width
+    norm_eps: NormEps = 1e-5
+    rope_theta: RopeTheta = 10000.0
     rope_scaling: RopeScaling | None = None
-    max_seq_len: int = 2048
-    head_dim: int | None = None
+    max_seq_len: ContextLength = 2048
+    head_dim: HeadDim | None = None
     tie_word_embeddings: bool = False
 
+    __pydantic_config__ = ConfigDict(extra="forbid")  # a manifest's "model" holds exactly these fields
+
     def __post_init__(self) -> None:
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        check_fields(self)
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ConfigError(
@@ -175,99 +208,157 @@ class ModelConfig:
         out = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
         return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + out
 
-    # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown model config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
-        if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        return cls(**d)
-
     # ---- Meta params.json ----------------------------------------------------------------------
     @classmethod
-    def from_meta_params(cls, params: dict[str, Any], *, max_seq_len: int = 2048) -> ModelConfig:
-        """Build from Meta's `params.json` (LLaMA 1/2/3/3.1)."""
-        try:
-            dim, n_heads = int(params["dim"]), int(params["n_heads"])
-            vocab = int(params["vocab_size"])
-            if vocab <= 0:
-                raise ConfigError(
-                    f"params.json has vocab_size={vocab} (LLaMA 1 wrote -1); set it to the tokenizer's size"
-                )
-            scaling = None
-            if params.get("use_scaled_rope"):
-                # Meta's Llama 3.1 reference code hard-codes factor 8, low 1, high 4, original 8192
-                # (apply_scaling in model.py); a "rope_scaling" dict or a "rope_scaling_factor" key
-                # (later llama-models releases) overrides them.
-                fields = dict(params.get("rope_scaling") or {})
-                if params.get("rope_scaling_factor") is not None:
-                    fields["factor"] = float(params["rope_scaling_factor"])
-                scaling = RopeScaling(**fields)
-            return cls(
-                dim=dim,
-                n_layers=int(params["n_layers"]),
-                n_heads=n_heads,
-                n_kv_heads=int(params.get("n_kv_heads") or n_heads),
-                vocab_size=vocab,
-                hidden_dim=meta_ffn_hidden_dim(
-                    dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")
-                ),
-                norm_eps=float(params.get("norm_eps", 1e-5)),
-                rope_theta=float(params.get("rope_theta", 10000.0)),
-                rope_scaling=scaling,
-                max_seq_len=int(params.get("max_seq_len", max_seq_len)),
-            )
-        except KeyError as e:
-            raise ConfigError(f"params.json lacks required field {e.args[0]!r}") from None
+    def from_meta_params(cls, params: dict[str, Any] | MetaParams, *, max_seq_len: int | None = None,
+                         source: str = "params.json") -> ModelConfig:
+        """Build from Meta's `params.json` (LLaMA 1/2/3/3.1); `max_seq_len` overrides the file's."""
+        p = params if isinstance(params, MetaParams) else parse_value(
+            params, MetaParams, source=source, fix=CHECKPOINT_FIX)
+        scaling = None
+        if p.use_scaled_rope:
+            # Meta's Llama 3.1 reference code hard-codes factor 8, low 1, high 4, original 8192
+            # (apply_scaling in model.py); a "rope_scaling" dict or a "rope_scaling_factor" key
+            # (later llama-models releases) overrides them.
+            scaling = p.rope_scaling or RopeScaling()
+            if p.rope_scaling_factor is not None:
+                scaling = dataclasses.replace(scaling, factor=p.rope_scaling_factor)
+        return _in_file_terms(source, META_NAMES, lambda: cls(
+            dim=p.dim,
+            n_layers=p.n_layers,
+            n_heads=p.n_heads,
+            n_kv_heads=p.n_kv_heads or p.n_heads,
+            vocab_size=p.vocab_size,
+            hidden_dim=meta_ffn_hidden_dim(p.dim, p.multiple_of, p.ffn_dim_multiplier),
+            norm_eps=p.norm_eps,
+            rope_theta=p.rope_theta,
+            rope_scaling=scaling,
+            max_seq_len=max_seq_len or p.max_seq_len or 2048,
+        ))
 
     # ---- Hugging Face config.json --------------------------------------------------------------
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any], *, max_seq_len: int | None = None) -> ModelConfig:
-        """Build from a Hugging Face `LlamaConfig` dict (transformers 4.x and 5.x spellings)."""
-        try:
-            n_heads = int(cfg["num_attention_heads"])
-            rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-            theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            scaling = None
-            if rope_type == "llama3":
-                scaling = RopeScaling(
-                    factor=float(rope["factor"]),
-                    low_freq_factor=float(rope["low_freq_factor"]),
-                    high_freq_factor=float(rope["high_freq_factor"]),
-                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-                )
-            elif rope_type not in ("default", None):
-                raise ConfigError(f"unsupported rope_type={rope_type!r}; supported: default, llama3")
-            return cls(
-                dim=int(cfg["hidden_size"]),
-                n_layers=int(cfg["num_hidden_layers"]),
-                n_heads=n_heads,
-                n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_dim=int(cfg["intermediate_size"]),
-                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                max_seq_len=int(max_seq_len or cfg.get("max_position_embeddings", 2048)),
-                head_dim=cfg.get("head_dim"),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+    def from_hf_config(cls, cfg: dict[str, Any] | HFConfig, *, max_seq_len: int | None = None,
+                       source: str = "config.json") -> ModelConfig:
+        """Build from a Hugging Face `LlamaConfig` dict (transformers 4.x and 5.x spellings);
+        `max_seq_len` overrides max_position_embeddings."""
+        c = cfg if isinstance(cfg, HFConfig) else parse_value(cfg, HFConfig, source=source, fix=CHECKPOINT_FIX)
+        rope = c.rope_parameters or c.rope_scaling or HFRope()
+        rope_type = rope.rope_type or rope.type or "default"
+        scaling = None
+        if rope_type == "llama3":
+            missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                       if getattr(rope, k) is None]
+            if missing:
+                raise ConfigError(f"{source}: rope_type 'llama3' needs {', '.join(missing)}; {CHECKPOINT_FIX}")
+            scaling = _in_file_terms(source, HF_NAMES, lambda: RopeScaling(
+                factor=rope.factor, low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
+                original_max_position_embeddings=rope.original_max_position_embeddings))
+        elif rope_type != "default":
+            raise ConfigError(f"{source}: unsupported rope_type={rope_type!r}; supported: default, llama3")
+        return _in_file_terms(source, HF_NAMES, lambda: cls(
+            dim=c.hidden_size,
+            n_layers=c.num_hidden_layers,
+            n_heads=c.num_attention_heads,
+            n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
+            vocab_size=c.vocab_size,
+            hidden_dim=c.intermediate_size,
+            norm_eps=c.rms_norm_eps,
+            rope_theta=rope.rope_theta if rope.rope_theta is not None else c.rope_theta,
+            rope_scaling=scaling,
+            max_seq_len=max_seq_len or c.max_position_embeddings,
+            head_dim=c.head_dim,
+            tie_word_embeddings=c.tie_word_embeddings,
+        ))
 
 
-def load_json(path) -> dict[str, Any]:
-    """Read a JSON file, turning decode errors into a ConfigError that names the file."""
+class _FileSchema(BaseModel):
+    # Checkpoint configs carry many fields this tool does not use (architectures, torch_dtype, ...).
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+
+class MetaParams(_FileSchema):
+    """Meta's `params.json`, as written by meta-llama/llama and llama-models."""
+
+    dim: Width
+    n_layers: LayerCount
+    n_heads: HeadCount
+    n_kv_heads: HeadCount | None = None
+    vocab_size: VocabSize
+    multiple_of: Width = 256
+    ffn_dim_multiplier: FfnMultiplier | None = None
+    norm_eps: NormEps = 1e-5
+    rope_theta: RopeTheta = 10000.0
+    use_scaled_rope: bool = False
+    rope_scaling: RopeScaling | None = None
+    rope_scaling_factor: ScaleFactor | None = None
+    max_seq_len: ContextLength | None = None
+
+    @field_validator("vocab_size", mode="before")
+    @classmethod
+    def _llama1_vocab(cls, v: Any) -> Any:
+        if v == -1 and not isinstance(v, bool):
+            raise ValueError("(LLaMA 1 wrote -1); set it to the tokenizer's size")
+        return v
+
+
+class HFRope(_FileSchema):
+    """`rope_parameters` (transformers 5) or `rope_scaling` (4.x)."""
+
+    rope_type: str | None = None
+    type: str | None = None  # transformers 4.x before `rope_type`
+    rope_theta: RopeTheta | None = None
+    factor: ScaleFactor | None = None
+    low_freq_factor: FreqFactor | None = None
+    high_freq_factor: FreqFactor | None = None
+    original_max_position_embeddings: ContextLength | None = None
+
+
+class HFConfig(_FileSchema):
+    """Hugging Face `config.json` of a `LlamaForCausalLM`."""
+
+    hidden_size: Width
+    num_hidden_layers: LayerCount
+    num_attention_heads: HeadCount
+    num_key_value_heads: HeadCount | None = None
+    vocab_size: VocabSize
+    intermediate_size: Width
+    rms_norm_eps: NormEps = 1e-6
+    rope_theta: RopeTheta = 10000.0
+    rope_parameters: HFRope | None = None
+    rope_scaling: HFRope | None = None
+    max_position_embeddings: ContextLength = 2048
+    head_dim: HeadDim | None = None
+    tie_word_embeddings: bool = False
+    hidden_act: Literal["silu"] = Field("silu", description="LLaMA's feed-forward is SwiGLU")
+    attention_bias: Literal[False] = Field(False, description="LLaMA has no biases")
+    mlp_bias: Literal[False] = Field(False, description="LLaMA has no biases")
+
+
+# ModelConfig field -> the file's spelling, for errors that involve several fields.
+META_NAMES: dict[str, str] = {}
+HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+            "max_seq_len": "max_position_embeddings"}
+
+
+def _in_file_terms(source: str, names: dict[str, str], build):
+    """Run `build()`; a ConfigError it raises is reworded with the file's field names and prefixed
+    with the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint") from None
+        return build()
+    except ConfigError as e:
+        msg = re.sub(r"\b(\w+)=", lambda m: f"{names.get(m.group(1), m.group(1))}=", str(e))
+        raise ConfigError(f"{source}: {msg}; {CHECKPOINT_FIX}") from None
+
+
+def read_meta_params(path: Path) -> MetaParams:
+    return parse_json_file(path, MetaParams, fix=CHECKPOINT_FIX)
+
+
+def read_hf_config(path: Path) -> HFConfig:
+    return parse_json_file(path, HFConfig, fix=CHECKPOINT_FIX)
+

@@ -27,9 +27,19 @@ class ArtifactError(LlamaExportError):
     """An export directory or manifest that is incomplete, tampered with or unsafe."""
 
 
+class OutputError(LlamaExportError):
+    """An output destination that cannot be written: a file where a folder is needed, read-only, full,
+    or being written by another process."""
+
+
 class BackendUnavailableError(LlamaExportError):
     """An optional backend whose library is not installed (the message says what to install)."""
 
 
 class RankFailedError(LlamaExportError):
     """A rank process died or a collective timed out."""
+
+
+class PeerLostError(RankFailedError):
+    """A collective failed on this rank because another rank died, stopped or timed out (the cause is
+    elsewhere: the launcher names the rank that caused it)."""

@@ -1,33 +1,105 @@
-"""Writing outputs so that nothing half-written is ever seen: one staging rule for files and folders.
+"""Writing outputs so that nothing half-written is ever seen and nothing earlier is lost.
 
-    write_atomic(path, data)         data ─► PATH.<random>.tmp (same folder) ─► fsync ─► rename to PATH
-    with staged_dir(final) as tmp:   writes go to a hidden sibling `.NAME.partial-XXXX`; on success the
-        ...                          folder is swapped into place (`replace_dir`), on any exception it is
-                                     deleted, and `final` (if it existed) is left untouched.
+    write_atomic(path, data)          data ─► .NAME.<owner>.<random>.tmp (same folder) ─► fsync ─► rename
+    with staging(final) as stage:     writes go to stage.path, a hidden sibling `.NAME.partial-<owner>-…`;
+        ...                           on success it is swapped into stage.target (`final`, unless the
+                                      caller diverted it, e.g. to a `.failed` name), on any exception or
+                                      signal-raised interrupt it is deleted, and `final` is left untouched.
+    staged_dir(final)                 the same, yielding the path only.
 
-`replace_dir` swaps a complete folder in: the old one is renamed aside first and restored if the final
-rename fails, so `final` is always either the old or the new folder, never a mix.
+`<owner>` is the writing process's pid and start time. A staging folder or temporary file whose owner is
+no longer running (the process was killed with SIGKILL, or the machine went down) is stale: the next
+`staging`/`write_atomic` in that folder removes it. Only names in these formats are ever removed, and
+never one whose owner is alive.
+
+One writer per target: `staging(final)` holds an exclusive lock (`.NAME.lock`, flock) for its whole
+duration, so a second export to the same target fails at once, naming the first one's pid, instead of
+racing it in the swap. `replace_dir` swaps a complete folder in: the old one is renamed aside first and
+restored if the final rename fails, so `final` is always either the old or the new folder, never a mix;
+a swap cut short by SIGKILL between its two renames is undone by the next `staging(final)`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
+from llama_export.errors import OutputError
+
+log = logging.getLogger(__name__)
+
 PARTIAL_MARKER = ".partial-"
+OLD_MARKER = ".old-"
+# .NAME.partial-<pid>-<start>-<random>  /  .NAME.old-<pid>-<start>-<random>  /  .NAME.<pid>-<start>.<random>.tmp
+_OWNED = re.compile(r"^\.(?P<name>.+?)(?:\.(?:partial|old)-|\.)(?P<pid>\d+)-(?P<start>\d+)(?:-\w+|\.\w+\.tmp)$")
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in 1/100 s (psutil's create_time), None if it is not running."""
+    try:
+        return round(psutil.Process(pid).create_time() * 100)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None
+
+
+_OWNER = ""
+
+
+def _owner() -> str:
+    """`pid-start` of this process (computed on first use, and again after a fork)."""
+    global _OWNER
+    if not _OWNER.startswith(f"{os.getpid()}-"):
+        _OWNER = f"{os.getpid()}-{_start_ticks(os.getpid())}"
+    return _OWNER
+
+
+def _is_stale(entry: Path) -> bool:
+    m = _OWNED.match(entry.name)
+    if m is None:
+        return False
+    pid, start = int(m["pid"]), int(m["start"])
+    return _start_ticks(pid) != start  # not running, or the pid now belongs to another process
+
+
+def sweep_stale(folder: Path) -> list[Path]:
+    """Remove staging folders and temporary files in `folder` whose owner process is gone; returns them."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith(".") and OLD_MARKER not in entry.name and _is_stale(entry):
+            log.info("removing %s, left behind by a process that no longer runs", entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write `data` to `path` through a temporary file in the same folder and a rename."""
     path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with _naming(path), os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
@@ -37,12 +109,23 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         raise
 
 
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError without a file name (a failed write: ENOSPC, EFBIG) gets `path` as its file name."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+
 def replace_dir(new: Path, final: Path) -> None:
     """Move folder `new` to `final`; an existing `final` is swapped out whole (restored on failure)."""
     new, final = Path(new), Path(final)
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}-{new.name.rsplit('-', 1)[-1]}")
+        old = final.with_name(f".{final.name}{OLD_MARKER}{_owner()}-{secrets.token_hex(4)}")
         final.rename(old)
     try:
         new.rename(final)
@@ -54,14 +137,117 @@ def replace_dir(new: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass
+class Stage:
+    """A staging folder (`path`) and where it goes on success (`target`)."""
+
+    path: Path
+    target: Path
+
+    def divert(self, target: Path) -> None:
+        """Swap the finished folder into `target` instead (a sibling of the original target)."""
+        self.target = Path(target)
+
+
 @contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
-    """A hidden temporary sibling of `final` to write into; swapped into place only on success."""
+def _target_lock(final: Path) -> Iterator[None]:
+    """Exclusive lock on `final` for this process, released (and its file removed) on exit."""
+    path = final.with_name(f".{final.name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputError(f"{final} is being written by another llama-export process (pid {holder}); "
+                              "wait for it to finish or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False  # the previous holder removed the file between our open and our lock
+        if same:
+            break
+        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):  # only for the message of a second writer (a full disk: no pid)
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding the lock, so no one else holds this file
+        os.close(fd)
+
+
+def _recover_interrupted_swap(final: Path) -> None:
+    """`final` missing but an `.old-` copy of it left by a dead process: the swap was cut between its
+    two renames; put the old folder back. Other stale `.old-` copies are removed."""
+    olds = sorted((p for p in final.parent.glob(f".{final.name}{OLD_MARKER}*") if _is_stale(p)),
+                  key=lambda p: p.stat().st_mtime)
+    if olds and not final.exists():
+        log.warning("restoring %s from %s (an earlier swap was interrupted)", final, olds[-1].name)
+        olds.pop().rename(final)
+    for p in olds:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def staging(final: Path) -> Iterator[Stage]:
+    """A hidden temporary sibling of `final` to write into; swapped into `stage.target` only on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL_MARKER}", dir=final.parent))
+    with _target_lock(final):
+        _recover_interrupted_swap(final)
+        sweep_stale(final.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL_MARKER}{_owner()}-", dir=final.parent))
+        stage = Stage(tmp, final)
+        try:
+            with _naming(final):
+                yield stage
+            replace_dir(tmp, stage.target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """`staging(final)`, yielding only the folder to write into."""
+    with staging(final) as stage:
+        yield stage.path
+
+
+# ---- destinations, checked before any work starts --------------------------------------------------
+
+def _nearest_existing(path: Path) -> Path:
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _writable_folder(path: Path, label: str) -> None:
+    """`path` is, or can be created as, a folder this process can write in (probed with a file)."""
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise OutputError(f"{label}: {base} is a file, not a folder; choose another location")
     try:
-        yield tmp
-        replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{_owner()}.probe.", suffix=".tmp", dir=base)
+    except OSError as e:
+        why = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full"}.get(e.errno, e.strerror)
+        raise OutputError(f"{label}: cannot write in {base} ({why}); choose a writable location") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_dir(path: Path, *, what: str, shown: Path | None = None) -> None:
+    """`path` is, or can be created as, a writable folder; `what` names the option and `shown` its
+    value (default: `path`) for the message."""
+    _writable_folder(Path(path), f"{what} {shown if shown is not None else path}")
+
+
+def check_output_file(path: Path, *, what: str) -> None:
+    """`path` can be written as a file: not a folder, in a folder that exists or can be made, writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file name")
+    _writable_folder(path.parent, f"{what} {path}")

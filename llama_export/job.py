@@ -1,11 +1,18 @@
 """The main job: export one or more variants of a checkpoint, validate each on ONNX Runtime, report.
 
-It sits above both the exporter and the comparison engine (`runner.compare`, validation mode)."""
+It sits above both the exporter and the comparison engine (`runner.compare`, validation mode), and owns
+the order that keeps earlier results safe: check everything, export into a staging folder, validate the
+staged export, and only then swap it into place (`files.staging`).
+
+    graphs/demo/tp2-fp32/          the last export that passed validation (untouched by a failure)
+    graphs/demo/tp2-fp32.failed/   the last one that did not, kept for `llama-export compare`
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +22,10 @@ import onnx_ir as ir
 from llama_export.artifact.manifest import load_manifest, resolve_inside
 from llama_export.artifact.schema import COMPUTE_OPS
 from llama_export.config import ModelDType, Precision
-from llama_export.export.exporter import ExportOptions, export
+from llama_export.export.exporter import ExportOptions, check_export, export_into
 from llama_export.export.passes.check import custom_node_counts
-from llama_export.runner.compare import VALIDATION, CompareSettings, validate_export
+from llama_export.files import staging
+from llama_export.runner.compare import VALIDATION, CompareSettings, check_settings, validate_export
 from llama_export.runner.diff import Comparison
 
 log = logging.getLogger(__name__)
@@ -50,24 +58,42 @@ def _graph_stats(path: Path) -> tuple[int, int, int]:
     return len(m.rank(0).segments), nodes, custom
 
 
+def failed_path(target: Path) -> Path:
+    """Where a variant that failed validation is kept (for `llama-export compare`): `<variant>.failed`."""
+    return target.with_name(target.name + ".failed")
+
+
 def run_job(base: ExportOptions, tps: list[int], dtypes: list[ModelDType], *, validate: bool = True,
             settings: CompareSettings = VALIDATION) -> list[VariantReport]:
+    """Export and validate each variant. Every variant is checked (config, TP degree, target folder,
+    validation length) before the first starts. A variant is written to a staging folder and validated
+    there; only one that passed replaces an earlier export. One that failed goes to
+    `failed_path(target)` and the earlier export stays."""
+    variants = [dataclasses.replace(base, tp=tp, dtype=dtype.activations, weights=dtype.weights)
+                for dtype in dtypes for tp in tps]
+    for opts in variants:
+        cfg = check_export(opts)
+        if validate:
+            check_settings(settings, cfg)
     reports = []
-    for dtype in dtypes:
-        for tp in tps:
-            opts = dataclasses.replace(base, tp=tp, dtype=dtype.activations, weights=dtype.weights)
+    for opts in variants:
+        with staging(opts.target) as stage:
             t0 = time.perf_counter()
-            path = export(opts)
+            export_into(opts, stage.path)
             dt = time.perf_counter() - t0
-            segs, nodes, custom = _graph_stats(path)
+            segs, nodes, custom = _graph_stats(stage.path)
             cmp, note = None, ""
             if not validate:
                 note = "not validated (--no-validate)"
-            elif dtype.activations is Precision.BF16:
+            elif opts.dtype is Precision.BF16:
                 note = "not run: ONNX Runtime CPU has no bf16 kernels (checked with onnx.checker only)"
             else:
-                cmp = validate_export(path, base.checkpoint, settings=settings)
-            reports.append(VariantReport(opts.variant, path, segs, nodes, custom, dt, cmp, note))
+                cmp = validate_export(stage.path, base.checkpoint, settings=settings)
+                if not cmp:
+                    stage.divert(failed_path(opts.target))
+            if cmp is None or cmp:
+                shutil.rmtree(failed_path(opts.target), ignore_errors=True)  # an older failure is history now
+        reports.append(VariantReport(opts.variant, stage.target, segs, nodes, custom, dt, cmp, note))
     return reports
 
 

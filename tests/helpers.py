@@ -100,6 +100,15 @@ def write_hf(path: Path, hf_model) -> Path:
     return path
 
 
+def tiny_export(root: Path, *, seed: int, tp: int, name: str = "mha") -> tuple[Path, Path]:
+    """(checkpoint, export directory) of the tiny MHA model with weights drawn from `seed`."""
+    from llama_export.export.exporter import ExportOptions, export
+
+    cfg = tiny_config("mha")
+    ckpt = write_meta(root / name, cfg, random_meta_state(cfg, seed=seed))
+    return ckpt, export(ExportOptions(checkpoint=ckpt, out=root / "graphs", tp=tp, progress=False))
+
+
 def run_cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m llama_export.cli ARGS` in a subprocess (real rank processes for tp > 1)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

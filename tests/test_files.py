@@ -66,3 +66,83 @@ def test_write_atomic_never_leaves_a_partial_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def _owner_token(pid: int) -> str:
+    return f"{pid}-{files._start_ticks(pid)}"
+
+
+def test_stale_staging_is_swept_only_when_its_owner_is_gone(tmp_path):
+    """Leftovers of a killed process (pid no longer running with that start time) are removed by the
+    next staging in the folder; a live owner's folder and names in other formats stay."""
+    import os
+
+    dead = tmp_path / f".out.partial-{os.getpid()}-1-abc"  # our pid, another start time: pid reused
+    (dead / "rank0").mkdir(parents=True)
+    (dead / "rank0" / "x.onnx").write_bytes(b"x" * 1000)
+    dead_tmp = tmp_path / f".r.json.{os.getpid()}-1.k2j4.tmp"
+    dead_tmp.write_text("{")
+    live = tmp_path / f".other.partial-{_owner_token(os.getpid())}-def"
+    live.mkdir()
+    foreign = tmp_path / ".out.partial-manual"
+    foreign.mkdir()
+    with files.staged_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("1")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["out", live.name, foreign.name]), names
+
+
+def test_a_second_writer_of_the_same_target_is_refused(tmp_path):
+    from llama_export.errors import OutputError
+
+    final = tmp_path / "out"
+    with files.staged_dir(final) as tmp:
+        (tmp / "a").write_text("1")
+        import subprocess
+        import sys
+
+        code = ("import sys; from llama_export import files\n"
+                "with files.staged_dir(sys.argv[1]) as t: pass")
+        r = subprocess.run([sys.executable, "-c", code, str(final)], capture_output=True, text=True)
+        assert r.returncode != 0 and "being written by another llama-export process" in r.stderr, r.stderr
+    assert _tree(final) == {"a": b"1"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the lock file is gone too
+
+
+def test_swap_cut_between_its_renames_is_undone(tmp_path):
+    """SIGKILL after `final` was renamed aside and before the new folder took its place: the next
+    staging restores the old folder before it starts."""
+    final = tmp_path / "out"
+    old = tmp_path / ".out.old-999999-1-abcd"  # no such process
+    old.mkdir()
+    (old / "a").write_text("old")
+    with pytest.raises(RuntimeError), files.staged_dir(final):
+        assert _tree(final) == {"a": b"old"}
+        raise RuntimeError("this export fails too")
+    assert _tree(final) == {"a": b"old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_divert_puts_the_folder_elsewhere_and_keeps_final(tmp_path):
+    final = tmp_path / "out"
+    with files.staged_dir(final) as tmp:
+        (tmp / "a").write_text("good")
+    with files.staging(final) as stage:
+        (stage.path / "a").write_text("bad")
+        stage.divert(tmp_path / "out.failed")
+    assert _tree(final) == {"a": b"good"} and _tree(tmp_path / "out.failed") == {"a": b"bad"}
+
+
+@pytest.mark.parametrize("kind", ["file_as_folder", "folder_as_file"])
+def test_destinations_are_checked(tmp_path, kind):
+    from llama_export.errors import OutputError
+
+    (tmp_path / "f").write_text("x")
+    if kind == "file_as_folder":
+        with pytest.raises(OutputError, match="is a file, not a folder"):
+            files.check_output_dir(tmp_path / "f" / "sub", what="--out")
+    else:
+        with pytest.raises(OutputError, match="is a folder; give a file name"):
+            files.check_output_file(tmp_path, what="--json")
+    files.check_output_file(tmp_path / "new" / "r.json", what="--json")
+    assert not (tmp_path / "new").exists()

@@ -16,7 +16,7 @@ from llama_export.backends import open_backend
 from llama_export.runner.source import ModelSource
 from llama_export.runner.stitch import empty_cache, segmented_step
 from llama_export.text import Tokenizer
-from tests.helpers import random_meta_state, run_cli, tiny_config, write_meta
+from tests.helpers import read_json, random_meta_state, run_cli, tiny_config, write_meta
 
 PROMPTS = ["def ", "class Parser:", "import os\n", "    for i in range("]
 NEW = 32
@@ -116,9 +116,12 @@ def test_batch_file_with_prompts_of_different_lengths(tmp_path):
     prompts = ["def ", "class Parser:", "def "]
     f = tmp_path / "prompts.txt"
     f.write_text("\n".join(prompts) + "\n")
-    r = run_cli("run", "--batch", str(f), "--max-new-tokens", "12")
+    r = run_cli("run", "--batch", str(f), "--max-new-tokens", "12", "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
     assert "in 2 batches" in r.stderr
+    batches = read_json(tmp_path / "b.json")["batches"]  # every prompt is recorded, not the last batch's
+    assert sorted(i for b in batches for i in b["prompts"]) == [0, 1, 2]
+    assert all(len(b["tokens"]) == len(b["prompts"]) == len(b["prompt_ids"]) for b in batches)
     blocks = [b.strip("\n") for b in r.stdout.split("-" * 40)[:-1]]
     assert len(blocks) == 3
     for p, block in zip(prompts, blocks):

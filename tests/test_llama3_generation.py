@@ -82,7 +82,7 @@ def test_prompt_equals_transformers_and_stops_at_generation_config_eos(llama3, c
     code, out, err = _cli(capsys, "--checkpoint", str(llama3["ckpt"]), "--prompt", PROMPT,
                           "--max-new-tokens", str(NEW), "--json", str(tmp_path / "r.json"))
     assert code == 0, err
-    r = read_json(tmp_path / "r.json")
+    (r,) = read_json(tmp_path / "r.json")["batches"]
     assert r["prompt_ids"] == [llama3["prompt_ids"]]  # BOS included
     assert r["tokens"] == [llama3["expected"]]  # ends with the generation_config-only eos
     reply = llama3["tok"].decode(llama3["expected"][:-1])
@@ -93,7 +93,7 @@ def test_chat_equals_apply_chat_template_and_generate(llama3, capsys, tmp_path):
     code, out, err = _cli(capsys, "--checkpoint", str(llama3["ckpt"]), "--chat", USER, "--system", SYSTEM,
                           "--max-new-tokens", str(NEW), "--json", str(tmp_path / "r.json"))
     assert code == 0, err
-    r = read_json(tmp_path / "r.json")
+    (r,) = read_json(tmp_path / "r.json")["batches"]
     assert r["prompt_ids"] == [llama3["chat_ids"]]
     assert r["tokens"] == [llama3["chat_expected"]]
     stops = set(STOPS + [llama3["extra"]])
@@ -110,7 +110,7 @@ def test_meta_format_chat(llama3, capsys, tmp_path):
     code, out, err = _cli(capsys, "--checkpoint", str(llama3["meta"]), "--chat", USER, "--system", SYSTEM,
                           "--max-new-tokens", str(NEW), "--json", str(tmp_path / "r.json"))
     assert code == 0, err
-    r = read_json(tmp_path / "r.json")
+    (r,) = read_json(tmp_path / "r.json")["batches"]
     assert r["prompt_ids"] == [llama3["chat_ids"]]
     model = LlamaForCausalLM.from_pretrained(llama3["ckpt"], dtype=torch.float32).eval()
     meta_stops = STOPS + [special_id("<|eom_id|>")]
@@ -136,11 +136,11 @@ def test_export_tp2_runs_after_the_checkpoint_is_deleted(llama3, capsys, tmp_pat
     code, out, err = _cli(capsys, "--backend", "ort", "--artifacts", str(fp32), "--tp", "2", "--prompt", PROMPT,
                           "--max-new-tokens", str(NEW), "--json", str(tmp_path / "p.json"))
     assert code == 0, err
-    assert read_json(tmp_path / "p.json")["tokens"] == [llama3["expected"]]
+    assert read_json(tmp_path / "p.json")["batches"][0]["tokens"] == [llama3["expected"]]
     code, out, err = _cli(capsys, "--backend", "ort", "--artifacts", str(fp32), "--tp", "2", "--chat", USER,
                           "--system", SYSTEM, "--max-new-tokens", str(NEW), "--json", str(tmp_path / "c.json"))
     assert code == 0, err
-    c = read_json(tmp_path / "c.json")
+    (c,) = read_json(tmp_path / "c.json")["batches"]
     assert (c["prompt_ids"], c["tokens"]) == ([llama3["chat_ids"]], [llama3["chat_expected"]])
     # A text file changed after export is caught by its hash.
     (fp32 / "tokenizer_config.json").write_text("{}")

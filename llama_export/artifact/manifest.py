@@ -10,80 +10,134 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from llama_export.config import ModelConfig, Precision, WeightQuant
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
+
+from llama_export import dtypes
+from llama_export.config import ModelConfig, ModelDType, Precision, WeightQuant
 from llama_export.errors import ArtifactError
+from llama_export.parsing import parse_json, read_bytes
 
 FORMAT = "llama_export.manifest"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+# Names that become path components (engines/<model_name>/<variant>): no separators, no leading dot.
+PATH_NAME = r"[^./\\\x00][^/\\\x00]{0,199}"
+
+
+def _path_name(value: str) -> str:
+    if not re.fullmatch(PATH_NAME, value):
+        raise ValueError("must be one folder name (no '/', no '\\', not starting with '.')")
+    return value
+
+
+PathName = Annotated[str, AfterValidator(_path_name)]
+MAX_BATCH = 1 << 16
+SegmentKind = Literal["full", "embed", "attention", "ffn", "head", "tail"]
+ElementType = Literal[tuple(d.name for d in dtypes.DTYPES)]  # numpy spelling, as dtypes names them
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    name: str
-    dtype: str  # numpy spelling: float32, float16, bfloat16, int64
-    shape: tuple[int | str, ...]  # ints, or symbolic names / expressions ("batch", "past + seq")
+    name: Name
+    dtype: ElementType  # numpy spelling: float32, float16, bfloat16, int64
+    shape: tuple[Annotated[int, Field(ge=0)] | Name, ...]  # ints, or symbolic names / expressions ("batch", "past + seq")
 
 
 @dataclass(frozen=True)
 class Collective:
-    op: str  # "AllReduce" | "AllGather"
-    input: str
-    output: str
+    op: Literal["AllReduce", "AllGather"]
+    input: Name
+    output: Name
     axis: int | None = None  # AllGather only
 
 
 @dataclass(frozen=True)
 class Segment:
-    name: str
-    file: str  # relative POSIX path inside the export directory
-    sha256: str
-    kind: str  # full | embed | attention | ffn | head | tail
-    layer: int | None
+    name: Name
+    file: str  # relative POSIX path inside the export directory (`resolve_inside` checks it)
+    sha256: Sha256
+    kind: SegmentKind
+    layer: Annotated[int, Field(ge=0)] | None
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     collective: Collective | None  # runs after this segment
-    data_file: str | None = None  # external weights (graphs over 2 GB), relative like `file`
-    data_sha256: str | None = None
+    data_file: Name | None = None  # external weights (graphs over 2 GB), relative like `file`
+    data_sha256: Sha256 | None = None
 
 
 @dataclass(frozen=True)
 class TextFile:
     """A tokenizer / chat template / generation config file the export carries for the runner."""
 
-    name: str  # the checkpoint's file name (tokenizer.json, tokenizer_config.json, ...)
-    file: str  # relative POSIX path inside the export directory
-    sha256: str
+    name: PathName  # the checkpoint's file name (tokenizer.json, tokenizer_config.json, ...)
+    file: str  # relative POSIX path inside the export directory (`resolve_inside` checks it)
+    sha256: Sha256
 
 
 @dataclass(frozen=True)
 class RankEntry:
-    rank: int
+    rank: Annotated[int, Field(ge=0)]
     segments: tuple[Segment, ...]
+
+
+def _weight_quant(value: Any) -> Any:
+    """The manifest's weight_quant dict (`WeightQuant.to_dict`, with "symmetric") as a WeightQuant."""
+    if value is None or isinstance(value, WeightQuant):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError("must be an object (bits, block_size, output, embedding, symmetric) or null")
+    try:
+        return WeightQuant.from_dict(value)
+    except TypeError as e:  # an unknown or missing field
+        raise ValueError(f"is not a weight quantization scheme ({e})") from None
 
 
 @dataclass(frozen=True)
 class Manifest:
-    model_name: str
-    variant: str
+    model_name: PathName
+    variant: PathName
     model: ModelConfig
-    tp: int
+    tp: Annotated[int, Field(ge=1, le=1024)]
     dtype: Precision  # activations (and weights, unless weight_quant quantizes them)
-    opset: int
-    ir_version: int
-    max_batch: int
+    opset: Annotated[int, Field(ge=1, le=1000)]
+    ir_version: Annotated[int, Field(ge=1, le=1000)]
+    max_batch: Annotated[int, Field(ge=1, le=MAX_BATCH)]
     ranks: tuple[RankEntry, ...]
-    inputs: tuple[str, ...]  # graph-level inputs: tokens, past_key_0, past_value_0, ...
-    outputs: tuple[str, ...]  # graph-level outputs: logits, present_key_0, ...
-    exporter_version: str
+    inputs: tuple[Name, ...]  # graph-level inputs: tokens, past_key_0, past_value_0, ...
+    outputs: tuple[Name, ...]  # graph-level outputs: logits, present_key_0, ...
+    exporter_version: Name
     custom_nodes: dict[str, Any] = field(default_factory=dict)
     text_files: tuple[TextFile, ...] = ()  # what the checkpoint had of llama_export.text.TEXT_FILES
-    weight_quant: WeightQuant | None = None  # the weight-only quantization scheme (None: float weights)
-    quantized_weights: tuple[str, ...] = ()  # the parameters it quantized (the same names on every rank)
+    # the weight-only quantization scheme (None: float weights), and the parameters it quantized (the
+    # same names on every rank)
+    weight_quant: Annotated[WeightQuant | None, BeforeValidator(_weight_quant)] = None
+    quantized_weights: tuple[Name, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Consistency of the fields with each other (`load_manifest` checks them against the files)."""
+        dtype = ModelDType(self.dtype, self.weight_quant)
+        if self.variant != f"tp{self.tp}-{dtype}":
+            raise ValueError(f"variant={self.variant!r} does not match tp={self.tp}, dtype={str(dtype)!r}")
+        if [r.rank for r in self.ranks] != list(range(self.tp)):
+            raise ValueError(f"tp={self.tp} but ranks {[r.rank for r in self.ranks]} are listed")
+        for r in self.ranks:
+            if not r.segments:
+                raise ValueError(f"rank {r.rank} lists no segments")
+            for s in r.segments:
+                if s.layer is not None and s.layer >= self.model.n_layers:
+                    raise ValueError(f"segment {s.name} has layer={s.layer} but the model has "
+                                     f"n_layers={self.model.n_layers}")
+                if (s.data_file is None) != (s.data_sha256 is None):
+                    raise ValueError(f"segment {s.name} needs both data_file and data_sha256, or neither")
 
     # ---- JSON -----------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -94,54 +148,15 @@ class Manifest:
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **d}, indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+    def from_json(cls, raw: bytes | str, *, source: str, fix: str = "re-export") -> Manifest:
+        """Parse manifest JSON strictly (types, ranges, consistency); errors name `source`."""
+        header = parse_json(raw, _Header, source=source, fix=fix, error=ArtifactError)
+        if header.format != FORMAT or header.format_version != FORMAT_VERSION:
             raise ArtifactError(
-                f"not a llama_export manifest of format version {FORMAT_VERSION} "
-                f"(format={d.get('format')!r}, format_version={d.get('format_version')!r}); re-export"
+                f"{source} is not a llama_export manifest of format version {FORMAT_VERSION} "
+                f"(format={header.format!r}, format_version={header.format_version!r}); {fix}"
             )
-        try:
-            ranks = tuple(
-                RankEntry(
-                    rank=int(r["rank"]),
-                    segments=tuple(
-                        Segment(
-                            name=s["name"],
-                            file=s["file"],
-                            sha256=s["sha256"],
-                            kind=s["kind"],
-                            layer=s["layer"],
-                            inputs=tuple(_spec(t) for t in s["inputs"]),
-                            outputs=tuple(_spec(t) for t in s["outputs"]),
-                            collective=Collective(**s["collective"]) if s["collective"] else None,
-                            data_file=s.get("data_file"),
-                            data_sha256=s.get("data_sha256"),
-                        )
-                        for s in r["segments"]
-                    ),
-                )
-                for r in d["ranks"]
-            )
-            return cls(
-                model_name=d["model_name"],
-                variant=d["variant"],
-                model=ModelConfig.from_dict(d["model"]),
-                tp=int(d["tp"]),
-                dtype=Precision(d["dtype"]),
-                opset=int(d["opset"]),
-                ir_version=int(d["ir_version"]),
-                max_batch=int(d["max_batch"]),
-                ranks=ranks,
-                inputs=tuple(d["inputs"]),
-                outputs=tuple(d["outputs"]),
-                exporter_version=d["exporter_version"],
-                custom_nodes=dict(d.get("custom_nodes", {})),
-                text_files=tuple(TextFile(**t) for t in d.get("text_files", ())),
-                weight_quant=WeightQuant.from_dict(d["weight_quant"]) if d.get("weight_quant") else None,
-                quantized_weights=tuple(d.get("quantized_weights", ())),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"manifest is malformed ({type(e).__name__}: {e}); re-export") from None
+        return parse_json(raw, cls, source=source, fix=fix, error=ArtifactError)
 
     def rank(self, r: int) -> RankEntry:
         if not 0 <= r < len(self.ranks):
@@ -149,8 +164,10 @@ class Manifest:
         return self.ranks[r]
 
 
-def _spec(t: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(name=t["name"], dtype=t["dtype"], shape=tuple(t["shape"]))
+@dataclass(frozen=True)
+class _Header:
+    format: Any = None
+    format_version: Any = None
 
 
 def sha256_file(path: Path) -> str:
@@ -182,13 +199,7 @@ def load_manifest(root: Path, *, verify_hashes: bool = True) -> Manifest:
             f"{root} has no {MANIFEST_NAME}; point --artifacts at an export directory written by "
             "`llama-export export` (graphs/<model>/<variant>)"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export") from None
-    m = Manifest.from_dict(data)
-    if len(m.ranks) != m.tp or [r.rank for r in m.ranks] != list(range(m.tp)):
-        raise ArtifactError(f"{path}: tp={m.tp} but ranks {[r.rank for r in m.ranks]} are listed; re-export")
+    m = Manifest.from_json(read_bytes(path, error=ArtifactError), source=str(path))
     files = [f for r in m.ranks for s in r.segments for f in (s.file, s.data_file) if f]
     files += [t.file for t in m.text_files]
     for rel in files:

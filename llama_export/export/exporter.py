@@ -11,6 +11,7 @@ export is replaced whole or not at all.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from llama_export import __version__, dtypes
 from llama_export.artifact import schema
 from llama_export.artifact.manifest import (
     MANIFEST_NAME,
+    MAX_BATCH,
+    PATH_NAME,
     Collective,
     Manifest,
     RankEntry,
@@ -32,8 +35,8 @@ from llama_export.artifact.manifest import (
     load_manifest,
     sha256_file,
 )
-from llama_export.config import ModelDType, Precision, WeightQuant
-from llama_export.errors import ArtifactError
+from llama_export.config import ModelConfig, ModelDType, Precision, WeightQuant
+from llama_export.errors import ArtifactError, InputError, OutputError
 from llama_export.export.passes import Pipeline
 from llama_export.export.passes.check import CheckRankGraphPass
 from llama_export.export.passes.cleanup import CleanupPass
@@ -42,14 +45,15 @@ from llama_export.export.passes.partition import partition
 from llama_export.export.passes.quantize import QuantizeWeightsPass
 from llama_export.export.passes.weights import AttachWeightsPass
 from llama_export.export.trace import trace_rank
-from llama_export.files import staged_dir
+from llama_export.files import check_output_dir, staged_dir
 from llama_export.model.checkpoint import RankWeights, load_config
 from llama_export.model.layers import rope_tables
 from llama_export.model.quantize import quantized_parameters
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.comm import ExportComm, LocalComm
 from llama_export.parallel.plan import check_tp
-from llama_export.text import text_files_in
+from llama_export.text import load_tokenizer, text_files_in
+from llama_export.text.files import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,16 @@ class ExportOptions:
     @property
     def variant(self) -> str:
         return f"tp{self.tp}-{ModelDType(self.dtype, self.weights)}"
+
+    @property
+    def name(self) -> str:
+        """The model's folder name under `out`."""
+        return self.model_name or Path(self.checkpoint).resolve().name
+
+    @property
+    def target(self) -> Path:
+        """Where the export goes: `<out>/<name>/<variant>`."""
+        return Path(self.out) / self.name / self.variant
 
 
 def segment_kinds(n_segments: int, n_layers: int) -> list[tuple[str, int | None]]:
@@ -158,39 +172,70 @@ def export_rank(opts: ExportOptions, rank: int, root: Path) -> RankEntry:
     return RankEntry(rank=rank, segments=tuple(segments))
 
 
-def export(opts: ExportOptions) -> Path:
-    """Run the whole export; returns the final export directory."""
+def check_export(opts: ExportOptions) -> ModelConfig:
+    """Everything about an export that can be checked before any work starts: the config (and TP degree)
+    of the checkpoint, the names that become paths, and that the target folder can be written."""
     cfg = load_config(opts.checkpoint, max_seq_len=opts.max_seq_len)
     check_tp(cfg, opts.tp)
+    if not re.fullmatch(PATH_NAME, opts.name):
+        raise InputError(f"model name {opts.name!r} cannot be a folder name; pass --name with letters, digits, "
+                         "'.', '_', '+' or '-'")
+    if not 1 <= opts.max_batch <= MAX_BATCH:
+        raise InputError(f"max_batch={opts.max_batch} must be in 1..{MAX_BATCH}")
+    check_output_dir(opts.target.parent, what="--out", shown=opts.out)
+    if opts.target.exists() and not opts.target.is_dir():
+        raise OutputError(f"--out: {opts.target} exists and is not a folder; move it away or choose another --out")
+    _quantized_names(opts, cfg)  # a block size that does not fit every rank fails here, before tracing
+    files = text_files_in(opts.checkpoint)
+    if any(name in files for name in TOKENIZER_FILES):
+        load_tokenizer(files, source=str(opts.checkpoint))  # the export carries them: they must load
+    return cfg
+
+
+def _quantized_names(opts: ExportOptions, cfg: ModelConfig) -> list[str]:
+    """The parameters `opts.weights` quantizes (the same names on every rank); raises naming the weight
+    and rank where the block size does not fit."""
     quantized: list[str] = []
-    if opts.weights is not None:  # a block size that does not fit every rank fails here, before tracing
+    if opts.weights is not None:
         for rank in range(opts.tp):
             with torch.device("meta"):
                 rank_model = Transformer(cfg, tp=opts.tp, rank=rank, comm=ExportComm(rank, opts.tp))
             quantized = quantized_parameters(rank_model, opts.weights)
+    return quantized
+
+
+def export_into(opts: ExportOptions, root: Path) -> Manifest:
+    """Write the whole export into the empty folder `root` (a staging folder) and check it as every
+    consumer will; returns its manifest."""
+    cfg = check_export(opts)
     if opts.dtype is Precision.BF16:
         log.warning("bf16 graphs cannot run on ONNX Runtime's CPU provider; they are meant for GPU backends")
-    name = opts.model_name or Path(opts.checkpoint).resolve().name
-    final = Path(opts.out) / name / opts.variant
-    with staged_dir(final) as tmp:
-        ranks = []
-        bar = tqdm(range(opts.tp), desc=f"export {name} {opts.variant}", unit="rank", disable=not opts.progress)
-        for rank in bar:
-            ranks.append(export_rank(opts, rank, tmp))
-        text_files = []
-        for fname, src in text_files_in(opts.checkpoint).items():
-            shutil.copyfile(src, tmp / fname)
-            text_files.append(TextFile(name=fname, file=fname, sha256=sha256_file(tmp / fname)))
-        manifest = Manifest(
-            model_name=name, variant=opts.variant, model=cfg, tp=opts.tp, dtype=opts.dtype, opset=schema.OPSET,
-            ir_version=schema.IR_VERSION, max_batch=opts.max_batch, ranks=tuple(ranks),
-            inputs=schema.graph_inputs(cfg.n_layers), outputs=schema.graph_outputs(cfg.n_layers),
-            exporter_version=__version__,
-            custom_nodes={"domain": schema.DOMAIN, "version": schema.VERSION,
-                          "ops": [*schema.COMPUTE_OPS, *schema.COLLECTIVE_OPS]},
-            text_files=tuple(text_files), weight_quant=opts.weights, quantized_weights=tuple(quantized),
-        )
-        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        load_manifest(tmp)  # the written directory must pass the same checks every consumer runs
-    return final
+    root = Path(root)
+    ranks = []
+    bar = tqdm(range(opts.tp), desc=f"export {opts.name} {opts.variant}", unit="rank", disable=not opts.progress)
+    for rank in bar:
+        ranks.append(export_rank(opts, rank, root))
+    text_files = []
+    for fname, src in text_files_in(opts.checkpoint).items():
+        shutil.copyfile(src, root / fname)
+        text_files.append(TextFile(name=fname, file=fname, sha256=sha256_file(root / fname)))
+    manifest = Manifest(
+        model_name=opts.name, variant=opts.variant, model=cfg, tp=opts.tp, dtype=opts.dtype, opset=schema.OPSET,
+        ir_version=schema.IR_VERSION, max_batch=opts.max_batch, ranks=tuple(ranks),
+        inputs=schema.graph_inputs(cfg.n_layers), outputs=schema.graph_outputs(cfg.n_layers),
+        exporter_version=__version__,
+        custom_nodes={"domain": schema.DOMAIN, "version": schema.VERSION,
+                      "ops": [*schema.COMPUTE_OPS, *schema.COLLECTIVE_OPS]},
+        text_files=tuple(text_files), weight_quant=opts.weights, quantized_weights=tuple(_quantized_names(opts, cfg)),
+    )
+    (root / MANIFEST_NAME).write_text(manifest.to_json())
+    return load_manifest(root)  # the written directory must pass the same checks every consumer runs
 
+
+def export(opts: ExportOptions) -> Path:
+    """Export into `opts.target`, replacing an earlier export there only when this one is complete
+    (no numerical validation: `job.run_job` validates before the swap)."""
+    check_export(opts)
+    with staged_dir(opts.target) as tmp:
+        export_into(opts, tmp)
+    return opts.target

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llama_export.config import ModelConfig, WeightQuant, load_json
+from llama_export.config import ModelConfig, WeightQuant, read_hf_config, read_meta_params
 from llama_export.errors import CheckpointError
 from llama_export.model.quantize import quantize_model_
 from llama_export.model.transformer import Transformer
@@ -47,13 +47,14 @@ def detect_format(path: Path) -> CheckpointFormat:
 
 
 def load_config(path: Path, *, max_seq_len: int | None = None) -> ModelConfig:
+    """The checkpoint's model config; `max_seq_len` (export --max-seq-len) overrides the file's."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt is CheckpointFormat.META:
-        params = load_json(path / "params.json")
-        kwargs = {"max_seq_len": max_seq_len} if max_seq_len else {}
-        return ModelConfig.from_meta_params(params, **kwargs)
-    return ModelConfig.from_hf_config(load_json(path / "config.json"), max_seq_len=max_seq_len)
+        file = path / "params.json"
+        return ModelConfig.from_meta_params(read_meta_params(file), max_seq_len=max_seq_len, source=str(file))
+    file = path / "config.json"
+    return ModelConfig.from_hf_config(read_hf_config(file), max_seq_len=max_seq_len, source=str(file))
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -16,13 +16,18 @@ import struct
 from contextlib import ExitStack
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+from typing import Annotated
+
 import torch
+from pydantic import BaseModel, ConfigDict, StringConstraints
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from llama_export import dtypes
 from llama_export.config import ModelConfig
 from llama_export.errors import CheckpointError
+from llama_export.model import tensor_mismatch
+from llama_export.parsing import parse_json_file
 from llama_export.parallel.plan import Slice
 
 _LAYER_MAP = {
@@ -41,6 +46,10 @@ _TOP_MAP = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+
+
+# Buffers some exporters save that the model derives itself.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def hf_name(meta_name: str) -> str:
@@ -62,6 +71,13 @@ def interleaved_to_rotate_half(w: Tensor, head_dim: int) -> Tensor:
     return w.reshape(rows // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+class SafetensorsIndex(BaseModel):
+    """`model.safetensors.index.json`: tensor name -> shard file (a plain file name next to it)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    weight_map: dict[str, Annotated[str, StringConstraints(pattern=r"^[^/\\]+\.safetensors$")]]
+
+
 class HFReader:
     """Lazy slices of HF safetensors, returned under Meta names in Meta layout."""
 
@@ -73,19 +89,13 @@ class HFReader:
         self.files: dict[str, str] = {}  # hf name -> file name
         self.handles: dict[str, object] = {}
         self.raw: dict[str, RawSafetensors] = {}
-        raw = json.loads((self.path / "config.json").read_text())
-        for key in ("attention_bias", "mlp_bias"):
-            if raw.get(key):
-                raise CheckpointError(f"config.json sets {key}=true; LLaMA without biases is supported only")
 
     def __enter__(self) -> HFReader:
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
         if index.is_file():
-            try:
-                self.files = dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({e}); copy it again") from None
+            self.files = dict(parse_json_file(index, SafetensorsIndex, error=CheckpointError,
+                                              fix="copy the index again from the original checkpoint").weight_map)
         elif single.is_file():
             self.files = {}
         else:
@@ -117,20 +127,31 @@ class HFReader:
         return name
 
     def _check(self) -> None:
+        """Both ways: every tensor config.json implies is there with its shape and a float dtype, and
+        nothing else is (a config.json naming fewer layers than the weights hold would otherwise run a
+        truncated model)."""
+        expected = {self._source(n) for n in self.shapes}
         missing = sorted(hf_name(n) for n in self.shapes if self._source(n) not in self.files)
-        if missing:
-            more = " ..." if len(missing) > 5 else ""
+        extra = sorted(n for n in self.files if n not in expected and not n.endswith(_IGNORED_SUFFIXES))
+        if missing or extra:
             raise CheckpointError(
-                f"{self.path}: tensors missing from the safetensors files: {missing[:5]}{more}; "
+                f"{self.path}: the safetensors files do not match config.json: {tensor_mismatch(missing, extra)}; "
                 "check that config.json belongs to these weights"
             )
         for meta_name, want in self.shapes.items():
             src = self._source(meta_name)
-            got = tuple(self.handles[self.files[src]].get_slice(src).get_shape())
+            info = self.handles[self.files[src]].get_slice(src)
+            got = tuple(info.get_shape())
             if got != want:
                 raise CheckpointError(
                     f"{src} has shape {got} but config.json implies {want}; "
                     "check that config.json belongs to these weights"
+                )
+            code = info.get_dtype()
+            if dtypes.by_safetensors(code) not in dtypes.FLOAT_TYPES:
+                raise CheckpointError(
+                    f"{src} in {self.path / self.files[src]} has dtype {code}; weights must be one of "
+                    f"{', '.join(d.safetensors for d in dtypes.FLOAT_TYPES)} (dequantize the checkpoint first)"
                 )
 
     def read(self, meta_name: str, sl: Slice) -> Tensor:

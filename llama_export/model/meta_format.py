@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from llama_export import dtypes
 from llama_export.config import ModelConfig, RopeScaling
 from llama_export.errors import CheckpointError
+from llama_export.model import tensor_mismatch
 from llama_export.parallel.plan import Slice
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,10 @@ class MetaReader:
             try:
                 self.shards.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
             except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/ValueError here
+                first = str(e).splitlines()[0] if str(e) else ""
+                first = first if len(first) <= 100 else first[:first.find(". ", 40) + 1 or 100]
                 raise CheckpointError(
-                    f"cannot read {f} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                    f"cannot read {f} ({type(e).__name__}: {first}); "
                     "the file is truncated or corrupt: download or copy it again"
                 ) from None
         self._check_keys()
@@ -75,17 +79,21 @@ class MetaReader:
         self.shards.clear()
 
     def _check_keys(self) -> None:
+        """Both ways: every tensor params.json implies is there, nothing else is (a params.json with
+        fewer layers than the weights would otherwise run a truncated model), all of a float type."""
         n = len(self.shards)
         for i, shard in enumerate(self.shards):
+            if not isinstance(shard, dict):
+                raise CheckpointError(f"{self.files[i]} holds a {type(shard).__name__}, not a state dict of tensors; "
+                                      "it is not a Meta checkpoint shard")
             keys = set(shard) - _IGNORED_KEYS
             missing = sorted(set(self.shapes) - keys)
-            extra = sorted(keys - set(self.shapes))
+            extra = sorted(map(str, keys - set(self.shapes)))
             if missing or extra:
-                raise CheckpointError(
-                    f"{self.files[i]} does not match params.json: missing {missing[:5]}"
-                    f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}"
-                    "; check that params.json belongs to these weights"
-                )
+                raise CheckpointError(f"{self.files[i]} does not match params.json: {tensor_mismatch(missing, extra)}; "
+                                      "check that params.json belongs to these weights")
+            for name in self.shapes:
+                check_weight_dtype(name, shard[name], self.files[i])
         for name, want in self.shapes.items():
             dim = meta_split_dim(name)
             got = list(self.shards[0][name].shape)
@@ -119,6 +127,18 @@ class MetaReader:
                 out.append(copy_and_release(p, src_dim, lo - offset, hi - offset))
             offset += size
         return torch.cat(out, dim=src_dim)
+
+
+def check_weight_dtype(name: str, t: object, file: Path) -> None:
+    """Weights are tensors of a float type (`dtypes.FLOAT_TYPES`): casting anything else (integers,
+    bool, fp8 without its scales) to the model dtype would give a silently wrong model."""
+    if not isinstance(t, Tensor):
+        raise CheckpointError(f"{name} in {file} is a {type(t).__name__}, not a tensor; the file is not a checkpoint shard")
+    if t.dtype not in {d.torch for d in dtypes.FLOAT_TYPES}:
+        raise CheckpointError(
+            f"{name} in {file} has dtype {str(t.dtype).removeprefix('torch.')}; weights must be one of "
+            f"{', '.join(sorted(d.name for d in dtypes.FLOAT_TYPES))} (dequantize the checkpoint first)"
+        )
 
 
 _BLOCK_BYTES = 8 << 20

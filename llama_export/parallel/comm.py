@@ -10,11 +10,15 @@ Implementations of one small interface:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from llama_export.errors import PeerLostError
 
 
 class Communicator(Protocol):
@@ -56,14 +60,28 @@ class DistComm:
 
     def all_reduce(self, x: Tensor) -> Tensor:
         y = x.float() if (self._upcast and x.dtype != torch.float32) else x.clone()
-        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
+        with peer_errors("all_reduce"):
+            dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
         return y.to(x.dtype)
 
     def all_gather(self, x: Tensor, dim: int) -> Tensor:
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x, group=self.group)
+        with peer_errors("all_gather"):
+            dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=dim)
+
+
+@contextmanager
+def peer_errors(what: str) -> Iterator[None]:
+    """A collective library's error (gloo/NCCL: connection closed, timeout) as one `PeerLostError`
+    line instead of its C++ traceback: the cause is another rank, which the launcher names."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.distributed.DistBackendError is a RuntimeError
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise PeerLostError(f"{what} with the other ranks failed ({first[:160]}); "
+                            "another rank died, stopped or timed out") from None
 
 
 # ---- export markers ------------------------------------------------------------------------------

@@ -45,14 +45,14 @@ from torch import Tensor
 from llama_export.artifact import schema
 from llama_export.artifact.manifest import Manifest, Segment
 from llama_export.backends import open_backend
-from llama_export.config import Backend
+from llama_export.config import Backend, ModelConfig
 from llama_export.errors import InputError
 from llama_export.files import staged_dir, write_atomic
 from llama_export.model.checkpoint import build_model, load_config
 from llama_export.parallel.comm import ThreadGroup
 from llama_export.runner import polygraphy_data
 from llama_export.runner.diff import TOLERANCES, Comparison, TensorDiff
-from llama_export.runner.generate import generate
+from llama_export.runner.generate import generate, validate_prompt
 from llama_export.runner.stitch import empty_cache, segmented_step
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,11 @@ class CompareSettings:
     prompt_len: int = 8  # tokens of the random prompt
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "prompt_len"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name}={getattr(self, name)} must be >= 1")
+
     def random_prompt(self, vocab_size: int) -> Tensor:
         g = torch.Generator().manual_seed(self.seed)
         return torch.randint(0, vocab_size, (self.batch, self.prompt_len), generator=g)
@@ -79,6 +84,19 @@ class CompareSettings:
 
 # Export validation: two rows of five tokens (batch and sequence dimensions both exercised).
 VALIDATION = CompareSettings(batch=2, prompt_len=5)
+
+
+def check_settings(settings: CompareSettings, cfg: ModelConfig, *, prompt_len: int | None = None) -> None:
+    """The prompt and `settings.steps + 1` generated tokens fit the model's context."""
+    n = settings.prompt_len if prompt_len is None else prompt_len
+    need = n + settings.steps + 1
+    if need > cfg.max_seq_len:
+        raise InputError(
+            f"--steps {settings.steps}: the prompt ({n} tokens) and {settings.steps + 1} generated tokens need "
+            f"{need} positions but the context is max_seq_len={cfg.max_seq_len}; "
+            + (f"use --steps {cfg.max_seq_len - n - 1} or fewer" if cfg.max_seq_len - n - 1 >= 1
+               else "shorten the prompt")
+        )
 
 
 @dataclass
@@ -188,6 +206,8 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
                          "pass the checkpoint it was exported from with --checkpoint")
     if prompt is None:
         prompt = settings.random_prompt(cfg.vocab_size)
+    check_settings(settings, cfg, prompt_len=prompt.shape[1])
+    validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_new_tokens=settings.steps + 1)
     dtype = manifest.dtype.torch_dtype
     tolerance = TOLERANCES[manifest.dtype]
     t0 = time.perf_counter()

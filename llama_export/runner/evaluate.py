@@ -125,6 +125,7 @@ class EvalOptions:
     batch: int = 8
     device: str = "cpu"
     progress: bool = True
+    threads: int | None = None  # CPU threads per rank (None: `launch.rank_threads` decides)
 
 
 def _read_ids(opts: EvalOptions) -> Tensor:
@@ -135,6 +136,8 @@ def _read_ids(opts: EvalOptions) -> Tensor:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"--text {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"--text {path}: cannot read it ({e.strerror}); check the path") from None
     ids = opts.source.tokenizer().encode(text)  # one stream, BOS first
     return torch.tensor(ids, dtype=torch.int64)
 
@@ -171,4 +174,4 @@ def run_eval(opts: EvalOptions, argv: list[str], report: Callable[[Perplexity], 
             report(result)
         return 0
 
-    return on_ranks(opts.tp, opts.device, argv, work)
+    return on_ranks(opts.tp, opts.device, argv, work, threads=opts.threads)

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 StepFn = Callable[[Tensor, list[Tensor], list[Tensor]], tuple[Tensor, list[Tensor], list[Tensor]]]
 
 
+MAX_TEMPERATURE = 1000.0  # already uniform sampling for any real model; larger values are typos
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """temperature 0 means greedy."""
@@ -32,10 +35,12 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise InputError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # also refuses NaN
+            raise InputError(f"temperature={self.temperature} must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p={self.top_p} must be in (0, 1]")
+        if not 0 <= self.seed < 1 << 63:
+            raise InputError(f"seed={self.seed} must be in [0, 2**63)")
 
 
 def validate_prompt(prompt: Tensor, *, vocab_size: int, max_seq_len: int, max_new_tokens: int) -> None:

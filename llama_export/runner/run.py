@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from llama_export.errors import InputError
-from llama_export.files import write_atomic
+from llama_export.files import check_output_file, write_atomic
 from llama_export.parallel.comm import Communicator
 from llama_export.parallel.plan import check_tp
 from llama_export.runner.generate import GenerationResult, SamplingConfig, generate_stream, validate_prompt
@@ -42,6 +42,7 @@ class RunOptions:
     json_out: Path | None = None
     device: str = "cpu"
     stream: bool = True
+    threads: int | None = None  # CPU threads per rank (None: this machine's cores / tp, `rank_threads`)
 
     @property
     def is_text(self) -> bool:
@@ -55,6 +56,8 @@ def parse_prompt_ids(text: str) -> tuple[tuple[int, ...], ...]:
         rows = tuple(tuple(int(t) for t in row.split(",") if t.strip()) for row in text.split(";"))
     except ValueError:
         raise InputError(f"--prompt-ids {text!r} must be comma-separated integers (rows separated by ';')") from None
+    if bad := [t for row in rows for t in row if not 0 <= t < 1 << 31]:
+        raise InputError(f"--prompt-ids: {bad[0]} is not a token id (ids are >= 0 and below the vocabulary size)")
     if len({len(r) for r in rows}) != 1:
         raise InputError(f"--prompt-ids rows have different lengths {[len(r) for r in rows]}; pad them to one length")
     return rows
@@ -79,8 +82,11 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
         for _, prompt in _prompt_groups(opts, opts.source.tokenizer() if opts.is_text else None):
             validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
                             max_new_tokens=new_token_budget(opts, prompt.shape[1], cfg.max_seq_len))
+        if opts.json_out is not None:
+            check_output_file(opts.json_out, what="--json")
     return on_ranks(opts.tp, opts.device, argv,
-                    lambda env, comm, device: _run_rank(opts, env, comm, device, reporter or _Silent()))
+                    lambda env, comm, device: _run_rank(opts, env, comm, device, reporter or _Silent()),
+                    threads=opts.threads)
 
 
 def _prompt_groups(opts: RunOptions, tok: Tokenizer | None) -> list[tuple[list[int], torch.Tensor]]:
@@ -149,6 +155,7 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
     with torch.inference_mode():
         step(groups[0][1][:1, :1].to(device), *make_cache(1))
     texts = [""] * n_prompts
+    results: list[tuple[list[int], GenerationResult]] = []
     prompt_tokens = new_tokens = decode_tokens = 0
     prefill_s = decode_s = 0.0
     hit_limit = False
@@ -179,8 +186,9 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
         prefill_s += result.prefill_s
         decode_s += result.decode_s
         hit_limit |= budget < opts.max_new_tokens and n_new == budget
-        if env.rank == 0 and opts.json_out is not None:
-            _write_json(opts, result)  # --prompt-ids runs are a single batch
+        results.append((idx, result))
+    if env.rank == 0 and opts.json_out is not None:
+        _write_json(opts, results)
     if env.rank == 0:
         reporter.finish(opts, RunSummary(
             prompts=opts.prompts if opts.chat is None else (opts.chat,), texts=tuple(texts), prompt_tokens=prompt_tokens, batches=len(groups),
@@ -192,15 +200,20 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
     return 0
 
 
-def _write_json(opts: RunOptions, result: GenerationResult) -> None:
+def _write_json(opts: RunOptions, results: list[tuple[list[int], GenerationResult]]) -> None:
+    """Every batch of the run: `prompts` are the indices of its rows among the prompts given (text
+    prompts of different token lengths run as separate batches)."""
     payload = {
         "backend": opts.source.backend.value,
         "tp": opts.tp,
-        "prompt_ids": result.prompt.tolist(),
-        "tokens": result.new_tokens.tolist(),
-        "steps": [{"tokens": s.tokens.tolist(), "logits": s.logits.tolist()} for s in result.steps],
-        "prefill_s": result.prefill_s,
-        "decode_s": result.decode_s,
+        "batches": [{
+            "prompts": idx,
+            "prompt_ids": result.prompt.tolist(),
+            "tokens": result.new_tokens.tolist(),
+            "steps": [{"tokens": s.tokens.tolist(), "logits": s.logits.tolist()} for s in result.steps],
+            "prefill_s": result.prefill_s,
+            "decode_s": result.decode_s,
+        } for idx, result in results],
     }
     opts.json_out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(opts.json_out, json.dumps(payload))

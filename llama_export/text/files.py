@@ -1,7 +1,8 @@
 """The text files of a model (tokenizer, tokenizer config, chat template, generation config) and the one
 place that reads their contents.
 
-Every JSON field the text side uses is read here, so validation can be tightened in one spot.
+Every JSON field the text side uses is read here, through a typed schema (`parsing.parse_json_file`):
+`SpecialTokensMap`, `TokenizerConfig`, `GenerationConfig`.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from llama_export.config import load_json
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
 from llama_export.errors import InputError
+from llama_export.parsing import parse_json_file
 
 # Tokenizer files in order of preference: a Hugging Face `tokenizer.json` carries the conventions
 # (post-processor, added tokens) its tokenizer_config.json and chat template are written against.
@@ -40,16 +43,16 @@ class TokenizerSettings:
     chat_template: str | None = None
 
 
-def _token_text(value: Any, *, field: str, path: Path) -> str | None:
+def _token_text(value: Any) -> str | None:
     """A special token as written by transformers: a string, or an AddedToken dict with "content"."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise InputError(f"{path}: {field} must be a string or {{\"content\": ...}}, not {value!r}; fix the file")
+    raise ValueError('must be a string or {"content": ...}')
 
 
-def _chat_template(value: Any, path: Path) -> str | None:
+def _chat_template(value: Any) -> str | None:
     """tokenizer_config.json's chat_template: a string, or a list of {name, template} (transformers
     picks "default")."""
     if value is None or isinstance(value, str):
@@ -58,9 +61,48 @@ def _chat_template(value: Any, path: Path) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         if isinstance(named.get("default"), str):
             return named["default"]
-        raise InputError(f"{path}: chat_template lists templates {sorted(map(str, named))} but none named "
-                         "'default'; name one 'default'")
-    raise InputError(f"{path}: chat_template must be a string or a list of {{name, template}}; fix the file")
+        raise ValueError(f"lists templates {sorted(map(str, named))} but none named 'default'; name one 'default'")
+    raise ValueError("must be a string or a list of {name, template}")
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    """generation_config.json's eos_token_id: an int or a list of ints (absent: none)."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 31 for i in ids):
+        raise ValueError("must be a token id or a list of token ids")
+    return tuple(ids)
+
+
+SpecialToken = Annotated[Any, AfterValidator(_token_text)]
+
+
+class SpecialTokensMap(BaseModel):
+    """special_tokens_map.json (and the same fields of tokenizer_config.json)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    bos_token: SpecialToken = None
+    eos_token: SpecialToken = None
+    unk_token: SpecialToken = None
+    sep_token: SpecialToken = None
+    pad_token: SpecialToken = None
+    cls_token: SpecialToken = None
+    mask_token: SpecialToken = None
+
+
+class TokenizerConfig(SpecialTokensMap):
+    """tokenizer_config.json: the fields the text side uses."""
+
+    chat_template: Annotated[Any, AfterValidator(_chat_template)] = None
+
+
+class GenerationConfig(BaseModel):
+    """generation_config.json: the fields the text side uses."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    eos_token_id: Annotated[Any, AfterValidator(_token_ids)] = ()
+
+
+_FIX = "fix the file (see the model's original)"
 
 
 def read_tokenizer_settings(files: TextFiles) -> TokenizerSettings:
@@ -68,16 +110,13 @@ def read_tokenizer_settings(files: TextFiles) -> TokenizerSettings:
     chat_template.jinja file wins over the config's entry, tokenizer_config.json over
     special_tokens_map.json."""
     special: dict[str, str] = {}
-    cfg: dict[str, Any] = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
-        if name not in files:
+    template = None
+    for name, schema in (("special_tokens_map.json", SpecialTokensMap), ("tokenizer_config.json", TokenizerConfig)):
+        if name not in files:  # the later file wins
             continue
-        d = _json_object(files[name])
-        for token in SPECIAL_TOKEN_NAMES:
-            if (text := _token_text(d.get(token), field=token, path=files[name])) is not None:
-                special[token] = text
-        cfg = d if name == "tokenizer_config.json" else cfg
-    template = _chat_template(cfg.get("chat_template"), files.get("tokenizer_config.json", Path()))
+        d = parse_json_file(files[name], schema, fix=_FIX, error=InputError)
+        special.update({t: text for t in SPECIAL_TOKEN_NAMES if (text := getattr(d, t)) is not None})
+        template = getattr(d, "chat_template", template)
     if "chat_template.jinja" in files:
         template = files["chat_template.jinja"].read_text(encoding="utf-8")
     return TokenizerSettings(special_tokens=special, chat_template=template)
@@ -87,18 +126,4 @@ def read_generation_eos_ids(files: TextFiles) -> tuple[int, ...]:
     """generation_config.json's `eos_token_id` (an int or a list of ints); () when absent."""
     if "generation_config.json" not in files:
         return ()
-    path = files["generation_config.json"]
-    value = _json_object(path).get("eos_token_id")
-    if value is None:
-        return ()
-    ids = value if isinstance(value, list) else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise InputError(f"{path}: eos_token_id must be a token id or a list of token ids, not {value!r}; fix the file")
-    return tuple(ids)
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    d = load_json(path)
-    if not isinstance(d, dict):
-        raise InputError(f"{path} must hold a JSON object; restore it from the original checkpoint")
-    return d
+    return parse_json_file(files["generation_config.json"], GenerationConfig, fix=_FIX, error=InputError).eos_token_id

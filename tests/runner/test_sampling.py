@@ -82,5 +82,5 @@ def test_cli_sampling_at_tp2_equals_tp1(tmp_path):
         r = run_cli("run", "--checkpoint", str(ckpt), "--tp", str(tp), "--prompt-ids", "1,2,3", "--max-new-tokens",
                     "10", "--temperature", "0.8", "--top-p", "0.9", "--seed", "7", "--json", str(tmp_path / f"{tp}.json"))
         assert r.returncode == 0, r.stderr
-        outs.append(read_json(tmp_path / f"{tp}.json")["tokens"])
+        outs.append(read_json(tmp_path / f"{tp}.json")["batches"][0]["tokens"])
     assert outs[0] == outs[1]

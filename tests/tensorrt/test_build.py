@@ -61,8 +61,8 @@ def test_assemble_build_manifest(tmp_path: Path) -> None:
     seg0, seg1 = m.ranks[0].segments[:2]
     key = structure.structure_key(attention_like_segment(0, seed=0))
     recs = [
-        build.EngineRecord(0, seg0.name, seg0.sha256, "rank0/layer0.plan", "aa", key, None, {"x": "x"}),
-        build.EngineRecord(0, seg1.name, seg1.sha256, "rank0/layer1.plan", "bb", key, "rank0/layer0", {"x": "x"}),
+        build.EngineRecord(0, seg0.name, seg0.sha256, "rank0/layer0.plan", "a" * 64, key, None, {"x": "x"}),
+        build.EngineRecord(0, seg1.name, seg1.sha256, "rank0/layer1.plan", "b" * 64, key, "rank0/layer0", {"x": "x"}),
     ]
     profs = {f"rank0/{s.name}": [p.to_dict() for p in profiles.plan_profiles(s.inputs, max_batch=2, max_seq_len=16)]
              for s in (seg0, seg1)}
@@ -76,6 +76,12 @@ def test_assemble_build_manifest(tmp_path: Path) -> None:
     assert e0["onnx_sha256"] == seg0.sha256 and e1["refit_from"] == "rank0/layer0" and e0["refit_from"] is None
     assert [p["name"] for p in e1["profiles"]] == ["prefill", "decode"]
     assert e1["profiles"][1]["shapes"]["x"] == {"min": [1, 1, 8], "opt": [2, 1, 8], "max": [2, 1, 8]}
+    # the runner reads it back through its typed schema
+    from llama_export.backends.tensorrt.runner import _BuildManifest
+    from llama_export.parsing import parse_json
+
+    back = parse_json(json.dumps(doc), _BuildManifest, source="build_manifest.json", fix="rebuild")
+    assert back.engines[1].plan_sha256 == "b" * 64 and back.engines[1].profiles[1].shapes["x"].max == (2, 1, 8)
 
 
 def test_default_out_dir(tmp_path: Path) -> None:

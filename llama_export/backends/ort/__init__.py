@@ -8,7 +8,6 @@ onnxruntime is imported lazily, so that importing llama_export never needs it.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +109,8 @@ def _expose(model: ir.Model, names: tuple[str, ...]) -> list[str]:
 def _session_options(ort, threads: int | None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    # The rank decided its thread count (runner.launch.rank_threads, applied with torch.set_num_threads).
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.log_severity_level = 3
     return opts
 

@@ -17,12 +17,13 @@ Every TensorRT name and call signature used here is checked against the TensorRT
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from llama_export import dtypes
@@ -30,7 +31,8 @@ from llama_export.backends.tensorrt import profiles
 from llama_export.backends.tensorrt.build import BUILD_FORMAT, BUILD_MANIFEST, EXPORT_MANIFEST
 from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
 from llama_export.errors import ArtifactError, BackendUnavailableError, InputError
-from llama_export.artifact.manifest import Manifest, resolve_inside, sha256_file
+from llama_export.artifact.manifest import Manifest, Sha256, resolve_inside, sha256_file
+from llama_export.parsing import parse_json_file, read_bytes
 
 if TYPE_CHECKING:  # annotations only: the API conformance check reads them (tests/tensorrt/conformance)
     import tensorrt as trt
@@ -46,16 +48,48 @@ def _torch_dtype(trt: Any, dt: Any) -> torch.dtype:
     raise ArtifactError(f"engine tensor dtype {dt} has no torch equivalent here")
 
 
+Dims = tuple[Annotated[int, Field(ge=0)], ...]
+
+
+@dataclass(frozen=True)
+class _ShapeRange:
+    min: Dims
+    opt: Dims
+    max: Dims
+
+
+@dataclass(frozen=True)
+class _ProfileEntry:
+    name: str
+    shapes: dict[str, _ShapeRange]
+
+
+@dataclass(frozen=True)
+class _EngineEntry:
+    rank: Annotated[int, Field(ge=0)]
+    plan: str  # relative path (`resolve_inside` checks it)
+    plan_sha256: Sha256
+    io_names: dict[str, str]
+    profiles: tuple[_ProfileEntry, ...]
+
+
+@dataclass(frozen=True)
+class _BuildManifest:
+    """The part of build_manifest.json (`build.assemble_build_manifest`) the runner reads, typed."""
+
+    format: str
+    engines: tuple[_EngineEntry, ...]
+
+
 class _Segment:
-    def __init__(self, trt: Any, runtime: trt.Runtime, plan: bytes, entry: dict[str, Any]) -> None:
+    def __init__(self, trt: Any, runtime: trt.Runtime, plan: bytes, entry: _EngineEntry) -> None:
         self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise ArtifactError(f"TensorRT could not deserialize {entry['plan']} (built with another version/GPU?)")
-        self.io_names: dict[str, str] = entry["io_names"]
+            raise ArtifactError(f"TensorRT could not deserialize {entry.plan} (built with another version/GPU?)")
+        self.io_names: dict[str, str] = entry.io_names
         self.profiles = tuple(
-            profiles.Profile(p["name"], {k: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"]))
-                                         for k, v in p["shapes"].items()})
-            for p in entry["profiles"]
+            profiles.Profile(p.name, {k: (v.min, v.opt, v.max) for k, v in p.shapes.items()})
+            for p in entry.profiles
         )
         self.contexts: dict[int, trt.IExecutionContext] = {}
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -77,10 +111,7 @@ def load_export_manifest(build_dir: Path) -> Manifest:
     path = Path(build_dir) / EXPORT_MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{build_dir} has no {EXPORT_MANIFEST}; point --artifacts at a `llama-export build` output")
-    try:
-        return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild") from None
+    return Manifest.from_json(read_bytes(path, error=ArtifactError), source=str(path), fix="rebuild")
 
 
 class TensorRTBackend:
@@ -99,10 +130,10 @@ class TensorRTBackend:
         path = build_dir / BUILD_MANIFEST
         if not path.is_file():
             raise ArtifactError(f"{build_dir} has no {BUILD_MANIFEST}; run `llama-export build` first")
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if doc.get("format") != BUILD_FORMAT:
+        doc = parse_json_file(path, _BuildManifest, fix="rebuild", error=ArtifactError)
+        if doc.format != BUILD_FORMAT:
             raise ArtifactError(f"{path} is not a llama_export TensorRT build manifest")
-        entries = [e for e in doc["engines"] if e["rank"] == rank]
+        entries = [e for e in doc.engines if e.rank == rank]
         if not entries:
             raise ArtifactError(f"{build_dir} has no engines for rank {rank}")
         self.rank = rank
@@ -113,9 +144,9 @@ class TensorRTBackend:
         self._segments: list[_Segment] = []
         with torch.cuda.device(self.device):
             for e in entries:
-                plan_path = resolve_inside(build_dir, e["plan"])
-                if sha256_file(plan_path) != e["plan_sha256"]:
-                    raise ArtifactError(f"{e['plan']} does not match its sha256 in {BUILD_MANIFEST}; rebuild")
+                plan_path = resolve_inside(build_dir, e.plan)
+                if sha256_file(plan_path) != e.plan_sha256:
+                    raise ArtifactError(f"{e.plan} does not match its sha256 in {BUILD_MANIFEST}; rebuild")
                 self._segments.append(_Segment(self.trt, self._runtime, plan_path.read_bytes(), e))
         log.info("rank %d: loaded %d TensorRT engine(s) from %s", rank, len(self._segments), build_dir)
 
