@@ -36,7 +36,7 @@ def test_a_variant_that_fails_validation_replaces_nothing(tmp_path, monkeypatch)
     import dataclasses
 
     from llama_export import job
-    from llama_export.config import Precision
+    from llama_export.config import ModelDType, Precision
     from llama_export.export.exporter import ExportOptions
     from llama_export.runner.compare import VALIDATION
 
@@ -44,7 +44,7 @@ def test_a_variant_that_fails_validation_replaces_nothing(tmp_path, monkeypatch)
     ckpt = write_meta(tmp_path / "tiny", cfg, random_meta_state(cfg, seed=5))
     base = ExportOptions(checkpoint=ckpt, out=tmp_path / "g", progress=False)
     settings = dataclasses.replace(VALIDATION, steps=1)
-    (good,) = job.run_job(base, [1], [Precision.FP32], settings=settings)
+    (good,) = job.run_job(base, [1], [ModelDType(Precision.FP32)], settings=settings)
     assert good.ok and good.path == tmp_path / "g" / "tiny" / "tp1-fp32"
     before = _files(good.path)
 
@@ -56,12 +56,12 @@ def test_a_variant_that_fails_validation_replaces_nothing(tmp_path, monkeypatch)
         return cmp
 
     monkeypatch.setattr(job, "validate_export", impossible)
-    (bad,) = job.run_job(base, [1], [Precision.FP32], settings=settings)
+    (bad,) = job.run_job(base, [1], [ModelDType(Precision.FP32)], settings=settings)
     assert not bad.ok and bad.path == job.failed_path(good.path)
     assert load_manifest(bad.path).variant == "tp1-fp32"  # kept whole, for `llama-export compare`
     assert _files(good.path) == before
     assert sorted(p.name for p in good.path.parent.iterdir()) == ["tp1-fp32", "tp1-fp32.failed"]
 
     monkeypatch.undo()
-    (again,) = job.run_job(base, [1], [Precision.FP32], settings=settings)
+    (again,) = job.run_job(base, [1], [ModelDType(Precision.FP32)], settings=settings)
     assert again.ok and sorted(p.name for p in good.path.parent.iterdir()) == ["tp1-fp32"]
