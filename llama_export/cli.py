@@ -158,14 +158,17 @@ def _add_run_parser(sub) -> None:
     prompt.add_argument("--prompt", help="text prompt (tokenized with the checkpoint's or export's tokenizer: "
                         "sentencepiece or Meta Llama 3 tokenizer.model, or Hugging Face tokenizer.json)")
     prompt.add_argument("--chat", help="a user message: formatted with the model's chat template, prints only the reply")
-    prompt.add_argument("--batch", type=Path, help="file with one prompt per line (\\n for a newline); prompts of "
-                        "equal token length run as one batch, so different lengths run as several")
-    prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3 (batch rows separated by ';')")
+    prompt.add_argument("--batch", type=Path, help="file with one prompt per line (\\n for a newline); all prompts "
+                        "run as one batch, whatever their lengths")
+    prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3 (batch rows separated by ';', any lengths)")
     p.add_argument("--system", help="system message of --chat")
     p.add_argument("--max-new-tokens", type=int_in(0, MAX_TOKENS), default=RunOptions.max_new_tokens)
     p.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=1.0)
     p.add_argument("--seed", type=int_in(0, (1 << 63) - 1), default=0)
+    p.add_argument("--cache-capacity", type=int_in(1, MAX_TOKENS), default=None,
+                   help="KV cache tokens per row (default: the longest prompt + --max-new-tokens; at most the "
+                   "model's max_seq_len)")
     p.add_argument("--json", type=Path, dest="json_out",
                    help="write generated ids and every step's full last-token logits as JSON (every batch)")
     p.set_defaults(func=_cmd_run)
@@ -239,11 +242,11 @@ class _ConsoleReporter:
             for prompt, text in zip(summary.prompts, summary.texts):
                 print(f"{prompt}{text}" if summary.echo_prompt else text)
                 print("-" * 40, flush=True)
-        batches = f" in {summary.batches} batches (prompts grouped by token length)" if summary.batches > 1 else ""
-        print(f"[{opts.source.backend.value} tp={opts.tp}] prefill {summary.prompt_tokens} tokens{batches}: "
+        rows = f" in {len(summary.texts)} rows" if len(summary.texts) > 1 else ""
+        print(f"[{opts.source.backend.value} tp={opts.tp}] prefill {summary.prompt_tokens} tokens{rows}: "
               f"{summary.prefill_tok_s:.1f} tok/s; decode: {summary.decode_tok_s:.1f} tok/s", file=sys.stderr)
         if summary.context_limit is not None:
-            print(f"[stopped at the context limit: max_seq_len={summary.context_limit}]", file=sys.stderr)
+            print(f"[stopped at the context limit: {summary.context_limit}]", file=sys.stderr)
 
 
 def _source(args) -> ModelSource:
@@ -279,6 +282,7 @@ def _cmd_run(args, argv: list[str]) -> int:
         json_out=args.json_out,
         device=args.device,
         threads=args.threads,
+        cache_capacity=args.cache_capacity,
     )
     return run(opts, argv, _ConsoleReporter())
 

@@ -41,14 +41,22 @@ def _model(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0) -> 
     return m.to(device=device, dtype=dtype).eval()
 
 
+def _step(model: Transformer, tokens: torch.Tensor, cached: int, keys, values):
+    """One forward of an unpadded batch after `cached` tokens (graph contract v2); returns the cache too."""
+    b, s = tokens.shape
+    lengths = torch.full((b,), s, dtype=torch.int64, device=tokens.device)
+    logits, keys, values = model(tokens, torch.full_like(lengths, cached), lengths, keys, values)
+    return logits, keys, values, cached + s
+
+
 def _forced(model: Transformer, prompt: torch.Tensor, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
-    keys, values = model.empty_cache(prompt.shape[0])
-    out, cur = [], prompt
+    keys, values = model.empty_cache(prompt.shape[0], prompt.shape[1] + len(tokens) + 1)
+    out, cur, cached = [], prompt, 0
     with torch.inference_mode():
         for nxt in [None, *tokens]:
             if nxt is not None:
                 cur = nxt.unsqueeze(1)
-            logits, keys, values = model(cur, keys, values)
+            logits, keys, values, cached = _step(model, cur, cached, keys, values)
             out.append(logits.float().cpu())
     return out
 
@@ -60,11 +68,11 @@ def accuracy(report: dict) -> bool:
     prompt = torch.randint(0, cfg.vocab_size, (2, 24), generator=g)
     ref_model = _model(cfg, torch.float32, "cpu")
     # Reference greedy tokens (teacher forcing keeps all dtypes on the same sequence).
-    keys, values = ref_model.empty_cache(2)
-    forced, cur = [], prompt
+    keys, values = ref_model.empty_cache(2, prompt.shape[1] + 8)
+    forced, cur, cached = [], prompt, 0
     with torch.inference_mode():
         for _ in range(8):
-            logits, keys, values = ref_model(cur, keys, values)
+            logits, keys, values, cached = _step(ref_model, cur, cached, keys, values)
             cur = logits.argmax(-1, keepdim=True)
             forced.append(cur[:, 0])
     ref = _forced(ref_model, prompt, forced[:-1])
@@ -99,16 +107,16 @@ def timings(report: dict, quick: bool) -> None:
         model = _model(cfg, dt, DEVICE)
         with torch.inference_mode():
             for _ in range(2):  # warm-up
-                model(prompt, *model.empty_cache(1))
+                _step(model, prompt, 0, *model.empty_cache(1, 128 + 64))
             _sync()
             t0 = time.perf_counter()
-            logits, keys, values = model(prompt, *model.empty_cache(1))
+            logits, keys, values, cached = _step(model, prompt, 0, *model.empty_cache(1, 128 + 64))
             _sync()
             prefill = time.perf_counter() - t0
             cur = logits.argmax(-1, keepdim=True)
             t0 = time.perf_counter()
             for _ in range(64):
-                logits, keys, values = model(cur, keys, values)
+                logits, keys, values, cached = _step(model, cur, cached, keys, values)
                 cur = logits.argmax(-1, keepdim=True)
             _sync()
             decode_tps = 64 / (time.perf_counter() - t0)

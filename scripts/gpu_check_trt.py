@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             for il in (True, False):
                 def jit_rope(shape=shape, dt=dt, il=il):
                     x, c, s = rope_inputs(shape, dt)
-                    return _compare(kernels.rope(x, c, s, il), rope_reference(x, c, s, il), dt)
+                    return _compare(kernels.rope(x, c, s, il), rope_reference(x, c, s, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device), il), dt)  # kernel: v1 rows
                 rep.check(f"jit rope {dt} {list(shape)} {'interleaved' if il else 'rotate_half'}", jit_rope)
 
     # 2. AOT PTX through the driver, launched as the plugin describes ------------------------------

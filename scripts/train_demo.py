@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llama_export.config import ModelConfig, meta_ffn_hidden_dim
-from llama_export.model.checkpoint import build_model
+from llama_export.model.checkpoint import build_model, checkpoint_state
 from llama_export.model.meta_format import save_meta_checkpoint, to_meta_params
+from llama_export.runner.generate import generate
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.plan import check_tp
 
@@ -181,13 +182,13 @@ def init_weights(model: Transformer) -> None:
 
 def all_logits(model: Transformer, tokens: Tensor) -> Tensor:
     """Logits at every position `[B, S, vocab]`: `Transformer.forward` without the last-token cut."""
-    seqlen = tokens.shape[1]
+    bsz, seqlen = tokens.shape
     h = model.tok_embeddings(tokens)  # [B, S, dim]
-    cos, sin = model.rope_cos[:seqlen], model.rope_sin[:seqlen]  # [S, head_dim/2]
-    mask = torch.full((seqlen, seqlen), float("-inf")).triu(1)  # causal, additive
-    past_keys, past_values = model.empty_cache(tokens.shape[0])
-    for layer, pk, pv in zip(model.layers, past_keys, past_values):
-        h, _, _ = layer(h, cos, sin, mask, pk, pv)
+    start = torch.zeros(bsz, dtype=torch.int64)
+    lengths = torch.full((bsz,), seqlen, dtype=torch.int64)
+    keys, values = model.empty_cache(bsz, seqlen)  # written in place by every layer's attention
+    for layer, k, v in zip(model.layers, keys, values):
+        h, _, _ = layer(h, model.rope_cos, model.rope_sin, start, lengths, k, v)
     return model.output(model.norm(h))
 
 
@@ -253,17 +254,16 @@ def train(model: Transformer, train_ids: Tensor, val_ids: Tensor, tc: TrainConfi
 def greedy(model: Transformer, sp: spm.SentencePieceProcessor, prompt: str, n: int) -> tuple[str, list[float]]:
     """Greedy continuation of `prompt` with the KV cache; also the top-1 minus top-2 logit margins."""
     ids = [BOS_ID, *sp.encode(prompt)]
-    keys, values = model.empty_cache(1)
-    logits, keys, values = model(torch.tensor([ids]), keys, values)
+    n = min(n, model.cfg.max_seq_len - len(ids))
+    steps = generate(model, torch.tensor([ids]), model.empty_cache(1, len(ids) + n), max_new_tokens=n).steps
     out, margins = [], []
-    for _ in range(n):
-        top = logits[0].topk(2)
+    for s in steps:
+        top = s.logits[0].topk(2)
         margins.append((top.values[0] - top.values[1]).item())
         nxt = int(top.indices[0])
-        if nxt == EOS_ID or len(ids) + len(out) >= model.cfg.max_seq_len:
+        if nxt == EOS_ID:
             break
         out.append(nxt)
-        logits, keys, values = model(torch.tensor([[nxt]]), keys, values)
     return prompt + sp.decode(out), margins
 
 
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"final: train loss {stats['train_loss']:.4f}, held-out loss {stats['val_loss']:.4f}", flush=True)
 
     out = tc.out
-    state = {name: t.detach().to(torch.float16) for name, t in model.state_dict().items()}
+    state = {name: t.detach().to(torch.float16) for name, t in checkpoint_state(model).items()}
     save_meta_checkpoint(out, state, to_meta_params(cfg, multiple_of=tc.multiple_of))
     (out / "tokenizer.model").write_bytes(sp_model)
     pth_bytes = (out / "consolidated.00.pth").stat().st_size

@@ -51,6 +51,11 @@ def random_meta_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor
     return state
 
 
+def lengths(batch: int, n: int) -> torch.Tensor:
+    """`[batch]` int64 filled with n (cache or token lengths of an unpadded batch)."""
+    return torch.full((batch,), n, dtype=torch.int64)
+
+
 def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Hugging Face's conversion-script permutation (Meta interleaved -> HF rotate-half)."""
     dim1, dim2 = w.shape

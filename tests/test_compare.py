@@ -54,8 +54,8 @@ def test_clean_export_passes_everywhere(exported):
 
 
 @pytest.mark.parametrize("segment,weight,label", [
-    ("04_layers.1.ffn", "feed_forward.w3", "layers.1.ffn"),
-    ("01_layers.0.attention", "attention.wq", "layers.0.attention"),
+    ("04_layers.1.ffn", "feed_forward.w13", "layers.1.ffn"),
+    ("01_layers.0.attention", "attention.wqkv", "layers.0.attention"),
 ])
 def test_corruption_is_located(exported, tmp_path, segment, weight, label):
     ckpt, path = exported
@@ -92,7 +92,7 @@ def test_corruption_is_located_inside_a_tp1_graph(exported, tmp_path):
     assert clean.comparison.max_abs <= clean.comparison.tolerance and clean.first_divergence() is None
     assert [s.label for s in clean.segments] == [
         "embed", "layers.0.attention", "layers.0.ffn", "layers.1.attention", "layers.1.ffn", "head", "logits"]
-    bad = _corrupt(path, tmp_path / "bad", "00_full", "layers.1.feed_forward.w3")
+    bad = _corrupt(path, tmp_path / "bad", "00_full", "layers.1.feed_forward.w13")
     report = compare(bad, Backend.ORT, load_manifest(bad), ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=1))
     first = report.first_divergence()
     assert first is not None and first.label == "layers.1.ffn"

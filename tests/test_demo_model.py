@@ -58,9 +58,11 @@ def test_config_is_valid_for_tp(tp: int) -> None:
 
 @torch.no_grad()
 def test_greedy_decoding_looks_like_python_with_clear_margins(model, sp: spm.SentencePieceProcessor) -> None:
+    from llama_export.runner.generate import generate
+
     ids = [sp.bos_id(), *sp.encode("def ")]
-    keys, values = model.empty_cache(1)
-    logits, keys, values = model(torch.tensor([ids]), keys, values)
+    steps = generate(model, torch.tensor([ids]), model.empty_cache(1, len(ids) + 33), max_new_tokens=33).steps
+    logits = steps[0].logits
     out, margins = [], []
     for _ in range(32):
         top = logits[0].topk(2)
@@ -69,7 +71,7 @@ def test_greedy_decoding_looks_like_python_with_clear_margins(model, sp: spm.Sen
         if nxt == sp.eos_id():
             break
         out.append(nxt)
-        logits, keys, values = model(torch.tensor([[nxt]]), keys, values)
+        logits = steps[len(out)].logits
     text = "def " + sp.decode(out)
 
     assert len(out) >= 16, text

@@ -35,7 +35,8 @@ def _tok() -> Tokenizer:
 def _eager(tp: int, prompt: torch.Tensor) -> list[int]:
     def rank_fn(rank, comm):
         model = build_model(DEMO_DIR, tp=tp, rank=rank, comm=comm)
-        return generate(model, prompt, model.empty_cache(1), max_new_tokens=NEW).new_tokens[0].tolist()
+        return generate(model, prompt, model.empty_cache(1, prompt.shape[1] + NEW),
+                        max_new_tokens=NEW).new_tokens[0].tolist()
 
     return ThreadGroup(tp).run(rank_fn)[0]
 
@@ -46,7 +47,7 @@ def _ort(path, prompt: torch.Tensor) -> list[int]:
     def rank_fn(rank, comm):
         be = open_backend(Backend.ORT, manifest, path, rank=rank, device=torch.device("cpu"))
         step = segmented_step(manifest, be, comm=comm)
-        cache = empty_cache(manifest, rank, 1, device=be.device)
+        cache = empty_cache(manifest, rank, 1, prompt.shape[1] + NEW, device=be.device)
         return generate(step, prompt, cache, max_new_tokens=NEW).new_tokens[0].tolist()
 
     return ThreadGroup(manifest.tp).run(rank_fn)[0]
@@ -112,16 +113,16 @@ def test_export_without_tokenizer_refuses_text_prompts(tmp_path):
 
 
 def test_batch_file_with_prompts_of_different_lengths(tmp_path):
-    """Prompts are grouped by token length into batches; each continuation equals its single run."""
+    """Prompts of different token lengths run as one right-padded batch; each continuation equals its
+    single run."""
     prompts = ["def ", "class Parser:", "def "]
     f = tmp_path / "prompts.txt"
     f.write_text("\n".join(prompts) + "\n")
     r = run_cli("run", "--batch", str(f), "--max-new-tokens", "12", "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
-    assert "in 2 batches" in r.stderr
-    batches = read_json(tmp_path / "b.json")["batches"]  # every prompt is recorded, not the last batch's
-    assert sorted(i for b in batches for i in b["prompts"]) == [0, 1, 2]
-    assert all(len(b["tokens"]) == len(b["prompts"]) == len(b["prompt_ids"]) for b in batches)
+    assert "prefill" in r.stderr and "in 3 rows" in r.stderr
+    (batch,) = read_json(tmp_path / "b.json")["batches"]  # one batch, whatever the prompts' lengths
+    assert batch["prompts"] == [0, 1, 2] and len(batch["tokens"]) == len(batch["prompt_ids"]) == 3
     blocks = [b.strip("\n") for b in r.stdout.split("-" * 40)[:-1]]
     assert len(blocks) == 3
     for p, block in zip(prompts, blocks):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from llama_export.model.checkpoint import build_model, load_config
-from tests.helpers import hf_model_from_meta, random_meta_state, tiny_config, write_hf, write_meta
+from llama_export.runner.generate import pad_prompts
+from tests.helpers import hf_model_from_meta, lengths, random_meta_state, tiny_config, write_hf, write_meta
 
 ATOL_FP32 = 1e-4
 DECODE_STEPS = 8
@@ -40,12 +41,13 @@ def test_prefill_and_decode_match_transformers(setup, fmt):
     model = build_model(meta_dir if fmt == "meta" else hf_dir)
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=g)
-    keys, values = model.empty_cache(2)
+    keys, values = model.empty_cache(2, 5 + DECODE_STEPS)
     seq = prompt
     tokens = prompt
     with torch.no_grad():
         for step in range(DECODE_STEPS + 1):
-            logits, keys, values = model(tokens, keys, values)
+            logits, keys, values = model(tokens, lengths(2, seq.shape[1] - tokens.shape[1]),
+                                         lengths(2, tokens.shape[1]), keys, values)
             # Full recomputation by the reference: no cache involved on its side.
             ref = hf(seq).logits[:, -1].float()
             assert logits.shape == (2, cfg.vocab_size)
@@ -56,7 +58,7 @@ def test_prefill_and_decode_match_transformers(setup, fmt):
             assert ref.std() > 0.1
             tokens = logits.argmax(-1, keepdim=True)
             seq = torch.cat([seq, tokens], dim=1)
-    assert keys[0].shape == (2, cfg.n_kv_heads, 5 + DECODE_STEPS, cfg.head_dim)
+    assert keys[0].shape == (2, cfg.n_kv_heads, 5 + DECODE_STEPS, cfg.head_dim)  # preallocated, written in place
 
 
 def test_kv_cache_equals_full_recomputation(setup):
@@ -64,11 +66,35 @@ def test_kv_cache_equals_full_recomputation(setup):
     model = build_model(meta_dir)
     seq = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        full, _, _ = model(seq, *model.empty_cache(1))
-        _, k, v = model(seq[:, :7], *model.empty_cache(1))
+        full, _, _ = model(seq, lengths(1, 0), lengths(1, 12), *model.empty_cache(1))
+        _, k, v = model(seq[:, :7], lengths(1, 0), lengths(1, 7), *model.empty_cache(1))
         for t in range(7, 12):
-            inc, k, v = model(seq[:, t : t + 1], k, v)
+            inc, k, v = model(seq[:, t : t + 1], lengths(1, t), lengths(1, 1), k, v)
     assert (inc - full).abs().max().item() <= 1e-5
+
+
+def test_ragged_batch_matches_transformers_per_row(setup):
+    """Right-padded rows of different lengths in one batch, prefill + decode, each row against
+    transformers run on that row alone (no padding on the reference side)."""
+    cfg, hf, meta_dir, _ = setup
+    model = build_model(meta_dir)
+    g = torch.Generator().manual_seed(11)
+    rows = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (7, 2, 5)]
+    tokens, lens = pad_prompts(rows)
+    keys, values = model.empty_cache(3, 7 + DECODE_STEPS)
+    seqs = [list(r) for r in rows]
+    cached = torch.zeros(3, dtype=torch.int64)
+    with torch.no_grad():
+        for step in range(DECODE_STEPS):
+            logits, keys, values = model(tokens, cached, lens, keys, values)
+            for b, seq in enumerate(seqs):
+                ref = hf(torch.tensor([seq])).logits[0, -1].float()
+                err = (logits[b] - ref).abs().max().item()
+                assert err <= ATOL_FP32, f"row {b} step {step}: max abs error {err:.2e}"
+            nxt = logits.argmax(-1)
+            for b, seq in enumerate(seqs):
+                seq.append(int(nxt[b]))
+            cached, lens, tokens = cached + lens, torch.ones_like(lens), nxt[:, None]
 
 
 def test_two_source_shards_load(tmp_path):
@@ -91,7 +117,7 @@ def test_sharded_safetensors_with_index(tmp_path):
     model = build_model(tmp_path / "hf")
     prompt = torch.randint(0, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        got, _, _ = model(prompt, *model.empty_cache(1))
+        got, _, _ = model(prompt, lengths(1, 0), lengths(1, 6), *model.empty_cache(1))
         ref = hf(prompt).logits[:, -1].float()
     assert (got - ref).abs().max().item() <= ATOL_FP32
 
@@ -119,7 +145,7 @@ def test_tied_embeddings_hf_checkpoint(tmp_path):
     assert model.cfg.tie_word_embeddings
     prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        got, _, _ = model(prompt, *model.empty_cache(2))
+        got, _, _ = model(prompt, lengths(2, 0), lengths(2, 5), *model.empty_cache(2))
         ref = hf(prompt).logits[:, -1].float()
     assert ref.std() > 0.1
     assert (got - ref).abs().max().item() <= ATOL_FP32

@@ -23,7 +23,7 @@ from llama_export.errors import ArtifactError
 from llama_export.parsing import parse_json, read_bytes
 
 FORMAT = "llama_export.manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: in-place KV cache of a chosen capacity, ragged batches, packed projections
 MANIFEST_NAME = "manifest.json"
 
 
@@ -49,7 +49,7 @@ ElementType = Literal[tuple(d.name for d in dtypes.DTYPES)]  # numpy spelling, a
 class TensorSpec:
     name: Name
     dtype: ElementType  # numpy spelling: float32, float16, bfloat16, int64
-    shape: tuple[Annotated[int, Field(ge=0)] | Name, ...]  # ints, or symbolic names / expressions ("batch", "past + seq")
+    shape: tuple[Annotated[int, Field(ge=0)] | Name, ...]  # ints, or symbolic names / expressions ("batch", "seq", "capacity")
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Segment:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     collective: Collective | None  # runs after this segment
-    data_file: Name | None = None  # external weights (graphs over 2 GB), relative like `file`
+    data_file: Name | None = None  # external weights (every tensor of 1 KiB or more), relative like `file`
     data_sha256: Sha256 | None = None
 
 
@@ -112,7 +112,7 @@ class Manifest:
     ir_version: Annotated[int, Field(ge=1, le=1000)]
     max_batch: Annotated[int, Field(ge=1, le=MAX_BATCH)]
     ranks: tuple[RankEntry, ...]
-    inputs: tuple[Name, ...]  # graph-level inputs: tokens, past_key_0, past_value_0, ...
+    inputs: tuple[Name, ...]  # graph-level inputs: tokens, cache_lengths, token_lengths, past_key_0, ...
     outputs: tuple[Name, ...]  # graph-level outputs: logits, present_key_0, ...
     exporter_version: Name
     custom_nodes: dict[str, Any] = field(default_factory=dict)

@@ -105,14 +105,16 @@ def _specs(values) -> tuple[TensorSpec, ...]:
 
 
 def _write_segment(model: ir.Model, root: Path, rel: str) -> str | None:
-    """Write (and check) one segment; returns the relative path of its external data file, if any."""
+    """Write (and check) one segment; returns the relative path of its external data file, if any.
+
+    Weights go to `<segment>.onnx.data` (every tensor of 1 KiB or more), so that runtimes read or map
+    them from there instead of out of a protobuf (`artifact/schema.py`)."""
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
-    data_rel = rel + ".data" if size > schema.EXTERNAL_DATA_THRESHOLD else None
-    ir.save(model, str(path), external_data=Path(data_rel).name if data_rel else None, size_threshold_bytes=1024)
+    data_rel = rel + ".data"
+    ir.save(model, str(path), external_data=Path(data_rel).name, size_threshold_bytes=1024)
     schema.check_model(path)
-    return data_rel if data_rel and (root / data_rel).is_file() else None  # no tensor above the threshold
+    return data_rel if (root / data_rel).is_file() else None  # no tensor above the threshold
 
 
 def export_rank(opts: ExportOptions, rank: int, root: Path) -> RankEntry:
@@ -229,7 +231,9 @@ def export_into(opts: ExportOptions, root: Path) -> Manifest:
         text_files=tuple(text_files), weight_quant=opts.weights, quantized_weights=tuple(_quantized_names(opts, cfg)),
     )
     (root / MANIFEST_NAME).write_text(manifest.to_json())
-    return load_manifest(root)  # the written directory must pass the same checks every consumer runs
+    # The written directory must pass the checks every consumer runs; the hashes were just computed from
+    # these very files, so reading every weight byte again would prove nothing (and cost seconds).
+    return load_manifest(root, verify_hashes=False)
 
 
 def export(opts: ExportOptions) -> Path:

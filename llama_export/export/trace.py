@@ -1,8 +1,9 @@
 """Trace one tensor-parallel rank of the eager model into an ONNX graph (torch.onnx.export, dynamo).
 
-RMSNorm and RoPE become `llama_export.RMSNorm` / `llama_export.RoPE` nodes, collectives become
-`AllReduce` / `AllGather` markers (the model is built with an `ExportComm`), and the KV cache is explicit
-graph I/O (names and shapes: `artifact.schema`). One graph serves prefill (past = 0) and decode (seq = 1).
+RMSNorm, RoPE and cached attention become `llama_export.RMSNorm` / `RoPE` / `Attention` nodes,
+collectives become `AllReduce` / `AllGather` markers (the model is built with an `ExportComm`), and the
+KV cache is explicit graph I/O (names and shapes: `artifact.schema`). One graph serves prefill, decode
+and ragged batches.
 Example inputs use sizes >= 2 on every dynamic dimension, since a size of 1 would be specialised into
 the graph. The result is weightless (`passes.placeholders`) and not yet cleaned up: the export pipeline
 runs the passes.
@@ -32,8 +33,11 @@ def _translation_table() -> dict:
     def rms_norm(x, weight, eps: float):
         return custom.RMSNorm(x, weight, epsilon=eps)
 
-    def rope(x, cos, sin, interleaved: bool):
-        return custom.RoPE(x, cos, sin, interleaved=int(interleaved))
+    def rope(x, cos, sin, start, interleaved: bool):
+        return custom.RoPE(x, cos, sin, start, interleaved=int(interleaved))
+
+    def attention(q, k, v, past_key, past_value, start, lengths):
+        return custom.Attention(q, k, v, past_key, past_value, start, lengths)
 
     def all_reduce(x, world_size: int):
         return custom.AllReduce(x, world_size=world_size)
@@ -45,6 +49,7 @@ def _translation_table() -> dict:
     return {
         ops.rms_norm.default: rms_norm,
         ops.rope.default: rope,
+        ops.attention.default: attention,
         ops.all_reduce.default: all_reduce,
         ops.all_gather.default: all_gather,
     }
@@ -58,8 +63,9 @@ class _Flat(nn.Module):
         self.model = model
         self.n = model.cfg.n_layers
 
-    def forward(self, tokens: Tensor, *cache: Tensor):
-        logits, keys, values = self.model(tokens, list(cache[: self.n]), list(cache[self.n :]))
+    def forward(self, tokens: Tensor, cache_lengths: Tensor, token_lengths: Tensor, *cache: Tensor):
+        logits, keys, values = self.model(tokens, cache_lengths, token_lengths, list(cache[: self.n]),
+                                          list(cache[self.n :]))
         return (logits, *keys, *values)
 
 
@@ -75,14 +81,16 @@ def trace_rank(model: Transformer, *, max_batch: int) -> ir.Model:
     p = next(model.parameters())
     if p.device.type != "meta":
         raise ValueError("trace_rank expects a model on the meta device (weights are attached later)")
-    b, s, past = 2, 3, 4  # >= 2 on every dynamic dimension
+    b, s, capacity = 2, 3, 5  # >= 2 on every dynamic dimension, and all different
     tokens = torch.zeros(b, s, dtype=torch.int64, device="meta")
+    lengths = torch.zeros(b, dtype=torch.int64, device="meta")
     kv = model.shape.local_kv_heads
-    cache = [torch.zeros(b, kv, past, cfg.head_dim, dtype=p.dtype, device="meta") for _ in range(2 * n)]
+    cache = [torch.zeros(b, kv, capacity, cfg.head_dim, dtype=p.dtype, device="meta") for _ in range(2 * n)]
     batch = torch.export.Dim(schema.DIM_BATCH, min=1, max=max_batch)
     seq = torch.export.Dim(schema.DIM_SEQ, min=1, max=cfg.max_seq_len)
-    past_dim = torch.export.Dim(schema.DIM_PAST, min=0, max=cfg.max_seq_len - 1)
-    dynamic = {"tokens": {0: batch, 1: seq}, "cache": tuple({0: batch, 2: past_dim} for _ in range(2 * n))}
+    cap = torch.export.Dim(schema.DIM_CAPACITY, min=1, max=cfg.max_seq_len)
+    dynamic = {"tokens": {0: batch, 1: seq}, "cache_lengths": {0: batch}, "token_lengths": {0: batch},
+               "cache": tuple({0: batch, 2: cap} for _ in range(2 * n))}
     # The exporter's deprecation chatter and its note that torchvision ops are skipped are not the
     # user's business; both are silenced for this call only.
     reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -93,7 +101,7 @@ def trace_rank(model: Transformer, *, max_batch: int) -> ir.Model:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 _Flat(model).eval(),
-                (tokens, *cache),
+                (tokens, lengths, lengths.clone(), *cache),
                 dynamo=True,
                 dynamic_shapes=dynamic,
                 custom_translation_table=_translation_table(),

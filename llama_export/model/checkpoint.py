@@ -5,7 +5,9 @@ Formats (detected from the files present):
 - Hugging Face: `config.json` + `model.safetensors` or `model.safetensors.index.json` + shards.
 
 A rank reads only its own slices: `.pth` files are memory-mapped (`torch.load(mmap=True,
-weights_only=True)`) and safetensors are sliced lazily, so peak memory tracks the rank's share.
+weights_only=True)`) and safetensors are sliced lazily, so peak memory tracks the rank's share. Packed
+model parameters (`parallel.plan.PACKED`: wqkv, w13) are the rank's slices of their sources concatenated,
+built one parameter at a time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from llama_export.errors import CheckpointError
 from llama_export.model.quantize import quantize_model_
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.comm import Communicator
-from llama_export.parallel.plan import RankShape, Slice, shard_slice
+from llama_export.parallel.plan import (
+    RankShape,
+    Slice,
+    model_parameter_names,
+    packed_sizes,
+    packed_sources,
+    shard_slice,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +125,18 @@ class RankWeights:
         self.reader.__exit__(*exc)
 
     def names(self) -> list[str]:
-        return list(self.shapes)
+        """The model's parameter names (packed projections under their packed names)."""
+        return model_parameter_names(list(self.shapes))
 
     def get(self, name: str) -> Tensor:
-        """This rank's slice of parameter `name` (Meta spelling), cast to the dtype."""
+        """This rank's slice of model parameter `name` (Meta spelling, or a packed name), cast to the
+        dtype. A packed parameter is its sources' slices concatenated along dim 0."""
+        sources = packed_sources(name)
+        if sources is not None:
+            return torch.cat([self._slice(src) for src in sources], dim=0)
+        return self._slice(name)
+
+    def _slice(self, name: str) -> Tensor:
         if name not in self.shapes:
             raise CheckpointError(f"{name} is not a parameter of this model")
         sl = shard_slice(name, self.shape)
@@ -127,9 +144,22 @@ class RankWeights:
 
 
 def load_rank_state(path: Path, shape: RankShape, *, dtype: torch.dtype) -> dict[str, Tensor]:
-    """This rank's parameter slices, by Meta name, cast to `dtype`."""
+    """This rank's model parameters (packed projections packed), cast to `dtype`."""
     with RankWeights(path, shape, dtype=dtype) as w:
         return {name: w.get(name) for name in w.names()}
+
+
+def checkpoint_state(model: Transformer) -> dict[str, Tensor]:
+    """A TP=1 model's parameters under checkpoint (Meta) names: packed projections split back into
+    their sources (`parallel.plan.PACKED`), e.g. for `meta_format.save_meta_checkpoint`."""
+    if model.shape.tp != 1:
+        raise ValueError("checkpoint_state needs the whole model (tp=1)")
+    state = {}
+    for name, t in model.state_dict().items():
+        sources = packed_sources(name)
+        parts = t.split(list(packed_sizes(name, model.shape))) if sources else (t,)
+        state.update(zip(sources or (name,), parts))
+    return state
 
 
 def build_model(

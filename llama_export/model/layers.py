@@ -102,54 +102,42 @@ class ParallelEmbedding(nn.Module):
 
 # ---- attention and FFN ---------------------------------------------------------------------------
 class Attention(nn.Module):
+    """Packed q/k/v projection (this rank's heads), RoPE, cached attention, row-parallel output."""
+
     def __init__(self, shape: RankShape, comm: Communicator) -> None:
         super().__init__()
         cfg = shape.cfg
         self.local_heads = shape.local_heads
         self.local_kv_heads = shape.local_kv_heads
         self.head_dim = cfg.head_dim
-        self.wq = ColumnParallelLinear(cfg.dim, self.local_heads * cfg.head_dim)
-        self.wk = ColumnParallelLinear(cfg.dim, self.local_kv_heads * cfg.head_dim)
-        self.wv = ColumnParallelLinear(cfg.dim, self.local_kv_heads * cfg.head_dim)
+        self.wqkv = ColumnParallelLinear(cfg.dim, (self.local_heads + 2 * self.local_kv_heads) * cfg.head_dim)
         self.wo = RowParallelLinear(self.local_heads * cfg.head_dim, cfg.dim, comm)
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past_k: Tensor, past_v: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [B, S, dim]; cos/sin: [S, head_dim/2]; mask: [S, P+S] additive fp32;
-        past_k/past_v: [B, local_kv_heads, P, head_dim]. Returns (out, k, v) with k/v of length P+S."""
-        bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.local_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.local_kv_heads, self.head_dim)
-        xq = ops.rope(xq, cos, sin, True)
-        xk = ops.rope(xk, cos, sin, True)
-
-        keys = torch.cat([past_k, xk.transpose(1, 2)], dim=2)  # [B, kvh, P+S, hd]
-        values = torch.cat([past_v, xv.transpose(1, 2)], dim=2)
-        n_rep = self.local_heads // self.local_kv_heads
-        k_rep = keys.repeat_interleave(n_rep, dim=1) if n_rep > 1 else keys  # [B, h, P+S, hd]
-        v_rep = values.repeat_interleave(n_rep, dim=1) if n_rep > 1 else values
-
-        q = xq.transpose(1, 2)  # [B, h, S, hd]
-        scores = torch.matmul(q, k_rep.transpose(2, 3)).float() / math.sqrt(self.head_dim)
-        scores = torch.softmax(scores + mask, dim=-1).to(q.dtype)  # [B, h, S, P+S]
-        out = torch.matmul(scores, v_rep).transpose(1, 2).reshape(bsz, seqlen, -1)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start: Tensor, lengths: Tensor, past_k: Tensor,
+                past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, S, dim]; cos/sin: RoPE tables [max_seq_len, head_dim/2]; start/lengths: [B] cached and
+        new tokens per row; past_k/past_v: [B, local_kv_heads, C, head_dim]. Returns (out, k, v): the
+        cache with this step's keys/values written (see `ops.attention`)."""
+        xqkv = self.wqkv(x).unflatten(-1, (self.local_heads + 2 * self.local_kv_heads, self.head_dim))
+        xq, xk, xv = xqkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=2)
+        xq = ops.rope(xq, cos, sin, start, True)  # [B, S, h, hd]
+        xk = ops.rope(xk, cos, sin, start, True)  # [B, S, kvh, hd]
+        out, keys, values = ops.attention(xq, xk, xv, past_k, past_v, start, lengths)  # out [B, S, h*hd]
         return self.wo(out), keys, values
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 packed into one `w13` (w1 rows first)."""
 
     def __init__(self, shape: RankShape, comm: Communicator) -> None:
         super().__init__()
         cfg = shape.cfg
-        self.w1 = ColumnParallelLinear(cfg.dim, shape.local_hidden)
-        self.w3 = ColumnParallelLinear(cfg.dim, shape.local_hidden)
+        self.w13 = ColumnParallelLinear(cfg.dim, 2 * shape.local_hidden)
         self.w2 = RowParallelLinear(shape.local_hidden, cfg.dim, comm)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -161,9 +149,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(shape, comm)
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past_k: Tensor, past_v: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        attn, keys, values = self.attention(self.attention_norm(x), cos, sin, mask, past_k, past_v)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start: Tensor, lengths: Tensor, past_k: Tensor,
+                past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        attn, keys, values = self.attention(self.attention_norm(x), cos, sin, start, lengths, past_k, past_v)
         h = x + attn
         return h + self.feed_forward(self.ffn_norm(h)), keys, values

@@ -2,12 +2,14 @@
 
     h = embed(tokens)                                   AllGather(-1)   (embedding split on dim)
     for each layer:
-        h = h + wo(attn(rms_norm(h)))                   AllReduce       (wo row-parallel)
-        h = h + w2(silu(w1 x) * w3 x), x = rms_norm(h)  AllReduce       (w2 row-parallel)
-    logits = output(rms_norm(h)[:, -1])                 AllGather(-1)   (vocab-parallel, padded)
+        h = h + wo(attn(rms_norm(h)))                   AllReduce       (wo row-parallel; wqkv packed)
+        h = h + w2(silu(w1 x) * w3 x), x = rms_norm(h)  AllReduce       (w2 row-parallel; w13 packed)
+    logits = output(rms_norm(h)[b, last token of b])    AllGather(-1)   (vocab-parallel, padded)
 
-`forward` is functional in the KV cache: past keys/values go in, keys/values grown by the new tokens
-come out. The same code serves prefill (P = 0), decode (S = 1) and export (cache as graph I/O).
+The KV cache is preallocated (capacity C per row) and written in place at per-row positions; a batch
+is right-padded: row b holds `cache_lengths[b]` cached tokens and `token_lengths[b]` new ones
+(`artifact/schema.py` has the contract). The same code serves prefill, decode, ragged batches and export
+(where the cache is graph I/O: `present_*` are `past_*` with the new slots written).
 """
 
 from __future__ import annotations
@@ -43,35 +45,27 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def empty_cache(self, batch: int) -> tuple[list[Tensor], list[Tensor]]:
-        """Zero-length past keys and values for a prefill, `[batch, local_kv_heads, 0, head_dim]` each."""
+    def empty_cache(self, batch: int, capacity: int | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Zeroed keys and values for `batch` rows, `[batch, local_kv_heads, capacity, head_dim]` each
+        (capacity: default max_seq_len)."""
         p = next(self.parameters())
-        shape = (batch, self.shape.local_kv_heads, 0, self.cfg.head_dim)
-        keys = [p.new_zeros(shape) for _ in self.layers]
-        values = [p.new_zeros(shape) for _ in self.layers]
-        return keys, values
+        shape = (batch, self.shape.local_kv_heads, capacity or self.cfg.max_seq_len, self.cfg.head_dim)
+        return [p.new_zeros(shape) for _ in self.layers], [p.new_zeros(shape) for _ in self.layers]
 
-    def forward(
-        self, tokens: Tensor, past_keys: list[Tensor], past_values: list[Tensor]
-    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """tokens: [B, S] int64 at positions P..P+S-1, P = past length.
+    def forward(self, tokens: Tensor, cache_lengths: Tensor, token_lengths: Tensor, keys: list[Tensor],
+                values: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """tokens: [B, S] int64, right-padded: row b's valid tokens are `tokens[b, :token_lengths[b]]` at
+        positions `cache_lengths[b] + i`. keys/values: the cache, [B, local_kv_heads, C, head_dim].
 
-        Returns fp32 logits of the last token `[B, vocab_size]` and the grown caches."""
-        seqlen = tokens.shape[1]
-        start = past_keys[0].shape[2]
+        Returns fp32 logits `[B, vocab_size]` of each row's last valid token and the caches with this
+        step written (eager: the same tensors, updated in place)."""
+        bsz = tokens.shape[0]
         h = self.tok_embeddings(tokens)  # [B, S, dim]
-        cos = self.rope_cos[start : start + seqlen]  # [S, head_dim/2]
-        sin = self.rope_sin[start : start + seqlen]
-        # Causal mask over the whole cache: query i (absolute P+i) sees keys j <= P+i.
-        rows = torch.arange(seqlen, device=tokens.device).unsqueeze(1) + start
-        cols = torch.arange(start + seqlen, device=tokens.device).unsqueeze(0)
-        mask = torch.zeros(seqlen, start + seqlen, device=tokens.device).masked_fill(cols > rows, float("-inf"))
-
         new_keys, new_values = [], []
-        for layer, pk, pv in zip(self.layers, past_keys, past_values):
-            h, k, v = layer(h, cos, sin, mask, pk, pv)
+        for layer, k, v in zip(self.layers, keys, values):
+            h, k, v = layer(h, self.rope_cos, self.rope_sin, cache_lengths, token_lengths, k, v)
             new_keys.append(k)
             new_values.append(v)
-        last = self.norm(h[:, -1:, :])  # [B, 1, dim]
-        logits = self.comm.all_gather(self.output(last), dim=-1)  # [B, 1, tp * local_vocab]
-        return logits[:, 0, : self.cfg.vocab_size].float(), new_keys, new_values
+        last = self.norm(h[torch.arange(bsz, device=h.device), token_lengths - 1])  # [B, dim]
+        logits = self.comm.all_gather(self.output(last), dim=-1)  # [B, tp * local_vocab]
+        return logits[:, : self.cfg.vocab_size].float(), new_keys, new_values

@@ -10,6 +10,15 @@ them first. Every weight is a torch `Linear`/`Embedding` matrix `[out_features, 
     EMBED       model dim (dim 1)       AllGather(-1)         tok_embeddings
     VOCAB       vocab rows (dim 0)      AllGather(-1)         output (zero-padded to a multiple of tp)
     REPLICATE   -                       -                     RMSNorm weights
+
+The model holds packed projections (`PACKED`): one `wqkv` per attention and one `w13` per FFN, each the
+rank's own slices of its sources concatenated along dim 0 (q rows, then k, then v; w1 rows, then w3).
+Packing happens after slicing, so every rank packs its own heads and TP slicing stays the plan above:
+
+    checkpoint (global)        rank r slices (plan)              model parameter (rank r)
+    wq [H*hd, dim]       ──►   wq[r*lh*hd : (r+1)*lh*hd]   ─┐
+    wk [KVH*hd, dim]     ──►   wk[kv_start*hd : ...]        ├─►  wqkv [(lh + 2*lkv)*hd, dim]
+    wv [KVH*hd, dim]     ──►   wv[kv_start*hd : ...]       ─┘
 """
 
 from __future__ import annotations
@@ -42,6 +51,35 @@ TP_PLAN: tuple[tuple[str, ShardKind], ...] = (
     (r"norm\.weight", ShardKind.REPLICATE),
     (r"output\.weight", ShardKind.VOCAB),
 )
+
+
+# Packed model parameter (suffix after `layers.N.`) -> its checkpoint sources, concatenated along dim 0.
+PACKED: dict[str, tuple[str, ...]] = {
+    "attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+}
+
+
+def packed_sources(name: str) -> tuple[str, ...] | None:
+    """Checkpoint names packed into model parameter `name` (None: `name` is a checkpoint name itself)."""
+    m = re.fullmatch(r"(layers\.\d+\.)(.+)", name)
+    if m is None or m.group(2) not in PACKED:
+        return None
+    return tuple(m.group(1) + src for src in PACKED[m.group(2)])
+
+
+_PACKED_OF = {src: packed for packed, sources in PACKED.items() for src in sources}
+
+
+def model_parameter_name(checkpoint_name: str) -> str:
+    """The model parameter that holds checkpoint parameter `checkpoint_name` (itself, or its packed one)."""
+    m = re.fullmatch(r"(layers\.\d+\.)(.+)", checkpoint_name)
+    return m.group(1) + _PACKED_OF[m.group(2)] if m and m.group(2) in _PACKED_OF else checkpoint_name
+
+
+def model_parameter_names(checkpoint_names: list[str]) -> list[str]:
+    """The model's parameter names for a checkpoint's, in checkpoint order."""
+    return list(dict.fromkeys(map(model_parameter_name, checkpoint_names)))
 
 
 def shard_kind(name: str) -> ShardKind:
@@ -130,6 +168,16 @@ class Slice:
     dim: int | None  # None: the whole tensor (replicated)
     start: int = 0
     stop: int = 0
+
+
+def packed_sizes(name: str, shape: RankShape) -> tuple[int, ...]:
+    """Rows of each source inside packed parameter `name` on this rank (wqkv: q, k, v; w13: w1, w3)."""
+    return tuple(_rows(src, shape) for src in packed_sources(name) or ())
+
+
+def _rows(name: str, shape: RankShape) -> int:
+    sl = shard_slice(name, shape)
+    return sl.stop - sl.start
 
 
 def shard_slice(name: str, shape: RankShape) -> Slice:

@@ -179,7 +179,8 @@ def full_graph_probes(k: int, n_layers: int) -> list[Probe]:
             Probe(f"layers.{i}.ffn", i + 1.0, k, f"/model/layers.{i}/feed_forward/w2/MatMul_output_0",
                   f"layers.{i}.feed_forward.w2"),
         ]
-    return probes + [Probe("head", n_layers + 1.0, k, "/model/output/MatMul_output_0", "output"),
+    # At TP=1 the output projection's result is the graph's `logits` (no gather, no vocabulary padding).
+    return probes + [Probe("head", n_layers + 1.0, k, schema.LOGITS, "output"),
                      Probe("logits", n_layers + 1.5, k, schema.LOGITS, None)]
 
 
@@ -210,12 +211,13 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
     validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_new_tokens=settings.steps + 1)
     dtype = manifest.dtype.torch_dtype
     tolerance = TOLERANCES[manifest.dtype]
+    bsz, capacity = prompt.shape[0], prompt.shape[1] + settings.steps + 1
     t0 = time.perf_counter()
     forced: list[Tensor] | None = None
     ref_logits: list[Tensor] = []
     if mode is Mode.VALIDATE:
         model = build_model(checkpoint, dtype=dtype, max_seq_len=cfg.max_seq_len, weights=manifest.weight_quant)
-        res = generate(model, prompt, model.empty_cache(prompt.shape[0]), max_new_tokens=settings.steps + 1)
+        res = generate(model, prompt, model.empty_cache(prompt.shape[0], capacity), max_new_tokens=settings.steps + 1)
         ref_logits, forced = [s.logits for s in res.steps], [s.tokens for s in res.steps]
         del model
 
@@ -242,28 +244,32 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
                           extra_outputs=extra, exact=True)
         cur: dict[int, dict[str, Tensor]] = {}
         step = segmented_step(manifest, be, comm=comm, hook=lambda k, env: cur.__setitem__(k, dict(env)))
-        bk, bv = empty_cache(manifest, rank, prompt.shape[0], device=be.device)
+        bk, bv = empty_cache(manifest, rank, bsz, capacity, device=be.device)
         if model is not None:
-            ek, ev = model.empty_cache(prompt.shape[0])
+            ek, ev = model.empty_cache(bsz, capacity)
         backend_logits, eager_logits, seg_diffs, tokens = [], [], [], prompt
+        cached = torch.zeros(bsz, dtype=torch.int64)
+        lengths = torch.full((bsz,), prompt.shape[1], dtype=torch.int64)
         with torch.inference_mode():
             for i in range(settings.steps + 1):
                 cur.clear()
-                blog, bk, bv = step(tokens, bk, bv)
+                dev = be.device
+                blog, bk, bv = step(tokens.to(dev), cached.to(dev), lengths.to(dev), bk, bv)
                 backend_logits.append(blog)
                 if model is None:
                     tokens = forced[i].unsqueeze(1)
-                    continue
-                captured.clear()
-                recorder.inputs.clear()
-                elog, ek, ev = model(tokens, ek, ev)
-                eager_logits.append(elog)
-                if i == 0:  # per-probe diffs of the prefill (the longest, most informative step)
-                    seg_diffs = _probe_diffs(rank, probes, cur, captured, elog, ek, ev)
-                    if dump is not None:
-                        dump.add_rank(rank, cur, polygraphy_data.eager_references(
-                            segments, recorder.inputs, elog, ek, ev))
-                tokens = elog.argmax(-1, keepdim=True)  # teacher forcing with eager's greedy token
+                else:
+                    captured.clear()
+                    recorder.inputs.clear()
+                    elog, ek, ev = model(tokens, cached, lengths, ek, ev)
+                    eager_logits.append(elog)
+                    if i == 0:  # per-probe diffs of the prefill (the longest, most informative step)
+                        seg_diffs = _probe_diffs(rank, probes, cur, captured, elog, ek, ev, int(lengths[0]))
+                        if dump is not None:
+                            dump.add_rank(rank, cur, polygraphy_data.eager_references(
+                                segments, recorder.inputs, elog, ek, ev))
+                    tokens = elog.argmax(-1, keepdim=True)  # teacher forcing with eager's greedy token
+                cached, lengths = cached + lengths, torch.ones_like(lengths)
         be.close()
         return backend_logits, eager_logits, seg_diffs
 
@@ -289,7 +295,9 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
 
 
 def _probe_diffs(rank: int, probes: list[Probe], cur: dict[int, dict[str, Tensor]], captured: dict[str, Tensor],
-                 elog: Tensor, ek: list[Tensor], ev: list[Tensor]) -> list[SegmentDiff]:
+                 elog: Tensor, ek: list[Tensor], ev: list[Tensor], filled: int) -> list[SegmentDiff]:
+    """Diffs at every probe; caches are compared on their `filled` written slots (the rest of the
+    capacity is unspecified by the contract)."""
     out = []
     for n, p in enumerate(probes):
         env = cur[p.segment]
@@ -300,8 +308,8 @@ def _probe_diffs(rank: int, probes: list[Probe], cur: dict[int, dict[str, Tensor
         rel = d.max_abs / max(ref.abs().max().item(), 1e-12)
         kv, kv_rel = None, 0.0
         if p.kv_layer is not None:
-            pairs = [(env[schema.present_key(p.kv_layer)], ek[p.kv_layer]),
-                     (env[schema.present_value(p.kv_layer)], ev[p.kv_layer])]
+            pairs = [(env[schema.present_key(p.kv_layer)][:, :, :filled], ek[p.kv_layer][:, :, :filled]),
+                     (env[schema.present_value(p.kv_layer)][:, :, :filled], ev[p.kv_layer][:, :, :filled])]
             diffs = [(TensorDiff.of(f"present kv {p.kv_layer}", a, b), max(b.abs().max().item(), 1e-12))
                      for a, b in pairs]
             kv, scale = max(diffs, key=lambda x: x[0].max_abs / x[1])

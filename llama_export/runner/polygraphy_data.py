@@ -154,9 +154,9 @@ class SegmentDump:
         trt_lowering.lower_file(src, Path(f"{stem}.trt.onnx"))
         model = ir.load(str(src))
         OrtLoweringPass()(model)
-        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         dst = Path(f"{stem}.ort.onnx")
-        ir.save(model, str(dst), external_data=dst.name + ".data" if size >= schema.EXTERNAL_DATA_THRESHOLD else None)
+        # Weights beside it, as exports keep them (artifact/schema.py): streamed from the export's data file.
+        ir.save(model, str(dst), external_data=dst.name + ".data", size_threshold_bytes=1024)
         return True
 
     def finish(self, final: Path) -> None:

@@ -1,8 +1,9 @@
 """`llama-export run`: generation across N rank processes on any backend.
 
-The parent process checks everything it can cheaply (config, TP degree, prompt), then either runs
-rank 0 itself (tp=1) or starts the rank processes (`launch.launch_local`). Each rank builds its step
-function for the chosen backend and runs the same generation loop; rank 0 reports.
+The parent process checks everything it can cheaply (config, TP degree, prompts, KV cache capacity),
+then either runs rank 0 itself (tp=1) or starts the rank processes (`launch.launch_local`). Each rank
+builds its step function for the chosen backend and runs the same generation loop; rank 0 reports.
+All prompts run as one right-padded batch (one forward per step), whatever their lengths.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from llama_export.errors import InputError
 from llama_export.files import check_output_file, write_atomic
 from llama_export.parallel.comm import Communicator
 from llama_export.parallel.plan import check_tp
-from llama_export.runner.generate import GenerationResult, SamplingConfig, generate_stream, validate_prompt
+from llama_export.runner.generate import (
+    GenerationResult,
+    SamplingConfig,
+    generate_stream,
+    pad_prompts,
+    validate_prompt,
+)
 from llama_export.runner.launch import RankEnv, on_ranks, rank_env
 from llama_export.runner.source import ModelSource
 from llama_export.text import TextStream, Tokenizer, single_turn
@@ -43,32 +50,56 @@ class RunOptions:
     device: str = "cpu"
     stream: bool = True
     threads: int | None = None  # CPU threads per rank (None: this machine's cores / tp, `rank_threads`)
+    # KV cache tokens per row; None: the longest prompt + max_new_tokens. Either way at most the model's
+    # max_seq_len, which is the context limit.
+    cache_capacity: int | None = None
 
     @property
     def is_text(self) -> bool:
         """Text in (prompts or chat) and out, through the model's tokenizer; else `prompt_ids`."""
         return self.prompts is not None or self.chat is not None
 
+    def context_limit(self, max_seq_len: int) -> int:
+        """Tokens a row may hold: the model's max_seq_len, or the smaller cache capacity asked for."""
+        if self.cache_capacity is not None and not 1 <= self.cache_capacity:
+            raise InputError(f"--cache-capacity {self.cache_capacity} must be >= 1")
+        return min(max_seq_len, self.cache_capacity or max_seq_len)
+
 
 def parse_prompt_ids(text: str) -> tuple[tuple[int, ...], ...]:
-    """'1,2,3' -> ((1, 2, 3),); rows of a batch are separated by ';' and must have equal lengths."""
+    """'1,2,3' -> ((1, 2, 3),); rows of a batch are separated by ';' and may differ in length."""
     try:
-        rows = tuple(tuple(int(t) for t in row.split(",") if t.strip()) for row in text.split(";"))
+        return tuple(tuple(int(t) for t in row.split(",") if t.strip()) for row in text.split(";"))
     except ValueError:
         raise InputError(f"--prompt-ids {text!r} must be comma-separated integers (rows separated by ';')") from None
     if bad := [t for row in rows for t in row if not 0 <= t < 1 << 31]:
         raise InputError(f"--prompt-ids: {bad[0]} is not a token id (ids are >= 0 and below the vocabulary size)")
-    if len({len(r) for r in rows}) != 1:
-        raise InputError(f"--prompt-ids rows have different lengths {[len(r) for r in rows]}; pad them to one length")
     return rows
 
 
-def new_token_budget(opts: RunOptions, prompt_len: int, max_seq_len: int) -> int:
+def new_token_budget(opts: RunOptions, prompt_len: int, limit: int) -> int:
     """Tokens to generate. Text generation stops at the context limit (a prompt that alone fills the
     context is an error); `--prompt-ids` runs must fit exactly (`validate_prompt` refuses them)."""
-    if not opts.is_text or prompt_len >= max_seq_len:
+    if not opts.is_text or prompt_len >= limit:
         return opts.max_new_tokens
-    return min(opts.max_new_tokens, max_seq_len - prompt_len)
+    return min(opts.max_new_tokens, limit - prompt_len)
+
+
+def _check_prompts(opts: RunOptions, rows: list[list[int]], cfg) -> int:
+    """Validate every row against the vocabulary and the context limit; returns the new-token budget."""
+    limit = opts.context_limit(cfg.max_seq_len)
+    longest = max(len(r) for r in rows)
+    budget = new_token_budget(opts, longest, limit)
+    for r in rows:
+        validate_prompt(torch.tensor([r], dtype=torch.int64), vocab_size=cfg.vocab_size, max_seq_len=limit,
+                        max_new_tokens=budget, limit_name=_limit_name(opts, cfg.max_seq_len))
+    return budget
+
+
+def _limit_name(opts: RunOptions, max_seq_len: int) -> str:
+    if opts.cache_capacity is not None and opts.cache_capacity < max_seq_len:
+        return f"--cache-capacity {opts.cache_capacity}"
+    return f"max_seq_len={max_seq_len}"
 
 
 def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> int:
@@ -79,9 +110,7 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
         opts.source.check_tp(opts.tp)
         cfg = opts.source.config()
         check_tp(cfg, opts.tp)
-        for _, prompt in _prompt_groups(opts, opts.source.tokenizer() if opts.is_text else None):
-            validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
-                            max_new_tokens=new_token_budget(opts, prompt.shape[1], cfg.max_seq_len))
+        _check_prompts(opts, _prompt_rows(opts, opts.source.tokenizer() if opts.is_text else None), cfg)
         if opts.json_out is not None:
             check_output_file(opts.json_out, what="--json")
     return on_ranks(opts.tp, opts.device, argv,
@@ -89,23 +118,19 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
                     threads=opts.threads)
 
 
-def _prompt_groups(opts: RunOptions, tok: Tokenizer | None) -> list[tuple[list[int], torch.Tensor]]:
-    """Batches to run: (indices into the prompts, ids [B, S]). `--prompt-ids` rows form one batch, a chat
-    is one row (the model's chat template applied); text prompts are grouped by token length (no
-    padding), in order of first appearance."""
+def _prompt_rows(opts: RunOptions, tok: Tokenizer | None) -> list[list[int]]:
+    """The prompts' token ids, one list per row (rows may differ in length); a chat is one row (the
+    model's chat template applied)."""
     if opts.prompt_ids is not None:
-        return [(list(range(len(opts.prompt_ids))), torch.tensor(opts.prompt_ids, dtype=torch.int64))]
+        return [list(r) for r in opts.prompt_ids]
     if opts.chat is not None:
         if not opts.chat.strip():
             raise InputError("the chat message is empty; give some text with --chat")
-        return [([0], torch.tensor([tok.chat(single_turn(opts.chat, system=opts.system))], dtype=torch.int64))]
+        return [tok.chat(single_turn(opts.chat, system=opts.system))]
     rows = [tok.encode(p) for p in opts.prompts or ()]
     if not rows or any(len(r) == 0 for r in rows) or any(not p.strip() for p in opts.prompts or ()):
         raise InputError("the prompt is empty; give some text with --prompt")
-    groups: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        groups.setdefault(len(r), []).append(i)
-    return [(idx, torch.tensor([rows[i] for i in idx], dtype=torch.int64)) for idx in groups.values()]
+    return rows
 
 
 @dataclass(frozen=True)
@@ -115,13 +140,12 @@ class RunSummary:
     prompts: tuple[str, ...] | None  # text prompts (a chat: its user message), or None for --prompt-ids runs
     texts: tuple[str, ...]  # generated text per prompt, up to its stop token ("" for --prompt-ids runs)
     prompt_tokens: int  # all prompts together
-    batches: int  # prompts run as this many batches (grouped by token length)
-    new_tokens: int  # decode steps + 1, summed over batches
+    new_tokens: int  # decode steps + 1
     prefill_tok_s: float
     decode_tok_s: float
     streamed: bool  # the text of prompt 0 was already passed to `Reporter.text`
     echo_prompt: bool  # the output shows the prompt before the generated text (not for a chat)
-    context_limit: int | None  # max_seq_len, when generation stopped there
+    context_limit: str | None  # "max_seq_len=N" / "--cache-capacity N", when generation stopped there
 
 
 class Reporter(Protocol):
@@ -143,77 +167,67 @@ class _Silent:
 def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.device,
               reporter: Reporter) -> int:
     tok = opts.source.tokenizer() if opts.is_text else None
-    groups = _prompt_groups(opts, tok)
+    rows = _prompt_rows(opts, tok)
     step, make_cache, cfg = opts.source.step(comm=comm, device=device)
-    n_prompts = sum(len(idx) for idx, _ in groups)
+    budget = _check_prompts(opts, rows, cfg)
+    prompt, lengths = pad_prompts(rows)
+    prompt, lengths = prompt.to(device), lengths.to(device)
+    capacity = min(opts.context_limit(cfg.max_seq_len), int(lengths.max()) + budget)
     echo = opts.prompts is not None
-    stream = TextStream(tok.decode) if env.rank == 0 and tok is not None and opts.stream and n_prompts == 1 else None
+    stream = TextStream(tok.decode) if env.rank == 0 and tok is not None and opts.stream and len(rows) == 1 else None
     if stream is not None and echo:
         reporter.text(opts.prompts[0])
     # One throw-away step first, so that the reported prefill time is not the first call's set-up
-    # (kernel selection, allocator warm-up, lazy initialisation). The cache is functional: nothing stays.
+    # (kernel selection, allocator warm-up, lazy initialisation), on a cache of its own.
+    one = torch.ones(1, dtype=torch.int64, device=device)
     with torch.inference_mode():
-        step(groups[0][1][:1, :1].to(device), *make_cache(1))
-    texts = [""] * n_prompts
-    results: list[tuple[list[int], GenerationResult]] = []
-    prompt_tokens = new_tokens = decode_tokens = 0
-    prefill_s = decode_s = 0.0
-    hit_limit = False
-    for idx, prompt in groups:
-        prompt = prompt.to(device)
-        budget = new_token_budget(opts, prompt.shape[1], cfg.max_seq_len)
-        validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_new_tokens=budget)
-        result = GenerationResult(prompt=prompt)
-        stopped = False
-        for rec, result in generate_stream(
-            step, prompt, make_cache(prompt.shape[0]), max_new_tokens=budget, sampling=opts.sampling,
-            stop_ids=tok.stop_ids if tok is not None else (), keep_logits=opts.json_out is not None,
-        ):
-            if stream is not None and not stopped:
-                token = int(rec.tokens[0])
-                stopped = token in tok.stop_ids
-                if not stopped and (delta := stream.push([token])):
-                    reporter.text(delta)
-        if stream is not None and (rest := stream.finish()):
-            reporter.text(rest)
-        if tok is not None:
-            for i, ids in zip(idx, result.new_tokens.tolist()):
-                texts[i] = tok.decode(tok.until_stop(ids))
-        n_new = len(result.steps)
-        prompt_tokens += prompt.numel()
-        new_tokens += n_new
-        decode_tokens += prompt.shape[0] * max(0, n_new - 1)
-        prefill_s += result.prefill_s
-        decode_s += result.decode_s
-        hit_limit |= budget < opts.max_new_tokens and n_new == budget
-        results.append((idx, result))
+        step(prompt[:1, :1], one - 1, one, *make_cache(1, 1))
+    result = GenerationResult(prompt=prompt, prompt_lengths=lengths)
+    stopped = False
+    for rec, result in generate_stream(
+        step, prompt, make_cache(len(rows), capacity), prompt_lengths=lengths, max_new_tokens=budget,
+        sampling=opts.sampling, stop_ids=tok.stop_ids if tok is not None else (),
+        keep_logits=opts.json_out is not None,
+    ):
+        if stream is not None and not stopped:
+            token = int(rec.tokens[0])
+            stopped = token in tok.stop_ids
+            if not stopped and (delta := stream.push([token])):
+                reporter.text(delta)
+    if stream is not None and (rest := stream.finish()):
+        reporter.text(rest)
+    texts = [tok.decode(tok.until_stop(ids)) for ids in result.new_tokens.tolist()] if tok is not None \
+        else [""] * len(rows)
+    n_new = len(result.steps)
     if env.rank == 0 and opts.json_out is not None:
-        _write_json(opts, results)
+        _write_json(opts, result, rows)
     if env.rank == 0:
+        prompt_tokens = int(lengths.sum())
         reporter.finish(opts, RunSummary(
-            prompts=opts.prompts if opts.chat is None else (opts.chat,), texts=tuple(texts), prompt_tokens=prompt_tokens, batches=len(groups),
-            new_tokens=new_tokens, prefill_tok_s=prompt_tokens / prefill_s if prefill_s else 0.0,
-            decode_tok_s=decode_tokens / decode_s if decode_s else 0.0, streamed=stream is not None,
-            echo_prompt=echo,
-            context_limit=cfg.max_seq_len if hit_limit else None,
+            prompts=opts.prompts if opts.chat is None else (opts.chat,), texts=tuple(texts),
+            prompt_tokens=prompt_tokens, new_tokens=n_new,
+            prefill_tok_s=prompt_tokens / result.prefill_s if result.prefill_s else 0.0,
+            decode_tok_s=len(rows) * max(0, n_new - 1) / result.decode_s if result.decode_s else 0.0,
+            streamed=stream is not None, echo_prompt=echo,
+            context_limit=_limit_name(opts, cfg.max_seq_len) if budget < opts.max_new_tokens and n_new == budget
+            else None,
         ))
     return 0
 
 
-def _write_json(opts: RunOptions, results: list[tuple[list[int], GenerationResult]]) -> None:
-    """Every batch of the run: `prompts` are the indices of its rows among the prompts given (text
-    prompts of different token lengths run as separate batches)."""
+def _write_json(opts: RunOptions, result: GenerationResult, rows: list[list[int]]) -> None:
+    """The run's one batch (every prompt, in order; `prompt_ids` unpadded)."""
     payload = {
         "backend": opts.source.backend.value,
         "tp": opts.tp,
         "batches": [{
-            "prompts": idx,
-            "prompt_ids": result.prompt.tolist(),
+            "prompts": list(range(len(rows))),
+            "prompt_ids": rows,
             "tokens": result.new_tokens.tolist(),
             "steps": [{"tokens": s.tokens.tolist(), "logits": s.logits.tolist()} for s in result.steps],
             "prefill_s": result.prefill_s,
             "decode_s": result.decode_s,
-        } for idx, result in results],
+        }],
     }
     opts.json_out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(opts.json_out, json.dumps(payload))

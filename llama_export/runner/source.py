@@ -17,7 +17,7 @@ from llama_export.backends import artifact_manifest, open_backend
 from llama_export.config import Backend, ModelConfig, Precision, WeightQuant
 from llama_export.errors import InputError
 from llama_export.parallel.comm import Communicator
-from llama_export.runner.generate import StepFn
+from llama_export.runner.generate import MakeCache, StepFn
 from llama_export.text import Tokenizer, load_tokenizer, text_files_in
 from llama_export.text.files import TOKENIZER_FILES
 
@@ -80,8 +80,8 @@ class ModelSource:
         files, where = self.text_files()
         return load_tokenizer(files, source=where)
 
-    def step(self, *, comm: Communicator, device: torch.device):
-        """(step function, make_cache(batch) -> empty KV cache, model config) for this rank."""
+    def step(self, *, comm: Communicator, device: torch.device) -> tuple[StepFn, MakeCache, ModelConfig]:
+        """(step function, make_cache(batch, capacity) -> empty KV cache, model config) for this rank."""
         if self.backend is Backend.EAGER:
             from llama_export.model.checkpoint import build_model
 
@@ -95,7 +95,9 @@ class ModelSource:
         backend = open_backend(self.backend, manifest, self.artifacts, rank=comm.rank, device=device)
         step = segmented_step(manifest, backend, comm=comm)
 
-        def make_cache(batch: int):
-            return empty_cache(manifest, comm.rank, batch, device=backend.device)
+        def make_cache(batch: int, capacity: int):
+            if self.backend is Backend.TENSORRT:  # engines hold a static cache length (tensorrt/profiles.py)
+                capacity = manifest.model.max_seq_len
+            return empty_cache(manifest, comm.rank, batch, capacity, device=backend.device)
 
         return step, make_cache, manifest.model

@@ -1,9 +1,12 @@
 """Stitch a rank's exported segments into one step function, running the collectives between them.
 
-    env = {tokens, past_key_*, past_value_*}
+    env = {tokens, cache_lengths, token_lengths, past_key_*, past_value_*}
     for segment k:  env |= backend.run_segment(k, env[inputs of k])
                     if a collective follows: env[its output] = all_reduce / all_gather(env[its input])
     return env[logits], env[present_key_*], env[present_value_*]
+
+Backends write present_* into the past_* buffers where they can (the step then returns the cache
+tensors it was given).
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ def segmented_step(manifest: Manifest, backend: RankBackend, *, comm: Communicat
     n = manifest.model.n_layers
     segments = manifest.rank(comm.rank).segments
 
-    def step(tokens: Tensor, past_keys: list[Tensor], past_values: list[Tensor]):
-        env: dict[str, Tensor] = {schema.TOKENS: tokens}
-        env.update({schema.past_key(i): t for i, t in enumerate(past_keys)})
-        env.update({schema.past_value(i): t for i, t in enumerate(past_values)})
+    def step(tokens: Tensor, cache_lengths: Tensor, token_lengths: Tensor, keys: list[Tensor],
+             values: list[Tensor]):
+        env: dict[str, Tensor] = {schema.TOKENS: tokens, schema.CACHE_LENGTHS: cache_lengths,
+                                  schema.TOKEN_LENGTHS: token_lengths}
+        env.update({schema.past_key(i): t for i, t in enumerate(keys)})
+        env.update({schema.past_value(i): t for i, t in enumerate(values)})
         for k, seg in enumerate(segments):
             env.update(backend.run_segment(k, {s.name: env[s.name] for s in seg.inputs}))
             c = seg.collective
@@ -53,11 +58,11 @@ def segmented_step(manifest: Manifest, backend: RankBackend, *, comm: Communicat
     return step
 
 
-def empty_cache(manifest: Manifest, rank: int, batch: int, *,
+def empty_cache(manifest: Manifest, rank: int, batch: int, capacity: int, *,
                 device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
-    """Zero-length past keys/values for a prefill of `batch` rows, shaped and typed as the graphs say."""
+    """Zeroed keys/values `[batch, kv_heads, capacity, head_dim]` for `batch` rows, typed as the graphs say."""
     spec = next(s for seg in manifest.rank(rank).segments for s in seg.inputs if s.name == schema.past_key(0))
-    shape = (batch, int(spec.shape[1]), 0, manifest.model.head_dim)
+    shape = (batch, int(spec.shape[1]), capacity, manifest.model.head_dim)
     dtype = dtypes.by_name(spec.dtype).torch
     n = manifest.model.n_layers
     return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],

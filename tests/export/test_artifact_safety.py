@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from llama_export.artifact import schema
-from llama_export.artifact.manifest import load_manifest, sha256_file
+from llama_export.artifact.manifest import FORMAT_VERSION, load_manifest, sha256_file
 from llama_export.errors import ArtifactError
 from llama_export.export import exporter
 from llama_export.export.exporter import ExportOptions, export
@@ -94,7 +94,7 @@ def test_missing_file_and_malformed_manifest(copy):
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         load_manifest(copy)
-    _save(copy, {"format": "llama_export.manifest", "format_version": 1})
+    _save(copy, {"format": "llama_export.manifest", "format_version": FORMAT_VERSION})
     with pytest.raises(ArtifactError, match="lacks the required field"):
         load_manifest(copy)
 
@@ -154,12 +154,11 @@ def test_reexport_replaces_the_directory_whole(good):
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
 
 
-def test_external_data_segments_are_hashed_and_run(good, tmp_path, monkeypatch):
-    """Graphs over 2 GB go to external data; forced here with a zero threshold."""
+def test_external_data_segments_are_hashed_and_run(good, tmp_path):
+    """Weights live in external data files (artifact/schema.py), hashed and checked like the graphs."""
     from llama_export.runner.compare import VALIDATION, validate_export
 
     ckpt, _ = good
-    monkeypatch.setattr(schema, "EXTERNAL_DATA_THRESHOLD", 0)
     path = export(ExportOptions(checkpoint=ckpt, out=tmp_path / "ext", tp=2, progress=False))
     m = load_manifest(path)
     seg = m.rank(0).segments[1]

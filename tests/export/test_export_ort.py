@@ -94,7 +94,7 @@ def test_graphs_hold_custom_nodes_and_pass_the_checker(exports):
             # Collectives follow exactly the attention / ffn / embed / head segments.
             want = {"embed": "AllGather", "attention": "AllReduce", "ffn": "AllReduce", "head": "AllGather"}
             assert (seg.collective.op if seg.collective else None) == want.get(seg.kind)
-    assert totals == {"RMSNorm": 2 * cfg.n_layers + 1, "RoPE": 2 * cfg.n_layers}
+    assert totals == {"RMSNorm": 2 * cfg.n_layers + 1, "RoPE": 2 * cfg.n_layers, "Attention": cfg.n_layers}
 
 
 def test_manifest_describes_kv_cache_io(exports):
@@ -103,8 +103,10 @@ def test_manifest_describes_kv_cache_io(exports):
     assert m.tp == 4 and m.opset == 23 and m.custom_nodes["domain"] == "llama_export"
     specs = {s.name: s for r in m.ranks[:1] for seg in r.segments for s in (*seg.inputs, *seg.outputs)}
     # GQA with n_kv_heads=2 < tp=4: one (replicated) KV head per rank.
-    assert specs["past_key_0"].shape == ("batch", 1, "past", cfg.head_dim)
-    assert specs["present_key_0"].shape[2] in ("seq + past", "past + seq")
+    assert specs["past_key_0"].shape == ("batch", 1, "capacity", cfg.head_dim)
+    assert specs["present_key_0"].shape == specs["past_key_0"].shape  # the same buffer, written in place
+    assert specs["cache_lengths"].shape == specs["token_lengths"].shape == ("batch",)
+    assert specs["cache_lengths"].dtype == specs["token_lengths"].dtype == "int64"
     assert specs["logits"].shape == ("batch", cfg.vocab_size) and specs["logits"].dtype == "float32"
     assert specs["tokens"].dtype == "int64"
 

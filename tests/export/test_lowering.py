@@ -1,7 +1,9 @@
 """Custom nodes: ORT's fused kernels (lowering) against the plain-ONNX reference decomposition and the
-torch reference, fp32 and fp16, both RoPE layouts.
+torch reference, fp32 and fp16, both RoPE layouts; the attention block (GroupQueryAttention) on ragged
+batches with a cache already holding tokens.
 
-Tolerances (max abs, inputs ~N(0,1)): fp32 1e-5; fp16 4e-3 (one fp16 ulp at magnitude ~4).
+Tolerances (max abs, inputs ~N(0,1)): fp32 1e-5; fp16 4e-3 (one fp16 ulp at magnitude ~4); the fused
+attention in fp16 1e-2 (GQA rotates in fp16 with fp16 tables; the contract rotates in fp32).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from onnx import TensorProto, helper
 from llama_export.artifact import schema
 from llama_export.backends.ort.lowering import OrtLoweringPass
 from llama_export.export.reference import DecomposePass
-from llama_export.model.ops import rms_norm_reference, rope_reference
+from llama_export.model.ops import attention_functional, rms_norm_reference, rope_reference
 
 TOL = {np.float32: 1e-5, np.float16: 4e-3}
 _ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
@@ -25,7 +27,7 @@ _ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 def _model(node, inputs, outputs):
     schema.register_onnx_schemas()
     g = helper.make_graph([node], "g", inputs, outputs)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(schema.DOMAIN, 1)],
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(schema.DOMAIN, schema.VERSION)],
                              ir_version=10)
 
 
@@ -75,30 +77,111 @@ def test_rms_norm_lowering_matches_decomposition_and_torch(dt, shape):
 def test_rope_lowering_matches_decomposition_and_torch(dt, interleaved, bshd):
     b, s, h, d = bshd
     t = _ONNX[dt]
-    node = helper.make_node("RoPE", ["x", "cos", "sin"], ["y"], domain=schema.DOMAIN, interleaved=interleaved,
-                            name="/r")
+    node = helper.make_node("RoPE", ["x", "cos", "sin", "start"], ["y"], domain=schema.DOMAIN,
+                            interleaved=interleaved, name="/r")
     m = _model(node, [helper.make_tensor_value_info("x", t, ["b", "s", h, d]),
-                      helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["s", d // 2]),
-                      helper.make_tensor_value_info("sin", TensorProto.FLOAT, ["s", d // 2])],
+                      helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["p", d // 2]),
+                      helper.make_tensor_value_info("sin", TensorProto.FLOAT, ["p", d // 2]),
+                      helper.make_tensor_value_info("start", TensorProto.INT64, ["b"])],
                [helper.make_tensor_value_info("y", t, ["b", "s", h, d])])
     schema.check_model(m)
     rng = np.random.default_rng(1)
     x = rng.standard_normal(bshd).astype(dt)
-    ang = (rng.random((s, d // 2)) * 6).astype(np.float32)
-    feeds = {"x": x, "cos": np.cos(ang), "sin": np.sin(ang)}
+    ang = (rng.random((20, d // 2)) * 6).astype(np.float32)  # 20 table rows; rows start[b] + i are used
+    start = np.array([5, 0][:b], dtype=np.int64)
+    feeds = {"x": x, "cos": np.cos(ang), "sin": np.sin(ang), "start": start}
     fused = _run(lower_for_ort(m), feeds).astype(np.float32)
     ref = _run(decompose(m), feeds).astype(np.float32)
     torch_ref = rope_reference(torch.from_numpy(x), torch.from_numpy(feeds["cos"]), torch.from_numpy(feeds["sin"]),
-                               bool(interleaved)).float().numpy()
+                               torch.from_numpy(start), bool(interleaved)).float().numpy()
     assert np.abs(ref - torch_ref).max() <= TOL[dt]
     assert np.abs(fused - ref).max() <= TOL[dt]
     assert "RotaryEmbedding" in {n.op_type for n in lower_for_ort(m).graph.node}
+
+
+def _attention_block(t, heads: int, kv_heads: int, d: int, *, fusable: bool):
+    """qkv [b, s, (H + 2 KVH) d] -> Reshape -> Split -> RoPE q, RoPE k -> Attention, as export writes it
+    (with `fusable=False` the RoPE nodes read another start, so the block must not fuse)."""
+    n = heads + 2 * kv_heads
+    start_rope = "start" if fusable else "start_other"
+    nodes = [
+        helper.make_node("Constant", [], ["shape"], value=helper.make_tensor("v", TensorProto.INT64, [4], [0, 0, n, d])),
+        helper.make_node("Reshape", ["qkv", "shape"], ["qkv4"]),
+        helper.make_node("Constant", [], ["sizes"], value=helper.make_tensor("v", TensorProto.INT64, [3],
+                                                                              [heads, kv_heads, kv_heads])),
+        helper.make_node("Split", ["qkv4", "sizes"], ["q", "k", "v"], axis=2),
+        helper.make_node("RoPE", ["q", "cos", "sin", start_rope], ["qr"], domain=schema.DOMAIN, interleaved=1, name="/rq"),
+        helper.make_node("RoPE", ["k", "cos", "sin", start_rope], ["kr"], domain=schema.DOMAIN, interleaved=1, name="/rk"),
+        helper.make_node("Attention", ["qr", "kr", "v", "past_key", "past_value", "start", "lengths"],
+                         ["y", "present_key", "present_value"], domain=schema.DOMAIN, name="/att"),
+    ]
+    cache = ["b", kv_heads, "c", d]
+    ins = [helper.make_tensor_value_info("qkv", t, ["b", "s", n * d]),
+           helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["p", d // 2]),
+           helper.make_tensor_value_info("sin", TensorProto.FLOAT, ["p", d // 2]),
+           helper.make_tensor_value_info("past_key", t, cache), helper.make_tensor_value_info("past_value", t, cache),
+           helper.make_tensor_value_info("start", TensorProto.INT64, ["b"]),
+           helper.make_tensor_value_info("lengths", TensorProto.INT64, ["b"])]
+    if not fusable:
+        ins.append(helper.make_tensor_value_info("start_other", TensorProto.INT64, ["b"]))
+    outs = [helper.make_tensor_value_info("y", t, ["b", "s", heads * d]),
+            helper.make_tensor_value_info("present_key", t, cache),
+            helper.make_tensor_value_info("present_value", t, cache)]
+    # value_info gives the Split outputs their static head counts, as the exporter's shape inference does
+    infos = [helper.make_tensor_value_info(name, t, ["b", "s", h, d])
+             for name, h in (("q", heads), ("k", kv_heads), ("v", kv_heads), ("qr", heads), ("kr", kv_heads))]
+    g = helper.make_graph(nodes, "g", ins, outs, value_info=infos)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(schema.DOMAIN, schema.VERSION)],
+                             ir_version=10)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float16])
+@pytest.mark.parametrize("fusable", [True, False])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2)])
+def test_attention_block_lowering_matches_decomposition_and_torch(dt, fusable, heads, kv_heads):
+    """A ragged batch over a cache that already holds tokens: row b has start[b] cached tokens and
+    lengths[b] new ones (right padding). Only what the contract specifies is compared: y rows
+    i < lengths[b] and cache slots < start[b] + lengths[b]."""
+    d, b, s, c = 16, 3, 4, 12
+    t = _ONNX[dt]
+    m = _attention_block(t, heads, kv_heads, d, fusable=fusable)
+    schema.check_model(m)
+    rng = np.random.default_rng(2)
+    start, lengths = np.array([0, 3, 6]), np.array([4, 1, 2])
+    pk = np.zeros((b, kv_heads, c, d), dt)
+    pv = np.zeros((b, kv_heads, c, d), dt)
+    for r in range(b):  # rows' cached tokens (slots past them hold garbage, which must not matter)
+        pk[r, :, :] = rng.standard_normal((kv_heads, c, d))
+        pv[r, :, :] = rng.standard_normal((kv_heads, c, d))
+    ang = (np.arange(32)[:, None] * 10000.0 ** (-np.arange(d // 2) / (d // 2))).astype(np.float32)
+    feeds = {"qkv": rng.standard_normal((b, s, (heads + 2 * kv_heads) * d)).astype(dt), "cos": np.cos(ang),
+             "sin": np.sin(ang), "past_key": pk, "past_value": pv, "start": start, "lengths": lengths}
+    if not fusable:
+        feeds["start_other"] = start
+    lowered = lower_for_ort(m)
+    ops = {n.op_type for n in lowered.graph.node}
+    assert ("GroupQueryAttention" in ops) == fusable and not any(n.domain == schema.DOMAIN for n in lowered.graph.node)
+    s_ = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"])
+    fused = s_.run(None, feeds)
+    ref = ort.InferenceSession(decompose(m).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    q, k, v = torch.from_numpy(feeds["qkv"]).view(b, s, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], 2)
+    st, ln = torch.from_numpy(start), torch.from_numpy(lengths)
+    cos, sin = torch.from_numpy(feeds["cos"]), torch.from_numpy(feeds["sin"])
+    want = attention_functional(rope_reference(q, cos, sin, st, True), rope_reference(k, cos, sin, st, True), v,
+                                torch.from_numpy(pk), torch.from_numpy(pv), st, ln)
+    tol = 1e-2 if (dt is np.float16 and fusable) else TOL[dt] * 4
+    for r in range(b):
+        valid, filled = int(lengths[r]), int(start[r] + lengths[r])
+        for got in (fused, ref):
+            assert np.abs(got[0][r, :valid].astype(np.float32) - want[0][r, :valid].float().numpy()).max() <= tol
+            for i in (1, 2):
+                assert np.abs(got[i][r, :, :filled].astype(np.float32) - want[i][r, :, :filled].float().numpy()).max() <= tol
 
 
 def test_layouts_differ():
     """Guards the test above: interleaved and rotate-half give different results on the same input."""
     x = torch.randn(1, 2, 1, 8)
     ang = torch.rand(2, 4) * 3
-    a = rope_reference(x, ang.cos(), ang.sin(), True)
-    b = rope_reference(x, ang.cos(), ang.sin(), False)
+    a = rope_reference(x, ang.cos(), ang.sin(), torch.zeros(1, dtype=torch.int64), True)
+    b = rope_reference(x, ang.cos(), ang.sin(), torch.zeros(1, dtype=torch.int64), False)
     assert (a - b).abs().max() > 0.1

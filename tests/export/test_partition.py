@@ -36,7 +36,7 @@ def _graph(with_markers: bool):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "n"]),
                            helper.make_tensor_value_info("xs", TensorProto.INT64, [2])],
                           [w1, two], value_info=vi)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(schema.DOMAIN, 1)],
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(schema.DOMAIN, schema.VERSION)],
                              ir_version=10)
 
 

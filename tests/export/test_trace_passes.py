@@ -40,8 +40,8 @@ def _copy(model: ir.Model) -> ir.Model:
 def test_trace_holds_no_weights(traced):
     cfg, model = traced
     weights = [v for v in model.graph.initializers.values() if v.const_value.size > 16]
-    # every linear (7 per layer + output), the embedding, the norms and the two RoPE tables
-    assert len(weights) >= 7 * cfg.n_layers + 1 + 1 + 2 * cfg.n_layers + 1 + 2
+    # every linear (wqkv, wo, w13, w2 per layer + output), the embedding, the norms and the two RoPE tables
+    assert len(weights) >= 4 * cfg.n_layers + 1 + 1 + 2 * cfg.n_layers + 1 + 2
     assert all(is_placeholder(v) for v in weights)
 
 
@@ -51,9 +51,9 @@ def test_cleanup_removes_identities_and_keeps_weight_transposes(traced):
     CleanupPass()(model)
     ops = Counter(n.op_type for n in model.graph)
     assert ops["Identity"] == 0
-    # One Transpose per linear weight waits for the weights pass (7 per layer + output).
-    assert ops["Transpose"] >= 7 * cfg.n_layers + 1
-    assert set(placeholder_names(model)) >= {"model.tok_embeddings.weight", "model.layers.0.attention.wq.weight"}
+    # One Transpose per linear weight waits for the weights pass (4 per layer: packed wqkv and w13).
+    assert ops["Transpose"] >= 4 * cfg.n_layers
+    assert set(placeholder_names(model)) >= {"model.tok_embeddings.weight", "model.layers.0.attention.wqkv.weight"}
 
 
 def test_naming_gives_unique_module_paths(traced):
@@ -62,12 +62,12 @@ def test_naming_gives_unique_module_paths(traced):
     Pipeline(CleanupPass(), NameGraphPass())(named)
     names = [n.name for n in named.graph]
     assert len(names) == len(set(names))
-    assert "/model/layers.1/attention/wq/MatMul" in names
+    assert "/model/layers.1/attention/wqkv/MatMul" in names
     assert "/model/layers.0/attention_norm/RMSNorm" in names
     assert not any("_empty_nn_module_stack" in n for n in names)
-    assert {"layers.0.attention.wq.weight", "tok_embeddings.weight", "rope_cos"} <= set(named.graph.initializers)
+    assert {"layers.0.attention.wqkv.weight", "tok_embeddings.weight", "rope_cos"} <= set(named.graph.initializers)
     outs = {o.name for n in named.graph for o in n.outputs}
-    assert "/model/layers.1/attention/wq/MatMul_output_0" in outs
+    assert "/model/layers.1/attention/wqkv/MatMul_output_0" in outs
 
 
 def test_attach_weights_folds_transposes(traced):
@@ -85,10 +85,10 @@ def test_attach_weights_folds_transposes(traced):
     AttachWeightsPass(fetch)(named)
     assert placeholder_names(named) == [] and set(fetched) == set(shapes) - {n for n in shapes if n.startswith("val_")}
     after = Counter(n.op_type for n in named.graph)["Transpose"]
-    linear = 7 * cfg.n_layers + 1
+    linear = 4 * cfg.n_layers  # the output projection is a Gemm with transB: nothing to fold there
     assert before - after == linear
-    wq = named.graph.initializers["layers.0.attention.wq.weight_t"]
-    assert tuple(wq.shape) == tuple(reversed(shapes["layers.0.attention.wq.weight"]))
+    wq = named.graph.initializers["layers.0.attention.wqkv.weight_t"]
+    assert tuple(wq.shape) == tuple(reversed(shapes["layers.0.attention.wqkv.weight"]))
     assert tuple(wq.const_value.shape) == tuple(wq.shape)
 
 

@@ -63,14 +63,14 @@ def test_every_rank_samples_the_same_tokens_as_tp1(tmp_path):
 
     def rank_fn(rank, comm):
         model = build_model(ckpt, tp=comm.world_size, rank=rank, comm=comm)
-        return generate(model, prompt, model.empty_cache(2), max_new_tokens=12, sampling=sampling).new_tokens
+        return generate(model, prompt, model.empty_cache(2, prompt.shape[1] + 12), max_new_tokens=12, sampling=sampling).new_tokens
 
     per_rank = ThreadGroup(4).run(rank_fn)
     tp1 = ThreadGroup(1).run(rank_fn)[0]
     assert all(torch.equal(t, per_rank[0]) for t in per_rank[1:])
     assert torch.equal(per_rank[0], tp1)
     greedy = ThreadGroup(1).run(lambda r, c: generate(
-        build_model(ckpt), prompt, build_model(ckpt).empty_cache(2), max_new_tokens=12).new_tokens)[0]
+        build_model(ckpt), prompt, build_model(ckpt).empty_cache(2, prompt.shape[1] + 12), max_new_tokens=12).new_tokens)[0]
     assert not torch.equal(tp1, greedy)  # sampling really sampled
 
 

@@ -55,7 +55,10 @@ def main() -> int:
             past = 3  # rows are absolute positions past .. past + seq - 1
             inv = 1.0 / (10000.0 ** (torch.arange(half, dtype=torch.float32) / half))
             ang = torch.outer(torch.arange(past, past + seq, dtype=torch.float32), inv)
-            got, want = kernels.rope(x, ang.cos(), ang.sin(), il), rope_reference(x, ang.cos(), ang.sin(), il)
+            # The kernel takes the rows of the step's positions ([S, D/2]): the reference at start 0 with
+            # those rows as its table.
+            start = torch.zeros(shape[0], dtype=torch.int64)
+            got, want = kernels.rope(x, ang.cos(), ang.sin(), il), rope_reference(x, ang.cos(), ang.sin(), start, il)
         tol = TOLERANCES[dt]
         err = (got.float() - want.float()).abs()
         bound = tol + tol * want.float().abs()

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _export_dir(tmp_path: Path, n_layers: int = 3) -> tuple[Path, Manifest]:
     """An export directory of layer segments built by hand (no exporter needed)."""
     specs_in = (TensorSpec("x", "float16", ("batch", "seq", 8)), TensorSpec("cos", "float32", ("seq", 2)),
-                TensorSpec("sin", "float32", ("seq", 2)))
+                TensorSpec("sin", "float32", ("seq", 2)), TensorSpec("start", "int64", ("batch",)))
     specs_out = (TensorSpec("y", "float16", ("batch", "seq", 2, 4)),)
     segs = []
     (tmp_path / "rank0").mkdir()
@@ -199,10 +199,12 @@ def test_build_and_run_refits_identical_layers(tmp_path: Path) -> None:
     ang = torch.randn(3, 2, device="cuda")
     with TensorRTBackend(out, 0, "cuda") as be:
         for k in range(3):
-            got = be.run_segment(k, {"x": x, "cos": ang.cos(), "sin": ang.sin()})["y"]
+            start = torch.zeros(2, dtype=torch.int64, device="cuda")
+            got = be.run_segment(k, {"x": x, "cos": ang.cos(), "sin": ang.sin(), "start": start})["y"]
             g = attention_like_segment(k, seed=k).graph
             w, wq = (torch.from_numpy(onnx.numpy_helper.to_array(t).copy()).cuda() for t in g.initializer[:2])
-            want = rope_reference((rms_norm_reference(x, w, 1e-5) @ wq).view(2, 3, 2, 4), ang.cos(), ang.sin(), True)
+            want = rope_reference((rms_norm_reference(x, w, 1e-5) @ wq).view(2, 3, 2, 4), ang.cos(), ang.sin(),
+                                  start, True)
             torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 

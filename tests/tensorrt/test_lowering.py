@@ -29,15 +29,17 @@ def test_custom_nodes_get_plugin_attributes_and_functions_go() -> None:
     lowered = lower_for_tensorrt(model)
     schema.check_model(lowered)
     custom = [n for n in lowered.graph.node if n.domain == schema.DOMAIN]
-    assert [n.op_type for n in custom] == ["RMSNorm", "RoPE"]
-    for n in custom:
-        a = _attrs(n)
-        assert a["plugin_namespace"] == b"llama_export" and a["plugin_version"] == b"1"
-    assert _attrs(custom[0])["epsilon"] == pytest.approx(1e-5) and _attrs(custom[1])["interleaved"] == 1
+    assert [n.op_type for n in custom] == ["RMSNorm"]
+    a = _attrs(custom[0])
+    assert a["plugin_namespace"] == b"llama_export" and a["plugin_version"] == b"1"
+    assert a["epsilon"] == pytest.approx(1e-5)
+    # RoPE (per-row positions) becomes TensorRT's own rotary layer: standard RotaryEmbedding.
+    (rotary,) = [n for n in lowered.graph.node if n.op_type == "RotaryEmbedding"]
+    assert _attrs(rotary)["interleaved"] == 1 and _attrs(rotary)["num_heads"] == 2
     assert len(lowered.functions) == 0
-    # Everything else untouched, and the input model not modified.
-    assert [n.SerializeToString() for n in lowered.graph.node if n.domain != schema.DOMAIN] == [
-        n.SerializeToString() for n in model.graph.node if n.domain != schema.DOMAIN
+    # The nodes before RoPE are untouched, and the input model not modified.
+    assert [n.SerializeToString() for n in lowered.graph.node[1:3]] == [
+        n.SerializeToString() for n in model.graph.node[1:3]
     ]
     assert list(lowered.graph.initializer) == list(model.graph.initializer)
     assert len(model.functions) == 1 and "plugin_namespace" not in _attrs(model.graph.node[0])

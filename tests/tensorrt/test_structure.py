@@ -45,4 +45,4 @@ def test_io_name_map() -> None:
     a, b = attention_like_segment(0, seed=0), attention_like_segment(1, seed=1)
     b.graph.input[0].name = "x_1"
     b.graph.node[0].input[0] = "x_1"
-    assert structure.io_name_map(b, a) == {"x_1": "x", "cos": "cos", "sin": "sin", "y": "y"}
+    assert structure.io_name_map(b, a) == {"x_1": "x", "cos": "cos", "sin": "sin", "start": "start", "y": "y"}

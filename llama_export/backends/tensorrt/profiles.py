@@ -1,20 +1,16 @@
 """Optimization profiles (min/opt/max shape per input) for a segment: one for prefill, one for decode.
 
-Segment inputs carry symbolic shapes from the manifest: ints, the names "batch", "seq", "past", or
-expressions of them ("past + seq"). Each profile gives every name a (min, opt, max) range:
+Segment inputs carry symbolic shapes from the manifest: ints, the names "batch", "seq", "capacity"
+(`artifact/schema.py`), or expressions of them. Each profile gives every name a (min, opt, max) range:
 
-    profile   batch               seq                      past
-    prefill   1 .. max_batch      1 .. max_seq_len         0 .. max_seq_len - 1   (opt 0: empty cache)
-    decode    1 .. max_batch      1                        0 .. max_seq_len - 1   (opt max_seq_len // 2)
+    profile   batch               seq                      capacity (KV cache slots per row)
+    prefill   1 .. max_batch      1 .. max_seq_len         max_seq_len
+    decode    1 .. max_batch      1                        max_seq_len
 
 opt batch is max_batch (serving runs full batches), opt prefill seq is max_seq_len // 2 (at least 1).
-
-An expression is evaluated at the min, opt and max corners; one that mixes "past" and "seq" counts cache
-positions, which the model caps at max_seq_len (past + seq <= max_seq_len), so its max is clamped there.
-
-`past` may be 0. TensorRT accepts zero-length dimensions in profiles and at run time ("empty tensors",
-TensorRT developer guide, "Working with Dynamic Shapes" / "Empty Tensors"); the runner binds a valid
-dummy address for such inputs (see runner.py).
+The capacity is pinned to max_seq_len: TensorRT's KV-cache-update layer (what the ONNX TensorScatter of
+the lowered attention becomes) wants a static cache length, so the runner allocates TensorRT caches at
+max_seq_len (`runner.py`). Unverified here: no TensorRT build ran in this project's environment.
 """
 
 from __future__ import annotations
@@ -25,9 +21,9 @@ from dataclasses import dataclass
 
 from llama_export.errors import ArtifactError, ConfigError
 from llama_export.artifact.manifest import TensorSpec
-from llama_export.artifact.schema import DIM_BATCH, DIM_PAST, DIM_SEQ
+from llama_export.artifact.schema import DIM_BATCH, DIM_CAPACITY, DIM_SEQ
 
-KNOWN_DIMS = (DIM_BATCH, DIM_SEQ, DIM_PAST)
+KNOWN_DIMS = (DIM_BATCH, DIM_SEQ, DIM_CAPACITY)
 PROFILE_NAMES = ("prefill", "decode")  # profile index = position here
 
 Range = tuple[int, int, int]  # (min, opt, max)
@@ -52,11 +48,11 @@ def dim_ranges(profile: str, *, max_batch: int, max_seq_len: int) -> dict[str, R
     if max_batch < 1 or max_seq_len < 1:
         raise ConfigError(f"max_batch={max_batch} and max_seq_len={max_seq_len} must both be >= 1")
     batch = (1, max_batch, max_batch)
-    last_past = max_seq_len - 1
+    capacity = (max_seq_len, max_seq_len, max_seq_len)
     if profile == "prefill":
-        return {DIM_BATCH: batch, DIM_SEQ: (1, max(1, max_seq_len // 2), max_seq_len), DIM_PAST: (0, 0, last_past)}
+        return {DIM_BATCH: batch, DIM_SEQ: (1, max(1, max_seq_len // 2), max_seq_len), DIM_CAPACITY: capacity}
     if profile == "decode":
-        return {DIM_BATCH: batch, DIM_SEQ: (1, 1, 1), DIM_PAST: (0, max_seq_len // 2, last_past)}
+        return {DIM_BATCH: batch, DIM_SEQ: (1, 1, 1), DIM_CAPACITY: capacity}
     raise ConfigError(f"unknown profile {profile!r}; use one of {PROFILE_NAMES}")
 
 
@@ -107,8 +103,6 @@ def plan_profile(
             dims = []
             for d in spec.shape:
                 v = eval_dim(d, env)
-                if {DIM_PAST, DIM_SEQ} <= dim_names(d):
-                    v = min(v, max_seq_len)
                 if v < 0:
                     raise ArtifactError(f"input {spec.name!r}: dimension {d!r} is negative ({v}) for {env}")
                 dims.append(v)

@@ -8,8 +8,10 @@ Per `run_segment(k, feeds)` (TensorRT 11 Python API, "IExecutionContext"):
       └─► outputs allocated from context.get_tensor_shape(name) (known once input shapes are set)
       └─► execute_async_v3(torch stream) ─► {manifest name: torch tensor}
 
-Zero-length tensors (an empty KV cache, past = 0) are legal TensorRT inputs ("empty tensors"); their
-data pointer would be null, so they are bound to a small valid scratch buffer instead. Refit engines
+Each `present_*` output is bound to the address of its `past_*` input (TensorRT's KV-cache-update layer
+writes the cache in place and requires the shared address). Zero-length tensors are legal TensorRT
+inputs ("empty tensors"); their data pointer would be null, so they are bound to a small valid scratch
+buffer instead. Refit engines
 keep the tensor names of the engine they were refit from; build_manifest.json maps them.
 Every TensorRT name and call signature used here is checked against the TensorRT 11.4 Python package
 (tests/tensorrt/conformance/check_api.py); running engines has not been done (no TensorRT GPU runtime).
@@ -27,6 +29,7 @@ from pydantic import Field
 from torch import Tensor
 
 from llama_export import dtypes
+from llama_export.artifact import schema
 from llama_export.backends.tensorrt import profiles
 from llama_export.backends.tensorrt.build import BUILD_FORMAT, BUILD_MANIFEST, EXPORT_MANIFEST
 from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
@@ -137,6 +140,8 @@ class TensorRTBackend:
         if not entries:
             raise ArtifactError(f"{build_dir} has no engines for rank {rank}")
         self.rank = rank
+        manifest = load_export_manifest(build_dir)
+        self._in_place = schema.cache_pairs(manifest.model.n_layers)
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
         self._runtime = self.trt.Runtime(self._logger)
         self._stream = torch.cuda.Stream(device=self.device)
@@ -162,11 +167,13 @@ class TensorRTBackend:
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         ctx = seg.context(profile, self._stream)
         keep = []
+        bound: dict[str, Tensor] = {}  # manifest input name -> the tensor bound to the engine
         for name in seg.inputs:
             t = feeds[engine_to_manifest.get(name, name)]
             want = _torch_dtype(self.trt, seg.engine.get_tensor_dtype(name))
             t = t.to(self.device, want).contiguous()
             keep.append(t)
+            bound[engine_to_manifest.get(name, name)] = t
             if not ctx.set_input_shape(name, tuple(t.shape)):
                 raise InputError(f"segment {index} input {name} of shape {tuple(t.shape)} is outside its profile")
             ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._empty.data_ptr())
@@ -175,6 +182,11 @@ class TensorRTBackend:
             shape = tuple(ctx.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise InputError(f"output {name} has unresolved shape {shape}; check the input shapes")
+            cache = bound.get(self._in_place.get(engine_to_manifest.get(name, name), ""))
+            if cache is not None:  # present_* is written into its past_* buffer
+                ctx.set_tensor_address(name, cache.data_ptr())
+                outputs[engine_to_manifest.get(name, name)] = cache
+                continue
             out = torch.empty(shape, dtype=_torch_dtype(self.trt, seg.engine.get_tensor_dtype(name)), device=self.device)
             ctx.set_tensor_address(name, out.data_ptr() if out.numel() else self._empty.data_ptr())
             outputs[engine_to_manifest.get(name, name)] = out

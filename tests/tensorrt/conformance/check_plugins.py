@@ -111,7 +111,7 @@ class _Graph:
 
 def _custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     nodes = [n for n in model.graph.node if n.domain == schema.DOMAIN]
-    assert {n.op_type for n in nodes} == set(schema.COMPUTE_OPS)
+    assert {n.op_type for n in nodes} == set(lowering.PLUGIN_OPS)
     return nodes
 
 
@@ -191,7 +191,8 @@ def _cpu_launches(trt: Any, seen: list[Any]):
         mp.setattr(plugins, "_as_torch", as_host_tensor)
         mp.setattr(plugins, "_on_stream", lambda stream: contextlib.nullcontext())
         mp.setattr(kernels, "rms_norm", lambda x, w, eps, *, out: out.copy_(rms_norm_reference(x, w, eps)))
-        mp.setattr(kernels, "rope", lambda x, c, s, il, *, out: out.copy_(rope_reference(x, c, s, il)))
+        mp.setattr(kernels, "rope", lambda x, c, s, il, *, out: out.copy_(  # the kernel's rows: v1 (start 0)
+            rope_reference(x, c, s, torch.zeros(x.shape[0], dtype=torch.int64), il)))
         yield
 
 

@@ -1,0 +1,295 @@
+"""Lean at run time (issue 14) and the in-place KV cache (issue 13): our ONNX Runtime export beside
+onnxruntime-genai's model builder and Generator on the same random-weight Hugging Face checkpoint.
+
+    python benchmarks/bench_lean.py [--dim 768 --layers 12 --heads 12 --vocab 32000] [--rounds 3]
+                                    [--work DIR] [--no-genai]
+
+Prints, each as a median over interleaved rounds (each system in its own process, so RSS is its own):
+- export time without validation (`llama-export export --no-validate`) vs genai's builder (`-p fp32 -e cpu`);
+- nodes and MatMuls per layer of the graph ONNX Runtime receives (ours: the lowered graph);
+- RSS after loading and peak RSS of a prompt 128 -> 128 new run, against the rank's weight bytes;
+- time from process start to the first token (prompt 128), both systems;
+- eager: peak RSS of loading the model minus the process's RSS before loading, against the weights;
+- long context: per decode step at context ~2048 vs ~128 (prompt 2048 / 128 -> 128 new), decode tok/s
+  against genai at prompt 2048;
+- ragged batch: 8 prompts of 16..256 tokens -> 64 new each, one batch vs one by one (tokens/s), and
+  whether every row's ids equal its single run.
+
+onnxruntime-genai is an optional install (`pip install onnxruntime-genai`); without it (or with
+--no-genai) only our figures print. Thread count: OMP_NUM_THREADS (default 2) for every system.
+CPU numbers on a shared machine are noisy: rounds are interleaved and medians reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LONG, SHORT, NEW = 2048, 128, 128
+RAGGED = [16 + round(i * (256 - 16) / 7) for i in range(8)]  # 16 .. 256
+RAGGED_NEW = 64
+
+
+def _rss(field: str = "VmRSS") -> int:
+    """Bytes of this process: VmRSS now, or VmHWM (its high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def _prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return [(seed * 7919 + i * 31 + 3) % (vocab - 3) + 3 for i in range(n)]
+
+
+# ---- workers (one system, one workload, own process) ----------------------------------------------
+def worker_ours(kind: str, path: Path, spawned: float, vocab: int) -> dict:
+    import torch
+
+    from llama_export.config import Backend
+    from llama_export.parallel.comm import LocalComm
+    from llama_export.runner.generate import generate, generate_stream, pad_prompts
+    from llama_export.runner.source import ModelSource
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    backend = Backend.ORT if kind != "eager" else Backend.EAGER
+    before = _rss()
+    source = ModelSource(backend, artifacts=path if backend is Backend.ORT else None,
+                         checkpoint=path if backend is Backend.EAGER else None)
+    step, make_cache, _ = source.step(comm=LocalComm(), device=torch.device("cpu"))
+    out = {"rss_before_load": before, "rss_loaded": _rss(), "hwm_loaded": _rss("VmHWM")}
+    if kind == "eager":
+        return out
+
+    def run(rows: list[list[int]], new: int):
+        ids, lengths = pad_prompts(rows)
+        return generate(step, ids, make_cache(len(rows), int(lengths.max()) + new), max_new_tokens=new,
+                        prompt_lengths=lengths)
+
+    if kind == "run128":
+        prompt = torch.tensor([_prompt(SHORT, vocab)])
+        stream = generate_stream(step, prompt, make_cache(1, SHORT + NEW), max_new_tokens=NEW)
+        next(stream)
+        out["first_token_s"] = time.time() - spawned
+        for _ in stream:
+            pass
+        out["hwm_run"] = _rss("VmHWM")
+        return out
+    run([_prompt(16, vocab)], 4)  # warm-up
+    for n in (SHORT, LONG):
+        r = run([_prompt(n, vocab)], NEW)
+        out[f"step_s_{n}"] = r.decode_s / (NEW - 1)
+    rows = [_prompt(n, vocab, seed=i) for i, n in enumerate(RAGGED)]
+    t0 = time.perf_counter()
+    batch = run(rows, RAGGED_NEW)
+    out["ragged_batch_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    singles = [run([r], RAGGED_NEW) for r in rows]
+    out["ragged_single_s"] = time.perf_counter() - t0
+    out["ragged_equal"] = all(batch.new_tokens[i].tolist() == s.new_tokens[0].tolist() for i, s in enumerate(singles))
+    return out
+
+
+def worker_genai(kind: str, path: Path, spawned: float, vocab: int) -> dict:
+    import onnxruntime_genai as og
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    config = og.Config(str(path))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+    out = {"rss_loaded": _rss()}
+
+    def run(prompt: list[int], new: int) -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens([prompt])
+        gen.generate_next_token()
+        t0 = time.time()
+        for _ in range(new - 1):
+            gen.generate_next_token()
+        return t0, (time.time() - t0) / (new - 1)
+
+    if kind == "run128":
+        first, _ = run(_prompt(SHORT, vocab), NEW)
+        out["first_token_s"] = first - spawned
+        out["hwm_run"] = _rss("VmHWM")
+        return out
+    run(_prompt(16, vocab), 4)
+    for n in (SHORT, LONG):
+        out[f"step_s_{n}"] = run(_prompt(n, vocab), NEW)[1]
+    return out
+
+
+def spawn(system: str, kind: str, path: Path, vocab: int) -> dict:
+    out = path.parent / f"result-{system}-{kind}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, __file__, "--worker", system, kind, str(path), repr(time.time()), str(vocab),
+                    str(out)], check=True, env=env)
+    return json.loads(out.read_text())
+
+
+# ---- preparation ----------------------------------------------------------------------------------
+def make_checkpoint(args, hf: Path) -> None:
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=int(2 * 4 * args.dim / 3 + 255) // 256 * 256,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=LONG + NEW + 64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(hf)
+    # onnxruntime-genai's builder copies a tokenizer with the model; ids are fed directly.
+    pieces = ["<unk>", "<s>", "</s>", *(f"t{i}" for i in range(3, args.vocab))]
+    Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>")).save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+
+
+def export_ours(hf: Path, out: Path) -> tuple[float, Path]:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "llama_export.cli", "export", "--checkpoint", str(hf), "--tp", "1",
+                    "--out", str(out), "--name", "bench", "--no-validate", "--no-progress"], check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0, out / "bench" / "tp1-fp32"
+
+
+def export_genai(hf: Path, out: Path) -> float:
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p",
+                    "fp32", "-e", "cpu", "-c", str(out.parent / "genai-cache")], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def graph_stats_ours(path: Path) -> tuple[int, int, int]:
+    """(nodes, MatMuls, weight bytes) of the graphs ONNX Runtime receives for rank 0."""
+    import onnx_ir as ir
+
+    from llama_export.artifact.manifest import load_manifest, resolve_inside
+    from llama_export.backends.ort.lowering import OrtLoweringPass
+
+    nodes = matmuls = size = 0
+    for seg in load_manifest(path, verify_hashes=False).rank(0).segments:
+        model = ir.load(str(resolve_inside(path, seg.file)))
+        OrtLoweringPass()(model)
+        nodes += len(model.graph)
+        matmuls += sum(n.op_type in ("MatMul", "Gemm") for n in model.graph)
+        size += sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    return nodes, matmuls, size
+
+
+def graph_stats_genai(path: Path) -> tuple[int, int]:
+    import onnx
+
+    g = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+    return len(g.node), sum(n.op_type in ("MatMul", "Gemm") for n in g.node)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_lean"))
+    ap.add_argument("--no-genai", action="store_true")
+    ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        system, kind, path, spawned, vocab, out = args.worker
+        fn = worker_ours if system == "ours" else worker_genai
+        Path(out).write_text(json.dumps(fn(kind, Path(path), float(spawned), int(vocab))))
+        return
+
+    genai = not args.no_genai
+    if genai:
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError:
+            print("onnxruntime-genai is not installed (pip install onnxruntime-genai): our figures only")
+            genai = False
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    hf = work / f"hf-{args.dim}x{args.layers}-{args.vocab}"
+    if not (hf / "config.json").is_file():
+        make_checkpoint(args, hf)
+    med = statistics.median
+    ex_ours, ex_genai = [], []
+    for _ in range(args.rounds):
+        dt, ours_path = export_ours(hf, work / "ours")
+        ex_ours.append(dt)
+        if genai:
+            ex_genai.append(export_genai(hf, work / "genai"))
+    nodes, matmuls, weights = graph_stats_ours(ours_path)
+    L = args.layers
+    print(f"model: dim {args.dim}, {L} layers, vocab {args.vocab}, fp32 weights {weights / 2**20:.0f} MiB; "
+          f"threads {os.environ.get('OMP_NUM_THREADS', '2')}, {args.rounds} interleaved rounds (medians)")
+    line = f"export (no validation): ours {med(ex_ours):.1f} s"
+    if genai:
+        line += f", genai builder {med(ex_genai):.1f} s, ratio {med(ex_ours) / med(ex_genai):.2f} (target <= 2)"
+    print(line)
+    line = f"graph ORT receives: ours {nodes} nodes = {nodes / L:.1f}/layer, {matmuls / L:.1f} MatMul/layer"
+    if genai:
+        g_nodes, g_mm = graph_stats_genai(work / "genai")
+        line += (f"; genai {g_nodes} nodes = {g_nodes / L:.1f}/layer, {g_mm / L:.1f} MatMul/layer; "
+                 f"ratio {nodes / g_nodes:.2f} (target <= 1.5)")
+    print(line)
+
+    res: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for system, kind, path in [("ours", "run128", ours_path), ("ours", "long", ours_path),
+                                   ("ours", "eager", hf)] + ([("genai", "run128", work / "genai"),
+                                                             ("genai", "long", work / "genai")] if genai else []):
+            res.setdefault(f"{system}-{kind}", []).append(spawn(system, kind, path, args.vocab))
+
+    def m(key: str, field: str) -> float:
+        return med(r[field] for r in res[key])
+
+    mib = 2**20
+    loaded, peak = m("ours-run128", "rss_loaded"), m("ours-run128", "hwm_run")
+    print(f"ORT run (prompt {SHORT} -> {NEW}): RSS after loading {loaded / mib:.0f} MiB = "
+          f"{(loaded - 300 * mib) / weights:.2f}x weights + 300 MiB (target <= 1.1); peak {peak / mib:.0f} MiB = "
+          f"{(peak - 300 * mib) / weights:.2f}x weights + 300 MiB (target <= 1.25)")
+    eager = med(r["hwm_loaded"] - r["rss_before_load"] for r in res["ours-eager"])
+    print(f"eager load: peak RSS - RSS before loading = {eager / mib:.0f} MiB = {eager / weights:.2f}x weights "
+          "(target <= 1.2)")
+    line = f"process start -> first token (prompt {SHORT}): ours {m('ours-run128', 'first_token_s'):.2f} s"
+    if genai:
+        line += (f", genai {m('genai-run128', 'first_token_s'):.2f} s (peak RSS {m('genai-run128', 'hwm_run') / mib:.0f}"
+                 f" MiB); ratio {m('ours-run128', 'first_token_s') / m('genai-run128', 'first_token_s'):.2f} (target <= 1)")
+    print(line)
+    s128, s2048 = m("ours-long", f"step_s_{SHORT}"), m("ours-long", f"step_s_{LONG}")
+    line = (f"decode step at context ~{SHORT}: {s128 * 1e3:.1f} ms, ~{LONG}: {s2048 * 1e3:.1f} ms, ratio "
+            f"{s2048 / s128:.2f} (target <= 1.5); decode at {LONG}: ours {1 / s2048:.1f} tok/s")
+    if genai:
+        g2048 = m("genai-long", f"step_s_{LONG}")
+        line += (f", genai {1 / g2048:.1f} tok/s, ratio {g2048 / s2048:.2f} (target >= 1.1); genai step ratio "
+                 f"{g2048 / m('genai-long', f'step_s_{SHORT}'):.2f}")
+    print(line)
+    b, s = m("ours-long", "ragged_batch_s"), m("ours-long", "ragged_single_s")
+    equal = all(r["ragged_equal"] for r in res["ours-long"])
+    print(f"ragged batch of {len(RAGGED)} prompts ({RAGGED[0]}..{RAGGED[-1]} tokens) -> {RAGGED_NEW} new: batch "
+          f"{len(RAGGED) * RAGGED_NEW / b:.1f} tok/s, one by one {len(RAGGED) * RAGGED_NEW / s:.1f} tok/s, ratio "
+          f"{s / b:.2f} (target >= 4); every row's ids equal its single run: {equal}")
+
+
+if __name__ == "__main__":
+    main()
