@@ -51,7 +51,7 @@ def ours(path: Path, backend: str, threads: int):
     step, make_cache, _ = source.step(comm=LocalComm(), device=torch.device("cpu"))
 
     def run(prompt: list[int], new: int):
-        r = generate(step, torch.tensor([prompt]), make_cache(1), max_new_tokens=new)
+        r = generate(step, torch.tensor([prompt]), make_cache(1, len(prompt) + new), max_new_tokens=new)
         return r.prefill_s, r.decode_s, r.new_tokens[0].tolist()
 
     return run

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from llama_export.errors import InputError
 from llama_export.parallel.plan import check_tp
-from llama_export.runner.generate import StepFn
+from llama_export.runner.generate import MakeCache, StepFn
 from llama_export.runner.launch import on_ranks, rank_env
 from llama_export.runner.source import ModelSource
 
@@ -74,24 +74,29 @@ def _nll(logits: Tensor, targets: Tensor) -> float:
     return -float(logp.gather(-1, targets.view(-1, 1)).sum())
 
 
-def _run_group(step: StepFn, make_cache: Callable, ids: Tensor, group: list[tuple[int, int, int]]) -> float:
+def _run_group(step: StepFn, make_cache: MakeCache, ids: Tensor, group: list[tuple[int, int, int]]) -> float:
     """NLL of windows that share their shape (same context and scored lengths), as one batch."""
     ctx = torch.stack([ids[s:f] for s, f, _ in group])  # [B, f - s]
     scored = torch.stack([ids[f:e] for _, f, e in group])  # [B, e - f]
-    keys, values = make_cache(len(group))
+    bsz, n_ctx = ctx.shape
+    keys, values = make_cache(bsz, n_ctx + scored.shape[1])
+    cached = torch.zeros(bsz, dtype=torch.int64)
+    lengths = torch.full((bsz,), n_ctx, dtype=torch.int64)
     with torch.inference_mode():
-        logits, keys, values = step(ctx, keys, values)
+        logits, keys, values = step(ctx, cached, lengths, keys, values)
         total = _nll(logits, scored[:, 0])
+        cached, lengths = cached + lengths, torch.ones_like(lengths)
         for k in range(1, scored.shape[1]):
-            logits, keys, values = step(scored[:, k - 1: k], keys, values)
+            logits, keys, values = step(scored[:, k - 1: k], cached, lengths, keys, values)
             total += _nll(logits, scored[:, k])
+            cached = cached + 1
     return total
 
 
-def perplexity(step: StepFn, make_cache: Callable[[int], tuple[list[Tensor], list[Tensor]]], ids: Tensor, *,
+def perplexity(step: StepFn, make_cache: MakeCache, ids: Tensor, *,
                window: int, stride: int, batch: int = 8,
                progress: Callable[[int, int], None] | None = None) -> Perplexity:
-    """Perplexity of `ids` ([N] int64) under `step`; `make_cache(b)` gives an empty cache for b rows.
+    """Perplexity of `ids` ([N] int64) under `step`; `make_cache(b, capacity)` gives an empty cache for b rows.
 
     `progress(done, total)` is called after each group of windows, in windows."""
     if batch < 1:

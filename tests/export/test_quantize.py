@@ -109,11 +109,15 @@ def _logits(path, tp: int, prompt: torch.Tensor, *, exact: bool, steps: int = 4)
     def rank_fn(rank: int, comm) -> torch.Tensor:
         be = OrtBackend(manifest, path, rank=rank, device=torch.device("cpu"), exact=exact)
         step = segmented_step(manifest, be, comm=comm)
-        keys, values = empty_cache(manifest, rank, prompt.shape[0], device=torch.device("cpu"))
+        bsz = prompt.shape[0]
+        keys, values = empty_cache(manifest, rank, bsz, prompt.shape[1] + steps, device=torch.device("cpu"))
         out, tokens = [], prompt
+        cached = torch.zeros(bsz, dtype=torch.int64)
         with torch.inference_mode():
             for i in range(steps):
-                logits, keys, values = step(tokens, keys, values)
+                lengths = torch.full((bsz,), tokens.shape[1], dtype=torch.int64)
+                logits, keys, values = step(tokens, cached, lengths, keys, values)
+                cached = cached + lengths
                 out.append(logits)
                 tokens = torch.full((prompt.shape[0], 1), (7 * i + 3) % CFG.vocab_size)  # fixed, not greedy
         return torch.stack(out)
@@ -185,7 +189,7 @@ def test_perplexity_through_ort_equals_dequantized_eager(exports, ckpt):
     be = OrtBackend(manifest, path, rank=0, device=torch.device("cpu"), exact=True)
     step = segmented_step(manifest, be, comm=LocalComm())
     ids = torch.randint(0, CFG.vocab_size, (70,), generator=torch.Generator().manual_seed(2))
-    got = perplexity(step, lambda b: empty_cache(manifest, 0, b, device=torch.device("cpu")), ids,
+    got = perplexity(step, lambda b, c: empty_cache(manifest, 0, b, c, device=torch.device("cpu")), ids,
                      window=24, stride=10, batch=3)
     model = build_model(ckpt, weights=manifest.weight_quant)
     want = perplexity(model, model.empty_cache, ids, window=24, stride=10, batch=3)
@@ -205,5 +209,5 @@ def test_tensorrt_lowering_keeps_the_blocked_dequantize(exports, tmp_path):
     before = onnx.load(str(resolve_inside(path, seg.file)))
     after = onnx.load(str(tmp_path / "ffn.onnx"))
     count = [sum(n.op_type == "DequantizeLinear" for n in m.graph.node) for m in (before, after)]
-    assert count[0] == count[1] == 3  # w1, w3, w2
+    assert count[0] == count[1] == 2  # w13 (w1 and w3 packed), w2
     assert {i.data_type for i in after.graph.initializer if i.name.endswith("_q")} == {onnx.TensorProto.INT4}
