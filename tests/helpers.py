@@ -51,6 +51,15 @@ def random_meta_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor
     return state
 
 
+def packed_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A TP=1 model's state dict from Meta-named weights: packed projections are their sources stacked
+    along dim 0 (parallel.plan.PACKED)."""
+    from llama_export.parallel.plan import model_parameter_names, packed_sources
+
+    return {name: torch.cat([state[s] for s in packed_sources(name)]) if packed_sources(name) else state[name]
+            for name in model_parameter_names(list(state))}
+
+
 def lengths(batch: int, n: int) -> torch.Tensor:
     """`[batch]` int64 filled with n (cache or token lengths of an unpadded batch)."""
     return torch.full((batch,), n, dtype=torch.int64)

@@ -11,7 +11,7 @@ import torch
 from llama_export.errors import InputError
 from llama_export.model.transformer import Transformer
 from llama_export.runner.evaluate import perplexity, plan_windows
-from tests.helpers import hf_model_from_meta, random_meta_state, tiny_config
+from tests.helpers import hf_model_from_meta, packed_state, random_meta_state, tiny_config
 
 
 def reference_nll(hf_model, ids: torch.Tensor, window: int, stride: int) -> tuple[float, int]:
@@ -37,7 +37,7 @@ def test_perplexity_matches_full_sequence_reference(n, window, stride, batch):
     cfg = tiny_config("gqa")
     state = random_meta_state(cfg, seed=3)
     model = Transformer(cfg)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(packed_state(state), strict=True)
     model.eval()
     hf = hf_model_from_meta(cfg, state)
     ids = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n))
@@ -81,8 +81,7 @@ def test_eval_cli_on_the_demo_model(tmp_path, capsys):
     import sentencepiece as spm
 
     from llama_export.demo import DEMO_DIR
-    from llama_export.model.checkpoint import load_config, load_rank_state
-    from llama_export.parallel.plan import RankShape
+    from llama_export.model.checkpoint import build_model, checkpoint_state, load_config
     from tests.helpers import read_json, run_cli
 
     text = tmp_path / "short.py"
@@ -94,7 +93,7 @@ def test_eval_cli_on_the_demo_model(tmp_path, capsys):
     sp = spm.SentencePieceProcessor(model_file=str(DEMO_DIR / "tokenizer.model"))
     ids = torch.tensor([sp.bos_id(), *sp.encode(TEXT)])
     cfg = load_config(DEMO_DIR)
-    hf = hf_model_from_meta(cfg, load_rank_state(DEMO_DIR, RankShape(cfg, 1, 0), dtype=torch.float32))
+    hf = hf_model_from_meta(cfg, checkpoint_state(build_model(DEMO_DIR)))  # Meta names, as the checkpoint's
     want, scored = reference_nll(hf, ids, 32, 12)
     assert got["tokens"] == ids.numel() and got["scored"] == scored and ids.numel() > 64
     assert got["nll"] == pytest.approx(want, rel=1e-5)

@@ -66,6 +66,7 @@ class Transformer(nn.Module):
             h, k, v = layer(h, self.rope_cos, self.rope_sin, cache_lengths, token_lengths, k, v)
             new_keys.append(k)
             new_values.append(v)
-        last = self.norm(h[torch.arange(bsz, device=h.device), token_lengths - 1])  # [B, dim]
-        logits = self.comm.all_gather(self.output(last), dim=-1)  # [B, tp * local_vocab]
-        return logits[:, : self.cfg.vocab_size].float(), new_keys, new_values
+        # [B, 1, dim]: kept 3-D so that the output projection is a MatMul like every other weight
+        last = self.norm(h[torch.arange(bsz, device=h.device), token_lengths - 1].unsqueeze(1))
+        logits = self.comm.all_gather(self.output(last), dim=-1)  # [B, 1, tp * local_vocab]
+        return logits[:, 0, : self.cfg.vocab_size].float(), new_keys, new_values

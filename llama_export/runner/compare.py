@@ -179,8 +179,7 @@ def full_graph_probes(k: int, n_layers: int) -> list[Probe]:
             Probe(f"layers.{i}.ffn", i + 1.0, k, f"/model/layers.{i}/feed_forward/w2/MatMul_output_0",
                   f"layers.{i}.feed_forward.w2"),
         ]
-    # At TP=1 the output projection's result is the graph's `logits` (no gather, no vocabulary padding).
-    return probes + [Probe("head", n_layers + 1.0, k, schema.LOGITS, "output"),
+    return probes + [Probe("head", n_layers + 1.0, k, "/model/output/MatMul_output_0", "output"),
                      Probe("logits", n_layers + 1.5, k, schema.LOGITS, None)]
 
 
