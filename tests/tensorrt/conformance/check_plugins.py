@@ -32,7 +32,7 @@ from llama_export.model.ops import rms_norm_reference, rope_reference
 from tests.helpers import random_meta_state, write_meta
 from tests.tensorrt.conformance import tensorrt_side as side
 
-SIZES = {"batch": 2, "seq": 3, "past": 4}  # concrete values of the exported symbolic dims
+SIZES = {"batch": 2, "seq": 3, "capacity": 8}  # concrete values of the exported symbolic dims
 
 
 def _size(d: int | str) -> int:
