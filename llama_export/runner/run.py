@@ -69,7 +69,7 @@ class RunOptions:
 def parse_prompt_ids(text: str) -> tuple[tuple[int, ...], ...]:
     """'1,2,3' -> ((1, 2, 3),); rows of a batch are separated by ';' and may differ in length."""
     try:
-        return tuple(tuple(int(t) for t in row.split(",") if t.strip()) for row in text.split(";"))
+        rows = tuple(tuple(int(t) for t in row.split(",") if t.strip()) for row in text.split(";"))
     except ValueError:
         raise InputError(f"--prompt-ids {text!r} must be comma-separated integers (rows separated by ';')") from None
     if bad := [t for row in rows for t in row if not 0 <= t < 1 << 31]:
