@@ -171,6 +171,7 @@ def _add_run_parser(sub) -> None:
                    "model's max_seq_len)")
     p.add_argument("--json", type=Path, dest="json_out",
                    help="write generated ids and every step's full last-token logits as JSON (every batch)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while rank 0 verifies its files")
     p.set_defaults(func=_cmd_run)
 
 
@@ -283,6 +284,7 @@ def _cmd_run(args, argv: list[str]) -> int:
         device=args.device,
         threads=args.threads,
         cache_capacity=args.cache_capacity,
+        progress=not args.no_progress,
     )
     return run(opts, argv, _ConsoleReporter())
 
@@ -371,6 +373,53 @@ def _cmd_export(args, argv: list[str]) -> int:
         print(f"error: {', '.join(r.variant for r in failed)} exceeded the tolerance against eager; kept in "
               f"{', '.join(str(r.path) for r in failed)} (any earlier export of it is unchanged)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="per-rank sizes of an export, from the config alone (no weights read)",
+        description="Trace the export on the meta device and print, per rank: weight and graph bytes, "
+        "segments, the largest tensor, the KV cache per token and at the context limit, and the memory "
+        "targets. Exits 2 when a rank does not fit --memory-limit.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder")
+    src.add_argument("--config", type=Path, help="a params.json (Meta) or config.json (HF) on its own")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    _enum_arg(p, "--dtype", Precision, default=Precision.FP16, help="graph dtype (default: fp16)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: the config's)")
+    p.add_argument("--memory-limit", type=_parse_bytes, help="refuse when a rank needs more, e.g. 80GiB or 24GB")
+    p.add_argument("--no-progress", action="store_true", help="no progress line while tracing")
+    p.set_defaults(func=_cmd_plan)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _parse_bytes(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 80GiB, 24GB or 512MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _cmd_plan(args, argv: list[str]) -> int:
+    from llama_export.export.sizing import fmt_bytes, format_plan, plan_export
+    from llama_export.model.checkpoint import load_config
+    from llama_export.progress import activity
+
+    cfg = load_config(args.checkpoint or args.config, max_seq_len=args.max_seq_len)
+    with activity(f"tracing two {cfg.dim}-wide layers at tp={args.tp}", enabled=not args.no_progress):
+        plan = plan_export(cfg, tp=args.tp, dtype=args.dtype)
+    print(format_plan(plan))
+    if args.memory_limit is not None:
+        plan.check_fits(args.memory_limit)
+        print(f"every rank fits --memory-limit {fmt_bytes(args.memory_limit)}")
     return 0
 
 
@@ -475,7 +524,8 @@ def _cmd_compare(args, argv: list[str]) -> int:
         prompt = torch.tensor([ids])
     settings = CompareSettings(steps=args.steps, seed=args.seed)
     report = compare(args.artifacts, args.backend, manifest, source.checkpoint_dir, mode=Mode.LOCATE,
-                     settings=settings, prompt=prompt, device=args.device, polygraphy=args.polygraphy)
+                     settings=settings, prompt=prompt, device=args.device, polygraphy=args.polygraphy,
+                     progress=True)
     print(format_report(report))
     if args.polygraphy:
         print(f"polygraphy: one command per segment in {args.polygraphy / 'commands.txt'}")
@@ -498,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_compare_parser(sub)
     _add_eval_parser(sub)
+    _add_plan_parser(sub)
     _add_build_parser(sub)
     return parser
 

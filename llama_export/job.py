@@ -88,7 +88,7 @@ def run_job(base: ExportOptions, tps: list[int], dtypes: list[ModelDType], *, va
             elif opts.dtype is Precision.BF16:
                 note = "not run: ONNX Runtime CPU has no bf16 kernels (checked with onnx.checker only)"
             else:
-                cmp = validate_export(stage.path, base.checkpoint, settings=settings)
+                cmp = validate_export(stage.path, base.checkpoint, settings=settings, progress=base.progress)
                 if not cmp:
                     stage.divert(failed_path(opts.target))
             if cmp is None or cmp:

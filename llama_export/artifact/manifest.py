@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -70,7 +71,7 @@ class Segment:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     collective: Collective | None  # runs after this segment
-    data_file: Name | None = None  # external weights (every tensor of 1 KiB or more), relative like `file`
+    data_file: Name | None = None  # the weights (ONNX external data), relative like `file`; None: no weights
     data_sha256: Sha256 | None = None
 
 
@@ -170,11 +171,13 @@ class _Header:
     format_version: Any = None
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, *, on_bytes: Callable[[int], None] | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(8 << 20), b""):
             h.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return h.hexdigest()
 
 
@@ -208,13 +211,7 @@ def load_manifest(root: Path, *, verify_hashes: bool = True) -> Manifest:
             raise ArtifactError(f"{rel} is listed in {path} but missing; re-export")
     if verify_hashes:
         for r in m.ranks:
-            for s in r.segments:
-                for rel, want in ((s.file, s.sha256), (s.data_file, s.data_sha256)):
-                    if rel is None:
-                        continue
-                    got = sha256_file(resolve_inside(root, rel))
-                    if got != want:
-                        raise _hash_error(rel, got, want)
+            verify_rank(m, root, r.rank)
         text_file_paths(root, m)
     return m
 
@@ -231,6 +228,21 @@ def text_file_paths(root: Path, m: Manifest) -> dict[str, Path]:
             raise _hash_error(t.file, got, t.sha256)
         out[t.name] = path
     return out
+
+
+def rank_files(m: Manifest, rank: int) -> list[tuple[str, str]]:
+    """(relative path, sha256) of every file rank `rank` reads: its graphs and their data files."""
+    return [(rel, want) for s in m.rank(rank).segments
+            for rel, want in ((s.file, s.sha256), (s.data_file, s.data_sha256)) if rel is not None]
+
+
+def verify_rank(m: Manifest, root: Path, rank: int, *, on_bytes: Callable[[int], None] | None = None) -> None:
+    """Hash rank `rank`'s files (only those: a rank process checks what it opens, once) against the
+    manifest. `on_bytes(n)` is called as the files are read (progress)."""
+    for rel, want in rank_files(m, rank):
+        got = sha256_file(resolve_inside(root, rel), on_bytes=on_bytes)
+        if got != want:
+            raise _hash_error(rel, got, want)
 
 
 def _hash_error(rel: str, got: str, want: str | None) -> ArtifactError:

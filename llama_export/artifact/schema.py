@@ -70,6 +70,23 @@ OPSET = 23
 # onnxruntime rejects IR version 14 (which onnx 1.23 writes by default); IR 10 is what opset 23 was
 # introduced with and what every runtime we target loads.
 IR_VERSION = 10
+# A protobuf cannot hold 2 GB, so graphs keep their weights apart: the weights of `<kk>_<kind>.onnx` (and
+# of every lowered copy a backend writes) are ONNX external data in
+# `<kk>_<kind>.onnx.data` beside it (location relative to the graph). A tensor of DATA_ALIGN_FROM bytes
+# or more starts at a multiple of DATA_ALIGN: 64 KiB, the allocation granularity ONNX Runtime has
+# required to memory-map external data (onnx_ir's former default layout; 4 KiB pages divide it);
+# smaller tensors start at multiples of DATA_ALIGN_SMALL.
+DATA_SUFFIX = ".data"
+INLINE_BYTES = 1024  # copies written by `save_with_data` keep tensors smaller than this in the graph
+DATA_ALIGN = 1 << 16
+DATA_ALIGN_FROM = 1 << 20
+DATA_ALIGN_SMALL = 64
+
+
+def data_offset(end: int, nbytes: int) -> int:
+    """Where a tensor of `nbytes` bytes starts in a data file whose used part ends at `end`."""
+    align = DATA_ALIGN if nbytes >= DATA_ALIGN_FROM else DATA_ALIGN_SMALL
+    return -(-end // align) * align
 
 # Symbolic dimension names used on every exported graph's inputs and outputs.
 DIM_BATCH = "batch"
@@ -172,3 +189,18 @@ def check_model(model, *, what: str = "exported graph") -> None:
         onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ArtifactError(f"{what} fails onnx.checker: {str(e).splitlines()[0]}") from None
+
+
+def save_with_data(model, dst) -> None:
+    """Write `model` (an `onnx_ir.Model`, its tensors possibly still in another file's external data)
+    to `dst` in the export layout: tensors of INLINE_BYTES and more copied, in bounded chunks, into
+    `dst.name + DATA_SUFFIX` beside it; smaller ones (shape constants, which shape inference must read)
+    inline."""
+    import onnx_ir as ir
+
+    for value in model.graph.initializers.values():
+        cv = value.const_value
+        if isinstance(cv, ir.ExternalTensor) and cv.nbytes < INLINE_BYTES:
+            value.const_value = ir.Tensor(cv.numpy(), name=cv.name)
+    ir.save(model, str(dst), external_data=f"{dst.name}{DATA_SUFFIX}", size_threshold_bytes=INLINE_BYTES - 1,
+            alignment=DATA_ALIGN, align_threshold=DATA_ALIGN_FROM - 1)

@@ -13,6 +13,7 @@ built one parameter at a time.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 from pathlib import Path
 
@@ -56,14 +57,28 @@ def detect_format(path: Path) -> CheckpointFormat:
 
 
 def load_config(path: Path, *, max_seq_len: int | None = None) -> ModelConfig:
-    """The checkpoint's model config; `max_seq_len` (export --max-seq-len) overrides the file's."""
+    """The model config of a checkpoint folder, or of a lone `params.json` (Meta) / `config.json` (HF)
+    file (`plan --config`); `max_seq_len` (export --max-seq-len) overrides the file's."""
     path = Path(path)
-    fmt = detect_format(path)
-    if fmt is CheckpointFormat.META:
-        file = path / "params.json"
+    if path.is_file():
+        file, meta = path, _is_meta_params(path)
+    else:
+        meta = detect_format(path) is CheckpointFormat.META
+        file = path / ("params.json" if meta else "config.json")
+    if meta:
         return ModelConfig.from_meta_params(read_meta_params(file), max_seq_len=max_seq_len, source=str(file))
-    file = path / "config.json"
     return ModelConfig.from_hf_config(read_hf_config(file), max_seq_len=max_seq_len, source=str(file))
+
+
+def _is_meta_params(file: Path) -> bool:
+    """A lone config file: Meta's params.json or HF's config.json, by name, else by content (HF's
+    LlamaConfig always has `hidden_size`, Meta's params never); the typed reader names any problem."""
+    if file.name in ("params.json", "config.json"):
+        return file.name == "params.json"
+    try:
+        return "hidden_size" not in json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, TypeError, OSError):
+        return True
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

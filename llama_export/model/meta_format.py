@@ -167,11 +167,11 @@ def copy_and_release(t: Tensor, dim: int | None = None, start: int = 0, stop: in
                 out[lo - start : hi - start] = t[lo:hi]
         else:
             out[r0:r1] = t[r0:r1].narrow(dim, start, stop - start)
-        _release(t[r0:r1])
+        release_pages(t[r0:r1])
     return out
 
 
-def _release(block: Tensor) -> None:
+def release_pages(block: Tensor) -> None:
     """madvise(MADV_DONTNEED) on the whole pages under `block` (Linux; a no-op elsewhere)."""
     if _LIBC is None or not block.is_contiguous():
         return

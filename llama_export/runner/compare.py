@@ -50,6 +50,7 @@ from llama_export.errors import InputError
 from llama_export.files import staged_dir, write_atomic
 from llama_export.model.checkpoint import build_model, load_config
 from llama_export.parallel.comm import ThreadGroup
+from llama_export.progress import activity, count_bar
 from llama_export.runner import polygraphy_data
 from llama_export.runner.diff import TOLERANCES, Comparison, TensorDiff
 from llama_export.runner.generate import generate, validate_prompt
@@ -192,11 +193,12 @@ def probes_for(segments: tuple[Segment, ...], n_layers: int) -> list[Probe]:
 
 def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: Path, *, mode: Mode,
             settings: CompareSettings = CompareSettings(), prompt: Tensor | None = None,
-            device: str = "cpu", polygraphy: Path | None = None) -> CompareReport:
+            device: str = "cpu", polygraphy: Path | None = None, progress: bool = False) -> CompareReport:
     """Backend (on `device`; eager always on the CPU) against eager; see the module docstring.
 
     `polygraphy` (LOCATE only): also save each segment's prefill feeds and eager references there, in
-    Polygraphy's formats (`polygraphy_data.py`).
+    Polygraphy's formats (`polygraphy_data.py`). `progress`: show the eager reference and the backend's
+    steps as they run (stderr, on a terminal).
     """
     if polygraphy is not None and mode is not Mode.LOCATE:
         raise ValueError("Polygraphy segment files need the per-rank eager reference of Mode.LOCATE")
@@ -215,10 +217,13 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
     forced: list[Tensor] | None = None
     ref_logits: list[Tensor] = []
     if mode is Mode.VALIDATE:
-        model = build_model(checkpoint, dtype=dtype, max_seq_len=cfg.max_seq_len, weights=manifest.weight_quant)
-        res = generate(model, prompt, model.empty_cache(prompt.shape[0], capacity), max_new_tokens=settings.steps + 1)
+        with activity(f"{manifest.variant}: eager reference, prefill + {settings.steps} steps", enabled=progress):
+            model = build_model(checkpoint, dtype=dtype, max_seq_len=cfg.max_seq_len, weights=manifest.weight_quant)
+            res = generate(model, prompt, model.empty_cache(prompt.shape[0], capacity), max_new_tokens=settings.steps + 1)
         ref_logits, forced = [s.logits for s in res.steps], [s.tokens for s in res.steps]
         del model
+    bar = count_bar(settings.steps + 1, f"{manifest.variant}: {backend.value}, all ranks", unit="step",
+                    enabled=progress)
 
     dump = None
 
@@ -255,6 +260,8 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
                 dev = be.device
                 blog, bk, bv = step(tokens.to(dev), cached.to(dev), lengths.to(dev), bk, bv)
                 backend_logits.append(blog)
+                if rank == 0:
+                    bar.update()
                 if model is None:
                     tokens = forced[i].unsqueeze(1)
                 else:
@@ -272,7 +279,7 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
         be.close()
         return backend_logits, eager_logits, seg_diffs
 
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, bar:
         if polygraphy is not None:
             dump = polygraphy_data.SegmentDump(stack.enter_context(staged_dir(polygraphy)), manifest, artifacts)
         results = ThreadGroup(manifest.tp).run(rank_fn)
@@ -318,12 +325,12 @@ def _probe_diffs(rank: int, probes: list[Probe], cur: dict[int, dict[str, Tensor
 
 
 def validate_export(export_dir: Path, checkpoint: Path, *, backend: Backend = Backend.ORT,
-                    settings: CompareSettings = VALIDATION) -> Comparison:
+                    settings: CompareSettings = VALIDATION, progress: bool = False) -> Comparison:
     """Export validation: `compare` in `Mode.VALIDATE` on the export's own manifest."""
     from llama_export.artifact.manifest import load_manifest
 
     report = compare(export_dir, backend, load_manifest(export_dir), checkpoint, mode=Mode.VALIDATE,
-                     settings=settings)
+                     settings=settings, progress=progress)
     return report.comparison
 
 

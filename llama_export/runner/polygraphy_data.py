@@ -155,8 +155,7 @@ class SegmentDump:
         model = ir.load(str(src))
         OrtLoweringPass()(model)
         dst = Path(f"{stem}.ort.onnx")
-        # Weights beside it, as exports keep them (artifact/schema.py): streamed from the export's data file.
-        ir.save(model, str(dst), external_data=dst.name + ".data", size_threshold_bytes=1024)
+        schema.save_with_data(model, dst)  # `src`'s weights copied beside `dst`
         return True
 
     def finish(self, final: Path) -> None:

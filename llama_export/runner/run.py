@@ -53,6 +53,7 @@ class RunOptions:
     # KV cache tokens per row; None: the longest prompt + max_new_tokens. Either way at most the model's
     # max_seq_len, which is the context limit.
     cache_capacity: int | None = None
+    progress: bool = True  # rank 0 shows start-up progress (hashing) when stderr is a terminal
 
     @property
     def is_text(self) -> bool:
@@ -168,7 +169,7 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
               reporter: Reporter) -> int:
     tok = opts.source.tokenizer() if opts.is_text else None
     rows = _prompt_rows(opts, tok)
-    step, make_cache, cfg = opts.source.step(comm=comm, device=device)
+    step, make_cache, cfg = opts.source.step(comm=comm, device=device, progress=opts.progress and env.rank == 0)
     budget = _check_prompts(opts, rows, cfg)
     prompt, lengths = pad_prompts(rows)
     prompt, lengths = prompt.to(device), lengths.to(device)

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from llama_export.artifact.manifest import Manifest, text_file_paths
+from llama_export.artifact.manifest import Manifest, rank_files, resolve_inside, text_file_paths, verify_rank
 from llama_export.backends import artifact_manifest, open_backend
 from llama_export.config import Backend, ModelConfig, Precision, WeightQuant
 from llama_export.errors import InputError
 from llama_export.parallel.comm import Communicator
+from llama_export.progress import byte_bar
 from llama_export.runner.generate import MakeCache, StepFn
 from llama_export.text import Tokenizer, load_tokenizer, text_files_in
 from llama_export.text.files import TOKENIZER_FILES
@@ -80,8 +81,11 @@ class ModelSource:
         files, where = self.text_files()
         return load_tokenizer(files, source=where)
 
-    def step(self, *, comm: Communicator, device: torch.device) -> tuple[StepFn, MakeCache, ModelConfig]:
-        """(step function, make_cache(batch, capacity) -> empty KV cache, model config) for this rank."""
+    def step(self, *, comm: Communicator, device: torch.device,
+             progress: bool = False) -> tuple[StepFn, MakeCache, ModelConfig]:
+        """(step function, make_cache(batch, capacity) -> empty KV cache, model config) for this rank.
+
+        An export rank hashes and opens only its own files, once; `progress` shows the hashing."""
         if self.backend is Backend.EAGER:
             from llama_export.model.checkpoint import build_model
 
@@ -91,7 +95,12 @@ class ModelSource:
             return step, model.empty_cache, model.cfg
         from llama_export.runner.stitch import empty_cache, segmented_step
 
-        manifest = self.manifest()
+        manifest = self.manifest(verify_hashes=False)
+        if self.backend is Backend.ORT:  # trt engine directories carry no file hashes
+            total = sum(resolve_inside(self.artifacts, rel).stat().st_size
+                        for rel, _ in rank_files(manifest, comm.rank))
+            with byte_bar(total, f"rank {comm.rank}: verifying its files", enabled=progress) as bar:
+                verify_rank(manifest, self.artifacts, comm.rank, on_bytes=bar.update)
         backend = open_backend(self.backend, manifest, self.artifacts, rank=comm.rank, device=device)
         step = segmented_step(manifest, backend, comm=comm)
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
 import pytest
 
-from llama_export.artifact import schema
 from llama_export.artifact.manifest import FORMAT_VERSION, load_manifest, sha256_file
 from llama_export.errors import ArtifactError
 from llama_export.export import exporter
@@ -105,11 +103,11 @@ def test_interrupted_export_leaves_earlier_artifacts_intact(good, monkeypatch):
     calls = {"n": 0}
     real = exporter.export_rank
 
-    def dies_on_second_rank(opts, rank, root):
+    def dies_on_second_rank(opts, cfg, graph, rank, root, **kw):
         calls["n"] += 1
         if rank == 1:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C halfway
-        return real(opts, rank, root)
+        return real(opts, cfg, graph, rank, root, **kw)
 
     monkeypatch.setattr(exporter, "export_rank", dies_on_second_rank)
     with pytest.raises(KeyboardInterrupt):
@@ -154,23 +152,14 @@ def test_reexport_replaces_the_directory_whole(good):
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
 
 
-def test_external_data_segments_are_hashed_and_run(good, tmp_path):
-    """Weights live in external data files (artifact/schema.py), hashed and checked like the graphs."""
-    from llama_export.runner.compare import VALIDATION, validate_export
-
-    ckpt, _ = good
-    path = export(ExportOptions(checkpoint=ckpt, out=tmp_path / "ext", tp=2, progress=False))
-    m = load_manifest(path)
-    seg = m.rank(0).segments[1]
-    assert seg.data_file == seg.file + ".data" and (path / seg.data_file).stat().st_size > 1000
-    cmp = validate_export(path, ckpt, settings=dataclasses.replace(VALIDATION, steps=2))
-    assert cmp and cmp.max_abs <= 1e-4, str(cmp)
-    data = path / seg.data_file
+def test_tampered_weights_file_is_detected(copy):
+    seg = load_manifest(copy).rank(0).segments[1]
+    data = copy / seg.data_file
     raw = bytearray(data.read_bytes())
     raw[10] ^= 0x55
     data.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match=r"\.data has sha256 .* modified or truncated"):
-        load_manifest(path)
+        load_manifest(copy)
 
 
 def test_checker_gives_the_same_verdict_in_a_fresh_process(good):
@@ -185,3 +174,19 @@ def test_checker_gives_the_same_verdict_in_a_fresh_process(good):
     out = subprocess.run([sys.executable, "-c", code, str(path / seg.file)], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
+
+
+def test_a_rank_verifies_only_its_own_files(copy):
+    """Start-up is per rank: rank 0 neither reads nor judges rank 1's files."""
+    from llama_export.artifact.manifest import rank_files, verify_rank
+
+    m = load_manifest(copy)
+    assert {rel.split("/")[0] for rel, _ in rank_files(m, 0)} == {"rank0"}
+    seg = m.rank(1).segments[2]
+    data = copy / seg.data_file
+    data.write_bytes(data.read_bytes()[:-1])  # truncated
+    read = []
+    verify_rank(m, copy, 0, on_bytes=read.append)
+    assert sum(read) == sum((copy / rel).stat().st_size for rel, _ in rank_files(m, 0))
+    with pytest.raises(ArtifactError, match=rf"{seg.data_file} has sha256 .* modified or truncated"):
+        verify_rank(m, copy, 1)

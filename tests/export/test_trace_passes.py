@@ -14,7 +14,7 @@ from llama_export.export.passes.check import CheckRankGraphPass
 from llama_export.export.passes.cleanup import CleanupPass
 from llama_export.export.passes.naming import NameGraphPass
 from llama_export.export.passes.placeholders import is_placeholder, placeholder_names
-from llama_export.export.passes.weights import AttachWeightsPass
+from llama_export.export.passes.weights import AttachWeightsPass, WriteWeightsPass
 from llama_export.export.trace import trace_rank
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.comm import ExportComm
@@ -70,7 +70,7 @@ def test_naming_gives_unique_module_paths(traced):
     assert "/model/layers.1/attention/wqkv/MatMul_output_0" in outs
 
 
-def test_attach_weights_folds_transposes(traced):
+def test_attach_weights_folds_transposes(traced, tmp_path):
     cfg, model = traced
     named = _copy(model)
     Pipeline(CleanupPass(), NameGraphPass())(named)
@@ -83,7 +83,9 @@ def test_attach_weights_folds_transposes(traced):
         return torch.full(shapes[name], 0.5)
 
     AttachWeightsPass(fetch)(named)
-    assert placeholder_names(named) == [] and set(fetched) == set(shapes) - {n for n in shapes if n.startswith("val_")}
+    assert placeholder_names(named) == [] and fetched == []  # attached lazily: nothing read yet
+    WriteWeightsPass(tmp_path / "w.data")(named)
+    assert sorted(fetched) == sorted(set(shapes) - {n for n in shapes if n.startswith("val_")})  # each read once
     after = Counter(n.op_type for n in named.graph)["Transpose"]
     linear = 4 * cfg.n_layers + 1  # wqkv, wo, w13, w2 per layer, and the output projection
     assert before - after == linear
@@ -92,11 +94,12 @@ def test_attach_weights_folds_transposes(traced):
     assert tuple(wq.const_value.shape) == tuple(wq.shape)
 
 
-def test_wrong_weight_shape_is_a_user_error_naming_the_weight(traced):
+def test_wrong_weight_shape_is_a_user_error_naming_the_weight(traced, tmp_path):
     _, model = traced
     again = _copy(model)
     with pytest.raises(ArtifactError, match=r"weight .* has shape \(1,\) but the graph expects"):
-        Pipeline(CleanupPass(), NameGraphPass(), AttachWeightsPass(lambda name: torch.zeros(1)))(again)
+        Pipeline(CleanupPass(), NameGraphPass(), AttachWeightsPass(lambda name: torch.zeros(1)),
+                 WriteWeightsPass(tmp_path / "w.data"))(again)
 
 
 def test_pipeline_failure_names_the_passes_that_ran(traced):

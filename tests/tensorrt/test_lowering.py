@@ -73,3 +73,19 @@ def test_lower_file_round_trip(tmp_path) -> None:
     lowered = onnx.load(str(dst))
     assert all({a.name for a in n.attribute} >= set(lowering.PLUGIN_ATTRIBUTES)
                for n in lowered.graph.node if n.domain == schema.DOMAIN)
+
+
+def test_lower_file_of_an_external_data_segment_writes_its_own_weights(tmp_path) -> None:
+    """Exported segments keep their weights in `<file>.data`; the lowered copy, written elsewhere,
+    must carry its own (a reference to the source's data file would not resolve beside it)."""
+    (tmp_path / "export").mkdir()
+    (tmp_path / "build").mkdir()
+    src, dst = tmp_path / "export" / "seg.onnx", tmp_path / "build" / "seg.trt.onnx"
+    model = attention_like_segment(1, seed=1)
+    want = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    onnx.save(model, str(src), save_as_external_data=True, location="seg.onnx.data", size_threshold=0)
+    lowering.lower_file(src, dst)
+    (tmp_path / "export" / "seg.onnx.data").unlink()  # the lowered copy must not need it
+    lowered = onnx.load(str(dst))
+    got = {i.name: onnx.numpy_helper.to_array(i) for i in lowered.graph.initializer}
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)

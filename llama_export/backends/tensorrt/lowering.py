@@ -120,10 +120,10 @@ class TensorRTLoweringPass(Pass, ir.passes.InPlacePass):
 def lower_file(src: Path, dst: Path) -> None:
     """Lower the ONNX file `src` (external data resolved next to it), write it to `dst` and check it.
 
-    Weights go to `dst.name + ".data"` beside `dst` (every tensor of 1 KiB or more), as in exports
-    (`artifact/schema.py`); they are streamed from `src`'s data file, one tensor at a time.
+    The weights are copied beside `dst` in the export's layout (`schema.save_with_data`), so `dst` loads
+    wherever it is written.
     """
     model = ir.load(str(src))
     TensorRTLoweringPass()(model)
-    ir.save(model, str(dst), external_data=dst.name + ".data", size_threshold_bytes=1024)
+    schema.save_with_data(model, dst)
     schema.check_model(dst, what=f"lowered graph {dst.name}")

@@ -12,7 +12,8 @@ weight-only GEMMs consume as is; the ONNX Runtime lowering rewrites the pairs in
 (`backends/ort/weight_only.py`). The pass works on whatever `MatMul(x, W)` with a 2-D float initializer
 `W` a segment has (after `AttachWeightsPass`, W is the transposed parameter `<param>_t`), so it does
 not depend on how projections are packed. It runs per rank on the rank's slices, so no block straddles
-ranks. Each tensor is quantized and its float values dropped before the next one. The numbers come
+ranks. It rewrites the graph at once but quantizes lazily: the int and scale tensors are computed when
+`WriteWeightsPass` reads them, one weight at a time, and the float values are dropped right after. The numbers come
 from `model.quantize`, which the eager reference uses too.
 """
 
@@ -53,6 +54,30 @@ def _as_torch(tensor: ir.TensorProtocol) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def _lazy_quantized(tensor: ir.TensorProtocol, axis: int, bits: int, b: int, qtype, np_type,
+                    q_shape: ir.Shape, s_shape: ir.Shape) -> tuple[ir.LazyTensor, ir.LazyTensor]:
+    """(quantized, scale) of `tensor`, computed when the first is read; the scale is kept until it is
+    read (the writer takes them in turn, so one tensor's pair at most is held)."""
+    kept: dict[str, ir.TensorProtocol] = {}
+
+    def compute() -> None:
+        w = _as_torch(tensor)
+        w = w.t() if axis == 0 else w  # rows = output channels, blocks along the input features
+        q, scale = quantize_blocks(w, bits=bits, block_size=b, scale_dtype=w.dtype)
+        if axis == 0:
+            q, scale = q.t(), scale.t()
+        kept["q"] = ir.Tensor(q.contiguous().numpy().astype(np_type), dtype=qtype)
+        kept["scale"] = ir.tensor_adapters.TorchTensor(scale.contiguous())
+
+    def take(key: str) -> ir.TensorProtocol:
+        if key not in kept:
+            compute()
+        return kept.pop(key)
+
+    return (ir.LazyTensor(lambda: take("q"), dtype=qtype, shape=q_shape),
+            ir.LazyTensor(lambda: take("scale"), dtype=tensor.dtype, shape=s_shape))
+
+
 class QuantizeWeightsPass(Pass, ir.passes.InPlacePass):
     """Quantize the weights `scheme` selects, as the module docstring shows; `quantized` lists them."""
 
@@ -75,17 +100,15 @@ class QuantizeWeightsPass(Pass, ir.passes.InPlacePass):
             if axis is None:
                 continue
             param = param_name(value.name)
-            w = _as_torch(tensor)
-            w = w.t() if axis == 0 else w  # rows = output channels, blocks along the input features
-            check_blocks(param, w.shape[1], b, hint=self.where)
-            q, scale = quantize_blocks(w, bits=self.scheme.bits, block_size=b, scale_dtype=w.dtype)
-            if axis == 0:
-                q, scale = q.t(), scale.t()
-            qv = ir.Value(name=f"{value.name}_q", const_value=ir.Tensor(q.contiguous().numpy().astype(np_type),
-                                                                          dtype=qtype))
-            sv = ir.Value(name=f"{value.name}_scale",
-                          const_value=ir.tensor_adapters.TorchTensor(scale.contiguous()))
+            rows, k = (value.shape[1], value.shape[0]) if axis == 0 else (value.shape[0], value.shape[1])
+            check_blocks(param, k, b, hint=self.where)
+            q_shape = ir.Shape(list(value.shape))
+            s_shape = ir.Shape([k // b, rows] if axis == 0 else [rows, k // b])
+            q_lazy, s_lazy = _lazy_quantized(tensor, axis, self.scheme.bits, b, qtype, np_type, q_shape, s_shape)
+            qv = ir.Value(name=f"{value.name}_q", const_value=q_lazy)
+            sv = ir.Value(name=f"{value.name}_scale", const_value=s_lazy)
             for v in (qv, sv):
+                v.const_value.name = v.name
                 v.shape, v.type = v.const_value.shape, ir.TensorType(v.const_value.dtype)
             first = next(iter(value.uses()))[0]
             path = first.name.rsplit("/", 1)[0] if first.name and "/" in first.name else value.name

@@ -1,0 +1,209 @@
+"""What an export will weigh, per rank, before any weight is read: the `plan` command's numbers.
+
+The sizes come from the exporter's own weightless trace and partition (`exporter.rank_graph`,
+`passes.partition`), so they cannot drift from what `export` writes. Tracing costs about a second per
+layer and grows faster than linearly (405B's 126 layers: over 4 minutes), so the plan traces a model of
+the same widths with two layers and repeats the second one: every layer has the same tensors and
+segments, which `plan_export` checks on the two it traced. All ranks trace to the same graph (the
+vocabulary is padded to a multiple of tp), so one trace serves every rank.
+
+Bytes counted per segment are its initializers: the rank's weight slices plus the fp32 RoPE tables
+`[max_seq_len, head_dim/2]`, which every segment that applies RoPE carries (each segment stands alone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from llama_export.config import ModelConfig, Precision
+from llama_export.errors import ConfigError
+from llama_export.export.exporter import rank_graph, segment_kinds
+from llama_export.export.passes.partition import partition
+from llama_export.model.checkpoint import expected_shapes
+from llama_export.parallel.plan import check_tp, valid_tp_degrees
+
+GiB = 1 << 30
+# The export memory target: at most this plus twice the largest weight tensor of the rank.
+EXPORT_BASE_BYTES = 2 * GiB
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorSize:
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SegmentSize:
+    kind: str  # full | embed | attention | ffn | head | tail
+    layer: int | None
+    tensors: tuple[TensorSize, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Sizes of one rank (every rank of an export holds the same shapes)."""
+
+    cfg: ModelConfig
+    tp: int
+    dtype: Precision
+    segments: tuple[SegmentSize, ...]
+    kv_bytes_per_token: int  # K and V of every layer, this rank's KV heads, one sequence
+
+    @property
+    def rank_bytes(self) -> int:
+        """Bytes of one rank's graphs (weights + RoPE tables)."""
+        return sum(s.nbytes for s in self.segments)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of one rank's parameter slices (without the RoPE tables and the trace's shape constants)."""
+        params = expected_shapes(self.cfg)
+        return sum(t.nbytes for s in self.segments for t in s.tensors if t.name in params)
+
+    @property
+    def largest_tensor(self) -> TensorSize:
+        return max((t for s in self.segments for t in s.tensors), key=lambda t: t.nbytes)
+
+    @property
+    def kv_bytes_at_limit(self) -> int:
+        """KV cache of one sequence at the context limit (max_seq_len tokens)."""
+        return self.kv_bytes_per_token * self.cfg.max_seq_len
+
+    @property
+    def run_bytes(self) -> int:
+        """What a rank holds to serve one sequence at the context limit: graphs + KV cache."""
+        return self.rank_bytes + self.kv_bytes_at_limit
+
+    @property
+    def export_target_bytes(self) -> int:
+        """The export's memory target for one rank: 2 GiB + 2x the largest weight tensor."""
+        return EXPORT_BASE_BYTES + 2 * self.largest_tensor.nbytes
+
+    def check_fits(self, limit: int) -> None:
+        """Raise ConfigError (one line, with the way out) when a rank needs more than `limit` bytes
+        to run one sequence at the context limit, or to be exported."""
+        if max(self.run_bytes, self.export_target_bytes) <= limit:
+            return
+        larger = ", ".join(str(t) for t in valid_tp_degrees(self.cfg) if t > self.tp) or "none"
+        if self.run_bytes >= self.export_target_bytes:
+            need = (f"a rank at tp={self.tp} needs {fmt_bytes(self.run_bytes)} (graphs "
+                    f"{fmt_bytes(self.rank_bytes)} + KV cache {fmt_bytes(self.kv_bytes_at_limit)} at "
+                    f"{self.cfg.max_seq_len} tokens)")
+            way_out = f"use a larger --tp (valid: {larger}) or a shorter --max-seq-len"
+        else:
+            need = (f"exporting a rank at tp={self.tp} needs up to {fmt_bytes(self.export_target_bytes)} "
+                    f"(2 GiB + 2x its largest tensor, {self.largest_tensor.name})")
+            way_out = f"use a larger --tp (valid: {larger})"
+        raise ConfigError(f"{need} but --memory-limit is {fmt_bytes(limit)}; {way_out}")
+
+
+def plan_export(cfg: ModelConfig, *, tp: int, dtype: Precision, max_batch: int = 8) -> ExportPlan:
+    """Trace a two-layer model of `cfg`'s widths at `tp` and extend it to `cfg.n_layers` layers."""
+    check_tp(cfg, tp)
+    traced = min(cfg.n_layers, 2)
+    graph = rank_graph(dataclasses.replace(cfg, n_layers=traced), tp=tp, dtype=dtype, max_batch=max_batch)
+    cuts = [c.model for c in partition(graph)]
+    kinds = segment_kinds(len(cuts), traced)
+    sized = [SegmentSize(kind, layer, _tensors(m)) for (kind, layer), m in zip(kinds, cuts)]
+    if traced == 2 and _layer_sizes(sized, 0) != _layer_sizes(sized, 1):
+        raise AssertionError("the two traced layers differ in their tensors; the plan cannot repeat them")
+    if tp == 1:
+        segments = (_repeat_layers(sized[0], traced, cfg.n_layers),)
+    else:
+        last = {s.kind: s for s in sized if s.layer == traced - 1}
+        segments = (sized[0],) + tuple(
+            _reindex(last[kind], traced - 1, i) for i in range(cfg.n_layers) for kind in ("attention", "ffn")
+        ) + tuple(sized[-2:])
+    kv = _kv_bytes_per_layer_token(graph) * cfg.n_layers
+    return ExportPlan(cfg=cfg, tp=tp, dtype=dtype, segments=segments, kv_bytes_per_token=kv)
+
+
+def _tensors(model: ir.Model) -> tuple[TensorSize, ...]:
+    return tuple(TensorSize(name, tuple(v.const_value.shape), v.const_value.nbytes)
+                 for name, v in model.graph.initializers.items())
+
+
+def _layer_sizes(segments: list[SegmentSize], layer: int) -> list[tuple[str, str, int]]:
+    """(segment kind, tensor name without the layer index, bytes) of one traced layer."""
+    return sorted((s.kind, t.name.split(".", 2)[2], t.nbytes) for s in segments for t in s.tensors
+                  if t.name.startswith(f"layers.{layer}."))
+
+
+def _reindex(seg: SegmentSize, src: int, dst: int) -> SegmentSize:
+    tensors = tuple(dataclasses.replace(t, name=t.name.replace(f"layers.{src}.", f"layers.{dst}.", 1))
+                    for t in seg.tensors)
+    return SegmentSize(seg.kind, dst, tensors)
+
+
+def _repeat_layers(seg: SegmentSize, traced: int, n_layers: int) -> SegmentSize:
+    """The one TP=1 graph: its non-layer tensors, then the last traced layer's tensors per layer."""
+    top = [t for t in seg.tensors if not _LAYER.match(t.name)]
+    last = SegmentSize(seg.kind, None, tuple(t for t in seg.tensors if t.name.startswith(f"layers.{traced - 1}.")))
+    per_layer = [t for i in range(n_layers) for t in _reindex(last, traced - 1, i).tensors]
+    return SegmentSize(seg.kind, None, tuple(top + per_layer))
+
+
+def _kv_bytes_per_layer_token(model: ir.Model) -> int:
+    """Bytes of past_key_0 + past_value_0 per token: the static dims (kv_heads, head_dim) x element size."""
+    total = 0
+    for v in model.graph.inputs:
+        if v.name in ("past_key_0", "past_value_0"):
+            n = v.dtype.itemsize
+            for d in v.shape:
+                n *= d if isinstance(d, int) else 1
+            total += n
+    return total
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def format_plan(plan: ExportPlan) -> str:
+    """The per-rank table and the segment summary `llama-export plan` prints."""
+    c = plan.cfg
+    big = plan.largest_tensor
+    lines = [
+        f"model: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads / {c.n_kv_heads} KV heads (head_dim "
+        f"{c.head_dim}), ffn {c.hidden_dim}, vocab {c.vocab_size}, context {c.max_seq_len}: "
+        f"{c.num_parameters() / 1e9:.2f}B parameters",
+        f"export: tp={plan.tp}, {plan.dtype.value}, {fmt_bytes(plan.rank_bytes * plan.tp)} of graphs in all",
+        "",
+        f"{'rank':>4}  {'weights':>10}  {'graphs':>10}  {'segments':>8}  {'largest tensor':<34}  "
+        f"{'KV/token':>10}  {'KV@ctx':>10}  {'export ≤':>10}  {'run ≥':>10}",
+    ]
+    tensor = f"{big.name} {fmt_bytes(big.nbytes)}"
+    for r in range(plan.tp):
+        lines.append(
+            f"{r:>4}  {fmt_bytes(plan.weight_bytes):>10}  {fmt_bytes(plan.rank_bytes):>10}  {len(plan.segments):>8}  "
+            f"{tensor:<34}  {fmt_bytes(plan.kv_bytes_per_token):>10}  {fmt_bytes(plan.kv_bytes_at_limit):>10}  "
+            f"{fmt_bytes(plan.export_target_bytes):>10}  {fmt_bytes(plan.run_bytes):>10}")
+    lines += ["", "segments of each rank:", f"  {'kind':<10} {'count':>5}  {'bytes each':>11}  tensors over 1 KiB"]
+    kinds: dict[str, list[SegmentSize]] = {}
+    for s in plan.segments:
+        kinds.setdefault(s.kind, []).append(s)
+    for kind, segs in kinds.items():
+        names = sorted({_LAYER.sub("layers.N.", t.name) for t in segs[0].tensors if t.nbytes > 1024})
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} names)" if len(names) > 6 else "")
+        lines.append(f"  {kind:<10} {len(segs):>5}  {fmt_bytes(segs[0].nbytes):>11}  {shown or '-'}")
+    lines += ["",
+              "weights: the rank's weight slices. graphs: its files (weights + the fp32 RoPE tables, which each "
+              "segment applying RoPE carries). KV@ctx: one sequence at the context limit. export ≤: the export "
+              "memory target (2 GiB + 2x the largest tensor). run ≥: graphs + KV@ctx, before activations."]
+    return "\n".join(lines)

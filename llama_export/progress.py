@@ -1,0 +1,55 @@
+"""Progress a person can follow on long steps: tqdm bars on stderr with sizes, rates and ETA.
+
+Bars are shown only when enabled (the CLI's `--no-progress` turns them off) and stderr is a terminal,
+so logs, pipes and tests stay clean. Library code takes an `enabled` flag and never prints otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tqdm import tqdm
+
+
+def _on(enabled: bool) -> bool:
+    return enabled and sys.stderr.isatty()
+
+
+def byte_bar(total: int, desc: str, *, enabled: bool) -> tqdm:
+    """A bar over `total` bytes (B, kB, MB ... with rate and ETA); `update(n)` as bytes are done."""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not _on(enabled),
+                leave=False, dynamic_ncols=True)
+
+
+def count_bar(total: int, desc: str, *, unit: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, disable=not _on(enabled), leave=False, dynamic_ncols=True)
+
+
+@contextmanager
+def activity(desc: str, *, enabled: bool, expected_s: float | None = None) -> Iterator[None]:
+    """A line that shows the elapsed time (and against `expected_s`, if known) of one opaque step."""
+    if not _on(enabled):
+        yield
+        return
+    stop = threading.Event()
+    bar = tqdm(total=expected_s, desc=desc, bar_format="{desc}: {elapsed}" + (" of ~{total:.0f}s" if expected_s
+               else ""), leave=False, dynamic_ncols=True)
+    start = time.monotonic()
+
+    def tick() -> None:
+        while not stop.wait(1.0):
+            bar.n = min(time.monotonic() - start, expected_s or float("inf"))
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
