@@ -377,6 +377,8 @@ def _cmd_export(args, argv: list[str]) -> int:
 
 
 def _add_plan_parser(sub) -> None:
+    from llama_export.config import Precision
+
     p = sub.add_parser(
         "plan",
         help="per-rank sizes of an export, from the config alone (no weights read)",
@@ -387,9 +389,9 @@ def _add_plan_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder")
     src.add_argument("--config", type=Path, help="a params.json (Meta) or config.json (HF) on its own")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--tp", type=int_in(1, MAX_TP), default=1, help="tensor-parallel degree")
     _enum_arg(p, "--dtype", Precision, default=Precision.FP16, help="graph dtype (default: fp16)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: the config's)")
+    p.add_argument("--max-seq-len", type=int_in(2, MAX_TOKENS), default=None, help="context limit (default: the config's)")
     p.add_argument("--memory-limit", type=_parse_bytes, help="refuse when a rank needs more, e.g. 80GiB or 24GB")
     p.add_argument("--no-progress", action="store_true", help="no progress line while tracing")
     p.set_defaults(func=_cmd_plan)
@@ -413,6 +415,8 @@ def _cmd_plan(args, argv: list[str]) -> int:
     from llama_export.model.checkpoint import load_config
     from llama_export.progress import activity
 
+    if args.config is not None and not args.config.is_file():
+        raise InputError(f"--config {args.config} is not a file; pass a params.json (Meta) or config.json (HF)")
     cfg = load_config(args.checkpoint or args.config, max_seq_len=args.max_seq_len)
     with activity(f"tracing two {cfg.dim}-wide layers at tp={args.tp}", enabled=not args.no_progress):
         plan = plan_export(cfg, tp=args.tp, dtype=args.dtype)
