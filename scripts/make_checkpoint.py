@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from llama_export.config import ModelConfig, load_json  # noqa: E402
+from llama_export.config import ModelConfig  # noqa: E402
 from llama_export.files import staged_dir  # noqa: E402
 from llama_export.model.checkpoint import expected_shapes  # noqa: E402
 from llama_export.model.hf_format import hf_name, interleaved_to_rotate_half  # noqa: E402
@@ -269,7 +269,7 @@ def _configs(args) -> tuple[dict | None, dict | None, int, bool]:
     if args.preset:
         hf, params, shards = PRESETS[args.preset]
         return hf, params, shards, hf["tie_word_embeddings"]
-    raw = load_json(args.config)
+    raw = json.loads(args.config.read_text(encoding="utf-8"))
     if "hidden_size" in raw:
         return raw, None, 1, bool(raw.get("tie_word_embeddings"))
     return None, raw, 1, args.tied
