@@ -24,7 +24,7 @@ from llama_export.errors import ConfigError
 from llama_export.export.exporter import rank_graph, segment_kinds
 from llama_export.export.passes.partition import partition
 from llama_export.model.checkpoint import expected_shapes
-from llama_export.parallel.plan import check_tp, valid_tp_degrees
+from llama_export.parallel.plan import check_tp, model_parameter_names, valid_tp_degrees
 
 GiB = 1 << 30
 # The export memory target: at most this plus twice the largest weight tensor of the rank.
@@ -69,7 +69,7 @@ class ExportPlan:
     @property
     def weight_bytes(self) -> int:
         """Bytes of one rank's parameter slices (without the RoPE tables and the trace's shape constants)."""
-        params = expected_shapes(self.cfg)
+        params = set(model_parameter_names(list(expected_shapes(self.cfg))))  # packed wqkv / w13 included
         return sum(t.nbytes for s in self.segments for t in s.tensors if t.name in params)
 
     @property
