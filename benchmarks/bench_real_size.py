@@ -104,12 +104,12 @@ def _ort_rank(args: dict) -> dict:
     be = OrtBackend(m, root, rank=rank, device=torch.device("cpu"))
     opened = time.perf_counter() - t0
     step = segmented_step(m, be, comm=_StandInComm(rank, m.tp))
-    keys, values = empty_cache(m, rank, 1, device=torch.device("cpu"))
+    keys, values = empty_cache(m, rank, 1, 16, device=torch.device("cpu"))  # a 16-token KV cache
     tokens = torch.randint(0, m.model.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        logits, keys, values = step(tokens, keys, values)
-        logits, _, _ = step(logits.argmax(-1, keepdim=True), keys, values)
+    with torch.inference_mode():  # prefill of 8 tokens at position 0, then one decode step at position 8
+        logits, keys, values = step(tokens, torch.tensor([0]), torch.tensor([8]), keys, values)
+        logits, _, _ = step(logits.argmax(-1, keepdim=True), torch.tensor([8]), torch.tensor([1]), keys, values)
     ran = time.perf_counter() - t0
     return {"sessions": len(be.sessions), "verify_s": verified, "open_s": opened, "run_s": ran,
             "finite": bool(torch.isfinite(logits).all())}
