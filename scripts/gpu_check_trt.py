@@ -3,10 +3,13 @@
 
     PYTHONPATH=. python scripts/gpu_check_trt.py [--quick] [--json report.json]
 
-1. Triton JIT kernels vs the torch references (fp32/fp16/bf16, RoPE interleaved and rotate-half).
+1. Triton JIT kernels vs the torch references (fp32/fp16/bf16, RoPE interleaved and rotate-half). RoPE
+   is the graph contract's v2: the model's full tables [P, D/2] and a ragged int64 `start` per row;
+   a row whose positions run past the table must come out NaN, not read beyond it.
 2. The AOT PTX (sm_80 and, on Hopper, sm_90) loaded through the CUDA driver (ctypes on libcuda) and
    launched exactly as the plugin's aot_impl describes it: grid, block, shared memory, int32 extra
-   args between the input and output pointers, nothing else (the entry declares exactly those).
+   args between the input and output pointers, nothing else (the entry declares exactly those; RoPE:
+   x, cos, sin, start, then S and P, then y).
 3. Timing of each kernel vs the torch reference (ratio > 1: the kernel is faster).
 Exit status: 0 all passed, 1 a check failed, 2 no GPU.
 """
@@ -114,12 +117,17 @@ def main(argv: list[str] | None = None) -> int:
         return (torch.randn(shape, generator=g, device=dev).to(dtype),
                 (torch.rand(shape[-1], generator=g, device=dev) + 0.5).to(dtype))
 
-    def rope_inputs(shape, dt):
+    def rope_inputs(shape, dt, table_rows=None):
+        """x, the model's tables cos/sin [P, D/2] (P = S + 40 unless given) and a ragged start [B] whose
+        last row reaches the table's last position."""
+        b, seq, _, d = shape
+        rows = table_rows or seq + 40
         x = torch.randn(shape, generator=g, device=dev).to(getattr(torch, dt))
-        half = shape[3] // 2
+        half = d // 2
         inv = 1.0 / (10000.0 ** (torch.arange(half, device=dev, dtype=torch.float32) / half))
-        ang = torch.outer(torch.arange(3, 3 + shape[1], device=dev, dtype=torch.float32), inv)
-        return x, ang.cos().contiguous(), ang.sin().contiguous()
+        ang = torch.outer(torch.arange(rows, device=dev, dtype=torch.float32), inv)
+        start = torch.tensor([(7 * i) % (rows - seq) for i in range(b - 1)] + [rows - seq], device=dev)
+        return x, ang.cos().contiguous(), ang.sin().contiguous(), start
 
     # 1. Triton JIT vs reference ------------------------------------------------------------------
     for dt in dtypes:
@@ -131,9 +139,20 @@ def main(argv: list[str] | None = None) -> int:
         for shape in rope_shapes:
             for il in (True, False):
                 def jit_rope(shape=shape, dt=dt, il=il):
-                    x, c, s = rope_inputs(shape, dt)
-                    return _compare(kernels.rope(x, c, s, il), rope_reference(x, c, s, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device), il), dt)  # kernel: v1 rows
+                    x, c, s, st = rope_inputs(shape, dt)
+                    return _compare(kernels.rope(x, c, s, st, il), rope_reference(x, c, s, st, il), dt)
                 rep.check(f"jit rope {dt} {list(shape)} {'interleaved' if il else 'rotate_half'}", jit_rope)
+
+    def rope_outside_table():
+        x, c, s, _ = rope_inputs((2, 3, 2, 64), "float32", table_rows=8)
+        st = torch.tensor([5, 6], device=dev)  # row 1 reaches position 8 = P: outside the table
+        y = kernels.rope(x, c, s, st, True)
+        torch.cuda.synchronize()
+        nan = torch.full((1, c.shape[1]), float("nan"), device=dev)
+        want = rope_reference(x, torch.cat([c, nan]), torch.cat([s, nan]), st, True)
+        ok = bool(torch.allclose(y, want, atol=1e-5, rtol=1e-5, equal_nan=True))
+        return {"ok": ok and int(y.isnan().flatten(2).any(-1).sum()) == 1}
+    rep.check("jit rope position outside the table -> NaN", rope_outside_table)
 
     # 2. AOT PTX through the driver, launched as the plugin describes ------------------------------
     archs = [a for a in aot.ARCHS if a <= 10 * cc[0] + cc[1]]
@@ -166,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             rep.check(f"ptx sm_{arch} rms_norm {dt}", aot_rms)
             for il in (True, False):
                 def aot_rope(arch=arch, dt=dt, il=il):
-                    shape = (2, 7, 8, 128)
-                    x, c, s = rope_inputs(shape, dt)
+                    shape = (3, 7, 8, 128)
+                    x, c, s, st = rope_inputs(shape, dt)
                     y = torch.empty_like(x)
-                    info = run_ptx(kernels.rope_launch(shape, kernels.TRITON_DTYPES[x.dtype], il), arch, (x, c, s), (y,))
-                    return {**_compare(y, rope_reference(x, c, s, il), dt), **info}
+                    plan = kernels.rope_launch(shape, kernels.TRITON_DTYPES[x.dtype], il, c.shape[0])
+                    info = run_ptx(plan, arch, (x, c, s, st), (y,))
+                    return {**_compare(y, rope_reference(x, c, s, st, il), dt), **info}
                 rep.check(f"ptx sm_{arch} rope {dt} {'interleaved' if il else 'rotate_half'}", aot_rope)
 
     # 3. Timing ------------------------------------------------------------------------------------
@@ -195,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         rep.check(f"time rms_norm {dt} [8,512,4096]", time_rms)
         for il in (True, False):
             def time_rope(dt=dt, il=il):
-                x, c, s = rope_inputs((8, 512, 32, 128), dt)
-                t_k = bench(lambda: kernels.rope(x, c, s, il), iters)
-                t_r = bench(lambda: rope_reference(x, c, s, il), iters)
+                x, c, s, st = rope_inputs((8, 512, 32, 128), dt, table_rows=4096)
+                t_k = bench(lambda: kernels.rope(x, c, s, st, il), iters)
+                t_r = bench(lambda: rope_reference(x, c, s, st, il), iters)
                 return {"ok": True, "triton_us": f"{t_k:.1f}", "torch_us": f"{t_r:.1f}", "speedup": f"{t_r / t_k:.2f}"}
             rep.check(f"time rope {dt} [8,512,32,128] {'interleaved' if il else 'rotate_half'}", time_rope)
 

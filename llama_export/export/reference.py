@@ -76,8 +76,11 @@ def rope_as_rotary_embedding(node: ir.Node, op: Emit) -> ir.Value:
     return op.cast(op("Reshape", [y3, op("Shape", [x])]), x.dtype)
 
 
-def attention(node: ir.Node, op: Emit) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """The Attention node as TensorScatter + opset-24 Attention (see the module docstring)."""
+def attention(node: ir.Node, op: Emit, *, fp32_softmax: bool = True) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """The Attention node as TensorScatter + opset-24 Attention (see the module docstring).
+
+    `fp32_softmax=False` leaves out `softmax_precision` (the softmax then runs at the runtime's own
+    precision): TensorRT's ONNX parser rejects a node that sets it (`backends/tensorrt/lowering.py`)."""
     q, k, v, past_key, past_value, start, _lengths = node.inputs
     bnsh = [0, 2, 1, 3]
     present_key = op("TensorScatter", [past_key, op("Transpose", [k], perm=bnsh), start], axis=2)
@@ -85,8 +88,8 @@ def attention(node: ir.Node, op: Emit) -> tuple[ir.Value, ir.Value, ir.Value]:
     pos = op.positions(q, start)  # [B, S]
     slots = op("Range", [op.scalar(0), op.dim(past_key, 2), op.scalar(1)])  # [C]
     mask = op("LessOrEqual", [op("Unsqueeze", [slots, op.i64([0, 1, 2])]), op("Unsqueeze", [pos, op.i64([1, 3])])])
-    y = op("Attention", [op("Transpose", [q], perm=bnsh), present_key, present_value, mask],
-           softmax_precision=int(ir.DataType.FLOAT))
+    precision = {"softmax_precision": int(ir.DataType.FLOAT)} if fp32_softmax else {}
+    y = op("Attention", [op("Transpose", [q], perm=bnsh), present_key, present_value, mask], **precision)
     return op("Reshape", [op("Transpose", [y], perm=bnsh), op.i64([0, 0, -1])]), present_key, present_value
 
 

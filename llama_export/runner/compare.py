@@ -54,7 +54,7 @@ from llama_export.progress import activity, count_bar
 from llama_export.runner import polygraphy_data
 from llama_export.runner.diff import TOLERANCES, Comparison, TensorDiff
 from llama_export.runner.generate import generate, validate_prompt
-from llama_export.runner.stitch import empty_cache, segmented_step
+from llama_export.runner.stitch import backend_capacity, empty_cache, segmented_step
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
                           extra_outputs=extra, exact=True)
         cur: dict[int, dict[str, Tensor]] = {}
         step = segmented_step(manifest, be, comm=comm, hook=lambda k, env: cur.__setitem__(k, dict(env)))
-        bk, bv = empty_cache(manifest, rank, bsz, capacity, device=be.device)
+        bk, bv = empty_cache(manifest, rank, bsz, backend_capacity(backend, manifest, capacity), device=be.device)
         if model is not None:
             ek, ev = model.empty_cache(bsz, capacity)
         backend_logits, eager_logits, seg_diffs, tokens = [], [], [], prompt

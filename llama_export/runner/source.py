@@ -93,7 +93,7 @@ class ModelSource:
                                 dtype=self.dtype.torch_dtype, device=device, weights=self.weights)
             step: StepFn = model
             return step, model.empty_cache, model.cfg
-        from llama_export.runner.stitch import empty_cache, segmented_step
+        from llama_export.runner.stitch import backend_capacity, empty_cache, segmented_step
 
         manifest = self.manifest(verify_hashes=False)
         if self.backend is Backend.ORT:  # trt engine directories carry no file hashes
@@ -105,8 +105,7 @@ class ModelSource:
         step = segmented_step(manifest, backend, comm=comm)
 
         def make_cache(batch: int, capacity: int):
-            if self.backend is Backend.TENSORRT:  # engines hold a static cache length (tensorrt/profiles.py)
-                capacity = manifest.model.max_seq_len
+            capacity = backend_capacity(self.backend, manifest, capacity)
             return empty_cache(manifest, comm.rank, batch, capacity, device=backend.device)
 
         return step, make_cache, manifest.model

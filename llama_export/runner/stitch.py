@@ -20,6 +20,7 @@ from llama_export import dtypes
 from llama_export.artifact import schema
 from llama_export.artifact.manifest import Manifest
 from llama_export.backends.base import RankBackend
+from llama_export.config import Backend
 from llama_export.parallel.comm import Communicator
 from llama_export.runner.generate import StepFn
 
@@ -67,3 +68,10 @@ def empty_cache(manifest: Manifest, rank: int, batch: int, capacity: int, *,
     n = manifest.model.n_layers
     return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
             [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)])
+
+
+def backend_capacity(backend: Backend, manifest: Manifest, capacity: int) -> int:
+    """The KV cache capacity to allocate for `backend` when `capacity` slots per row are enough: TensorRT
+    engines take one static length, the model's max_seq_len (`backends/tensorrt/profiles.py`); the other
+    backends take `capacity`."""
+    return manifest.model.max_seq_len if backend is Backend.TENSORRT else capacity

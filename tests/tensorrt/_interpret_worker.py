@@ -11,7 +11,8 @@ import os
 import sys
 import zlib
 
-# (op, dtype, shape, interleaved): small shapes, the interpreter is slow.
+# (op, dtype, shape, interleaved): small shapes, the interpreter is slow. RoPE rows start at ragged
+# positions (ROPE_STARTS) in tables of ROPE_TABLE rows, the last row of the table included.
 CASES: list[tuple[str, str, tuple[int, ...], bool]] = [
     (op, dt, shape, il)
     for dt in ("float32", "float16")
@@ -20,9 +21,11 @@ CASES: list[tuple[str, str, tuple[int, ...], bool]] = [
         ("rms_norm", (2, 3, 128), False),
         ("rms_norm", (2, 5, 96), False),
         ("rms_norm", (3, 40), False),
-        *[("rope", s, il) for s in [(2, 1, 2, 64), (2, 3, 2, 128), (2, 4, 3, 96), (1, 2, 1, 6)] for il in (True, False)],
+        *[("rope", s, il) for s in [(2, 1, 2, 64), (3, 3, 2, 128), (2, 4, 3, 96), (1, 2, 1, 6)] for il in (True, False)],
     ]
 ]
+ROPE_STARTS = (0, 9, 4)  # start[b] for row b (the first B of them)
+ROPE_TABLE = 13  # table rows P; row 1 of the 4-token case reaches position 9 + 4 - 1 = 12 = P - 1
 TOLERANCES = {"float32": 1e-5, "float16": 2e-3}  # atol = rtol
 
 
@@ -51,14 +54,12 @@ def main() -> int:
             w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
             got, want = kernels.rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5)
         else:
-            seq, half = shape[1], shape[3] // 2
-            past = 3  # rows are absolute positions past .. past + seq - 1
+            half = shape[3] // 2
             inv = 1.0 / (10000.0 ** (torch.arange(half, dtype=torch.float32) / half))
-            ang = torch.outer(torch.arange(past, past + seq, dtype=torch.float32), inv)
-            # The kernel takes the rows of the step's positions ([S, D/2]): the reference at start 0 with
-            # those rows as its table.
-            start = torch.zeros(shape[0], dtype=torch.int64)
-            got, want = kernels.rope(x, ang.cos(), ang.sin(), il), rope_reference(x, ang.cos(), ang.sin(), start, il)
+            ang = torch.outer(torch.arange(ROPE_TABLE, dtype=torch.float32), inv)  # the model's tables [P, D/2]
+            start = torch.tensor(ROPE_STARTS[: shape[0]], dtype=torch.int64)
+            got = kernels.rope(x, ang.cos(), ang.sin(), start, il)
+            want = rope_reference(x, ang.cos(), ang.sin(), start, il)
         tol = TOLERANCES[dt]
         err = (got.float() - want.float()).abs()
         bound = tol + tol * want.float().abs()
@@ -67,8 +68,22 @@ def main() -> int:
             "max_abs": float(err.max()),
             "dtype_ok": got.dtype == want.dtype and got.shape == want.shape,
         }
+    results["rope-outside-table"] = _outside_table(torch, kernels, rope_reference)
     print(json.dumps(results))
     return 0
+
+
+def _outside_table(torch, kernels, rope_reference) -> dict[str, object]:
+    """A row whose positions run past the table (start[b] + S > P, which the contract forbids): its
+    positions inside the table are right, the one outside is NaN (never read from beyond the table)."""
+    x = torch.randn(2, 3, 2, 16)
+    ang = torch.rand(8, 8) * 6
+    start = torch.tensor([5, 6])  # row 0: positions 5..7 fit P = 8; row 1: 6..8 does not
+    nan = torch.full((1, 8), float("nan"))  # the reference with a NaN 9th row: what the kernel promises
+    want = rope_reference(x, torch.cat([ang.cos(), nan]), torch.cat([ang.sin(), nan]), start, True)
+    got = kernels.rope(x, ang.cos(), ang.sin(), start, True)
+    return {"match": bool(torch.allclose(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)),
+            "nan_tokens": int(got.isnan().flatten(2).any(-1).sum())}
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ from onnx import TensorProto, helper, numpy_helper
 from llama_export.artifact import schema
 
 
-def attention_like_segment(layer: int, *, seed: int, d: int = 8, heads: int = 2, fn: bool = True) -> onnx.ModelProto:
-    """x[batch, seq, d] -> RMSNorm -> MatMul(wq) -> Reshape -> RoPE(start) -> y[batch, seq, heads, d/heads].
+def attention_like_segment(layer: int, *, seed: int, d: int = 8, heads: int = 2, fn: bool = True,
+                           positions: int = 16) -> onnx.ModelProto:
+    """x[batch, seq, d] -> RMSNorm -> MatMul(wq) -> Reshape -> RoPE(cos, sin [positions, d/heads/2], start)
+    -> y[batch, seq, heads, d/heads].
 
     Initializer values depend on `seed`; the structure depends only on the sizes. With `fn`, an ONNX
     function named RMSNorm is attached (as an exporter might), which the lowering must remove.
@@ -33,8 +35,8 @@ def attention_like_segment(layer: int, *, seed: int, d: int = 8, heads: int = 2,
     graph = helper.make_graph(
         nodes, f"layer{layer}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", "seq", d]),
-         helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["seq", d // heads // 2]),
-         helper.make_tensor_value_info("sin", TensorProto.FLOAT, ["seq", d // heads // 2]),
+         helper.make_tensor_value_info("cos", TensorProto.FLOAT, [positions, d // heads // 2]),
+         helper.make_tensor_value_info("sin", TensorProto.FLOAT, [positions, d // heads // 2]),
          helper.make_tensor_value_info("start", TensorProto.INT64, ["batch"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", "seq", heads, d // heads])],
         inits,

@@ -18,18 +18,20 @@ import torch  # noqa: E402
 from llama_export.backends.tensorrt import aot, kernels  # noqa: E402
 
 # The parameters TensorRT's AOT launcher passes, in order: input pointers, int32 extra args, output
-# pointers (tensorrt.plugin.aot_impl). RMSNorm(x, weight) -> y; RoPE(x, cos, sin) -> y with `seq` as
-# its one extra arg. Written out here, not derived from the launch plans under test.
+# pointers (tensorrt.plugin.aot_impl). RMSNorm(x, weight) -> y; RoPE(x, cos, sin, start) -> y with the
+# sequence length S and the table rows P as its extra args. Written out here, not derived from the launch
+# plans under test.
 TENSORRT_LAUNCH = {
     "rms_norm_kernel": [".u64", ".u64", ".u64"],
-    "rope_kernel": [".u64", ".u64", ".u64", ".u32", ".u64"],
+    "rope_kernel": [".u64", ".u64", ".u64", ".u64", ".u32", ".u32", ".u64"],
 }
 
 PLANS = {
     "rms_norm-fp16": kernels.rms_norm_launch((2, 3, 96), "fp16", 1e-5),
     "rms_norm-bf16-4096": kernels.rms_norm_launch((2, 3, 4096), "bf16", 1e-6),
-    "rope-fp32-interleaved": kernels.rope_launch((2, 3, 4, 128), "fp32", True),
-    "rope-fp16-rotate_half": kernels.rope_launch((2, 3, 4, 64), "fp16", False),
+    "rope-fp32-interleaved": kernels.rope_launch((2, 3, 4, 128), "fp32", True, 64),
+    "rope-fp16-rotate_half": kernels.rope_launch((2, 3, 4, 64), "fp16", False, 64),
+    "rope-bf16-interleaved": kernels.rope_launch((2, 3, 8, 128), "bf16", True, 4096),
 }
 
 
@@ -50,7 +52,7 @@ def test_compiles_to_ptx_for_target(name: str, arch: int) -> None:
 
 
 @pytest.mark.parametrize("arch", aot.ARCHS)
-@pytest.mark.parametrize("name", ["rms_norm-bf16-4096", "rope-fp32-interleaved"])
+@pytest.mark.parametrize("name", ["rms_norm-bf16-4096", "rope-fp32-interleaved", "rope-bf16-interleaved"])
 def test_rewritten_ptx_assembles(name: str, arch: int, tmp_path: Path) -> None:
     """The PTX with its trailing parameters removed is valid: the ptxas Triton itself uses accepts it."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -119,10 +121,10 @@ def test_python_launch_equals_aot_description(monkeypatch, which: str) -> None:
         kernels.rms_norm(x, w, 1e-5)
         plan = kernels.rms_norm_launch((2, 3, 96), "fp16", 1e-5)
     else:
-        x, cs = torch.zeros(2, 3, 4, 64, dtype=torch.float16), torch.zeros(3, 32)
+        x, cs = torch.zeros(2, 3, 4, 64, dtype=torch.float16), torch.zeros(10, 32)
         monkeypatch.setitem(kernels.KERNELS, "rope_kernel", rec)
-        kernels.rope(x, cs, cs, False)
-        plan = kernels.rope_launch((2, 3, 4, 64), "fp16", False)
+        kernels.rope(x, cs, cs, torch.tensor([0, 7]), False)
+        plan = kernels.rope_launch((2, 3, 4, 64), "fp16", False, 10)
     (grid, args, kw), = rec.calls
     monkeypatch.undo()  # compile the real kernel
     k = aot.compile_plan(plan, arch=90)
@@ -133,7 +135,8 @@ def test_python_launch_equals_aot_description(monkeypatch, which: str) -> None:
     assert tuple(args[n_in:n_in + len(k.scalars)]) == tuple(v for _, v in k.scalars)
     assert len(args) == k.n_inputs + len(k.scalars) + k.n_outputs == len(aot.entry_params(k.ptx, k.name))
     if which == "rope":
-        assert k.scalars == (("seq", 3),) and grid == (2 * 3 * 4, 1, 1)
+        assert k.scalars == (("seq", 3), ("n_pos", 10)) and grid == (2 * 3 * 4, 1, 1)
+        assert args[3].dtype == torch.int64 and args[3].tolist() == [0, 7]  # start, the 4th pointer
 
 
 def test_symbolic_sizes_only_use_multiplication() -> None:
@@ -144,6 +147,14 @@ def test_symbolic_sizes_only_use_multiplication() -> None:
         def __mul__(self, o):
             return Sym(f"({self.s}*{o.s if isinstance(o, Sym) else o})")
 
-    plan = kernels.rope_launch((Sym("B"), Sym("S"), 4, 64), "fp16", True)
-    assert plan.grid[0].s == "((B*S)*4)" and plan.scalars[0][1].s == "S"
+    plan = kernels.rope_launch((Sym("B"), Sym("S"), 4, 64), "fp16", True, Sym("P"))
+    assert plan.grid[0].s == "((B*S)*4)" and [v.s for _, v in plan.scalars] == ["S", "P"]
     assert kernels.rms_norm_launch((Sym("B"), Sym("S"), 96), "fp32", 1e-5).grid[0].s == "(B*S)"
+
+
+def test_rope_rejects_a_wrong_start() -> None:
+    x, cs = torch.zeros(2, 3, 4, 64), torch.zeros(10, 32)
+    with pytest.raises(ValueError, match=r"start \[2\] int64"):
+        kernels.rope(x, cs, cs, torch.tensor([0, 7], dtype=torch.int32), True)
+    with pytest.raises(ValueError, match="cos/sin"):
+        kernels.rope(x, cs[:, :16], cs[:, :16], torch.tensor([0, 7]), True)

@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _export_dir(tmp_path: Path, n_layers: int = 3) -> tuple[Path, Manifest]:
     """An export directory of layer segments built by hand (no exporter needed)."""
-    specs_in = (TensorSpec("x", "float16", ("batch", "seq", 8)), TensorSpec("cos", "float32", ("seq", 2)),
-                TensorSpec("sin", "float32", ("seq", 2)), TensorSpec("start", "int64", ("batch",)))
+    specs_in = (TensorSpec("x", "float16", ("batch", "seq", 8)), TensorSpec("cos", "float32", (16, 2)),
+                TensorSpec("sin", "float32", (16, 2)), TensorSpec("start", "int64", ("batch",)))
     specs_out = (TensorSpec("y", "float16", ("batch", "seq", 2, 4)),)
     segs = []
     (tmp_path / "rank0").mkdir()
@@ -174,6 +174,15 @@ def test_a_rejected_empty_timing_cache_is_an_error(tmp_path: Path) -> None:
         b.attach_timing_cache(trt.Builder(None).create_builder_config())
 
 
+def test_tensorrt_caches_are_allocated_at_the_engines_static_capacity(tmp_path: Path) -> None:
+    from llama_export.config import Backend
+    from llama_export.runner.stitch import backend_capacity
+
+    _, m = _export_dir(tmp_path)
+    assert backend_capacity(Backend.TENSORRT, m, 5) == m.model.max_seq_len == 16  # the profiles' pinned capacity
+    assert backend_capacity(Backend.ORT, m, 5) == 5
+
+
 def test_importing_never_imports_tensorrt_or_triton() -> None:
     code = ("import sys, llama_export, llama_export.backends.tensorrt as t, llama_export.backends.tensorrt.kernels;"
             "import llama_export.backends.tensorrt.plugins, llama_export.backends.tensorrt.build;"
@@ -196,10 +205,10 @@ def test_build_and_run_refits_identical_layers(tmp_path: Path) -> None:
     doc = json.loads((out / build.BUILD_MANIFEST).read_text())
     assert (doc["engines_built"], doc["engines_refit"]) == (1, 2)
     x = torch.randn(2, 3, 8, dtype=torch.float16, device="cuda")
-    ang = torch.randn(3, 2, device="cuda")
+    ang = torch.randn(16, 2, device="cuda")  # the tables' 16 positions (graphs.attention_like_segment)
     with TensorRTBackend(out, 0, "cuda") as be:
         for k in range(3):
-            start = torch.zeros(2, dtype=torch.int64, device="cuda")
+            start = torch.tensor([0, 7 + k], dtype=torch.int64, device="cuda")  # ragged rows
             got = be.run_segment(k, {"x": x, "cos": ang.cos(), "sin": ang.sin(), "start": start})["y"]
             g = attention_like_segment(k, seed=k).graph
             w, wq = (torch.from_numpy(onnx.numpy_helper.to_array(t).copy()).cuda() for t in g.initializer[:2])

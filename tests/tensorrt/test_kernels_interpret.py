@@ -1,4 +1,5 @@
-"""Triton kernels vs the torch references, on CPU through Triton's interpreter (in a subprocess)."""
+"""Triton kernels vs the torch references, on CPU through Triton's interpreter (in a subprocess): RMSNorm,
+and RoPE (contract v2: full tables, ragged per-row `start`) in both layouts, fp32 and fp16."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def test_kernel_matches_reference(interpreted_results, case) -> None:
     assert r["dtype_ok"]
     # ratio = max |got - want| / (tol + tol * |want|); <= 1 means within atol = rtol = tol
     assert r["ratio"] <= 1.0, f"{case_id(case)}: max abs error {r['max_abs']:.3g}"
+
+
+def test_rope_positions_outside_the_table_are_nan_not_read(interpreted_results) -> None:
+    r = interpreted_results["rope-outside-table"]
+    assert r == {"match": True, "nan_tokens": 1}
 
 
 def test_kernels_in_this_process_stay_compilable(interpreted_results) -> None:

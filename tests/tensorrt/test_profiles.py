@@ -13,6 +13,7 @@ INPUTS = (
     TensorSpec("past_key_0", "float16", ("batch", 2, "capacity", 16)),
     TensorSpec("cache_lengths", "int64", ("batch",)),
     TensorSpec("window", "float16", ("batch", 1, "seq", "capacity - seq")),
+    TensorSpec("token_lengths", "int64", ("batch",)),
 )
 
 
@@ -22,7 +23,8 @@ def test_prefill_and_decode_profiles() -> None:
     assert prefill.shapes["tokens"] == ((1, 1), (4, 32), (4, 64))
     # the cache capacity is pinned to max_seq_len in both profiles
     assert prefill.shapes["past_key_0"] == ((1, 2, 64, 16), (4, 2, 64, 16), (4, 2, 64, 16))
-    assert prefill.shapes["cache_lengths"] == ((1,), (4,), (4,))
+    assert prefill.shapes["cache_lengths"] == prefill.shapes["token_lengths"] == ((1,), (4,), (4,))
+    assert decode.shapes["cache_lengths"] == decode.shapes["token_lengths"] == ((1,), (4,), (4,))
     assert prefill.shapes["window"] == ((1, 1, 1, 63), (4, 1, 32, 32), (4, 1, 64, 0))
     assert decode.shapes["tokens"] == ((1, 1), (4, 1), (4, 1))
     assert decode.shapes["past_key_0"] == prefill.shapes["past_key_0"]

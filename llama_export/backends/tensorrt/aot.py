@@ -18,11 +18,13 @@ sm_80 / sm_90 in the tests.
     .entry rope_kernel(                          .entry rope_kernel(
         .param .u64 .ptr .global ..._param_0,        .param .u64 .ptr .global ..._param_0,  x
         .param .u64 .ptr .global ..._param_1,        .param .u64 .ptr .global ..._param_1,  cos
-        .param .u64 .ptr .global ..._param_2,  ─►    .param .u64 .ptr .global ..._param_2,  sin
-        .param .u32 ..._param_3,                     .param .u32 ..._param_3,               seq
-        .param .u64 .ptr .global ..._param_4,        .param .u64 .ptr .global ..._param_4   y
-        .param .u64 .ptr .global ..._param_5,    )
-        .param .u64 .ptr .global ..._param_6
+        .param .u64 .ptr .global ..._param_2,        .param .u64 .ptr .global ..._param_2,  sin
+        .param .u64 .ptr .global ..._param_3,  ─►    .param .u64 .ptr .global ..._param_3,  start
+        .param .u32 ..._param_4,                     .param .u32 ..._param_4,               seq
+        .param .u32 ..._param_5,                     .param .u32 ..._param_5,               n_pos
+        .param .u64 .ptr .global ..._param_6,        .param .u64 .ptr .global ..._param_6   y
+        .param .u64 .ptr .global ..._param_7,    )
+        .param .u64 .ptr .global ..._param_8
     )
 """
 

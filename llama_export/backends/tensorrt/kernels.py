@@ -6,9 +6,12 @@ Semantics are those of `llama_export.artifact.schema` (references: `llama_export
              one program per row of D elements; sum of squares accumulated in fp32;
              y = (x * rsqrt(mean(x²) + eps)).to(x.dtype) * weight
 
-    RoPE     x [B, S, H, D] contiguous, cos/sin [S, D/2] fp32 contiguous, y like x
-             one program per (b, s, h) row of D elements, position s = (row // H) % S;
-             pairs (2i, 2i+1) when interleaved, (i, i + D/2) otherwise (rotate-half); fp32 math
+    RoPE     x [B, S, H, D] contiguous, cos/sin [P, D/2] fp32 contiguous (the model's tables), start [B]
+             int64, y like x
+             one program per (b, s, h) row of D elements: b = row // (S*H), s = (row // H) % S, rotated
+             by table row start[b] + s; pairs (2i, 2i+1) when interleaved, (i, i + D/2) otherwise
+             (rotate-half); fp32 math. A position outside [0, P) (which the contract forbids:
+             start[b] + S <= capacity <= P) is never read: that row's output is NaN.
 
 Kernel parameter order is (input pointers..., int32 scalars..., output pointers..., constexprs): that is
 the order TensorRT's AOT plugin path passes arguments (inputs, then `extra_args`, then outputs; TensorRT
@@ -38,6 +41,7 @@ from llama_export import dtypes
 # torch dtype -> Triton pointer element spelling (also used for the AOT signature): the Precision values.
 TRITON_DTYPES: dict[torch.dtype, str] = {d.torch: d.precision for d in dtypes.FLOAT_TYPES if d.precision}
 SUPPORTED = tuple(TRITON_DTYPES.values())
+START_DTYPE = "i64"  # RoPE's start [B]: int64, as the graph contract has it (TensorRT plugins take INT64 I/O)
 
 
 @triton.jit
@@ -58,7 +62,9 @@ def rope_kernel(
     x_ptr,
     cos_ptr,
     sin_ptr,
+    start_ptr,
     seq,
+    n_pos,
     y_ptr,
     H: tl.constexpr,
     HALF: tl.constexpr,
@@ -66,7 +72,9 @@ def rope_kernel(
     INTERLEAVED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row = (b * S + s) * H + h
-    pos = (row // H) % seq
+    bs = row // H
+    pos = tl.load(start_ptr + bs // seq) + bs % seq  # start[b] + s (int64)
+    in_table = (pos >= 0) & (pos < n_pos)
     i = tl.arange(0, BLOCK_HALF)
     mask = i < HALF
     if INTERLEAVED:  # Meta: pairs (2i, 2i+1)
@@ -78,8 +86,9 @@ def rope_kernel(
     base = row * (2 * HALF)
     a = tl.load(x_ptr + base + a_off, mask=mask, other=0.0)
     b = tl.load(x_ptr + base + b_off, mask=mask, other=0.0)
-    c = tl.load(cos_ptr + pos * HALF + i, mask=mask, other=0.0)
-    s = tl.load(sin_ptr + pos * HALF + i, mask=mask, other=0.0)
+    row_ptr = tl.where(in_table, pos, 0) * HALF + i  # row 0 stands in for a position outside the table
+    c = tl.where(in_table, tl.load(cos_ptr + row_ptr, mask=mask, other=0.0), float("nan"))
+    s = tl.where(in_table, tl.load(sin_ptr + row_ptr, mask=mask, other=0.0), float("nan"))
     af = a.to(tl.float32)
     bf = b.to(tl.float32)
     tl.store(y_ptr + base + a_off, (af * c - bf * s).to(a.dtype), mask=mask)
@@ -156,8 +165,9 @@ def rms_norm_launch(shape: Sequence[Any], dtype: str, eps: float) -> LaunchPlan:
     )
 
 
-def rope_launch(shape: Sequence[Any], dtype: str, interleaved: bool) -> LaunchPlan:
-    """Launch plan for RoPE over x of `shape` [B, S, H, D] (H and D concrete ints, D even)."""
+def rope_launch(shape: Sequence[Any], dtype: str, interleaved: bool, table_rows: Any) -> LaunchPlan:
+    """Launch plan for RoPE over x of `shape` [B, S, H, D] (H and D concrete ints, D even) with tables of
+    `table_rows` positions (P; may be symbolic)."""
     _check_dtype(dtype)
     if len(shape) != 4:
         raise ValueError(f"RoPE takes x as [batch, seq, heads, head_dim], got rank {len(shape)}")
@@ -170,8 +180,8 @@ def rope_launch(shape: Sequence[Any], dtype: str, interleaved: bool) -> LaunchPl
         kernel="rope_kernel",
         grid=(_product((b, s, h)), 1, 1),
         num_warps=_num_warps(block),
-        inputs=(("x_ptr", dtype), ("cos_ptr", "fp32"), ("sin_ptr", "fp32")),
-        scalars=(("seq", s),),
+        inputs=(("x_ptr", dtype), ("cos_ptr", "fp32"), ("sin_ptr", "fp32"), ("start_ptr", START_DTYPE)),
+        scalars=(("seq", s), ("n_pos", table_rows)),
         outputs=(("y_ptr", dtype),),
         constexprs={"H": h, "HALF": half, "BLOCK_HALF": block, "INTERLEAVED": bool(interleaved)},
     )
@@ -202,15 +212,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, *, out: Tensor | None = None
     return y
 
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, *, out: Tensor | None = None) -> Tensor:
-    """RoPE of x [B, S, H, D] with cos/sin [S, D/2] fp32, like `rope_reference`."""
-    if x.dim() != 4 or cos.shape != (x.shape[1], x.shape[3] // 2) or cos.shape != sin.shape:
+def rope(x: Tensor, cos: Tensor, sin: Tensor, start: Tensor, interleaved: bool, *,
+         out: Tensor | None = None) -> Tensor:
+    """RoPE of x [B, S, H, D] with cos/sin [P, D/2] fp32 and start [B] int64, like `rope_reference`."""
+    if x.dim() != 4 or cos.dim() != 2 or cos.shape[1] != x.shape[3] // 2 or cos.shape != sin.shape:
         raise ValueError(
-            f"RoPE wants x [B, S, H, D] and cos/sin [S, D/2]; got {list(x.shape)}, {list(cos.shape)}, "
+            f"RoPE wants x [B, S, H, D] and cos/sin [P, D/2]; got {list(x.shape)}, {list(cos.shape)}, "
             f"{list(sin.shape)}"
         )
+    if start.shape != x.shape[:1] or start.dtype != torch.int64:
+        raise ValueError(f"RoPE wants start [{x.shape[0]}] int64, got {list(start.shape)} {start.dtype}")
     x = x.contiguous()
     y = torch.empty_like(x) if out is None else out
-    plan = rope_launch(tuple(x.shape), _dtype_name(x), interleaved)
-    launch(plan, (x, cos.float().contiguous(), sin.float().contiguous()), (y,))
+    plan = rope_launch(tuple(x.shape), _dtype_name(x), interleaved, cos.shape[0])
+    launch(plan, (x, cos.float().contiguous(), sin.float().contiguous(), start.contiguous()), (y,))
     return y

@@ -1,5 +1,6 @@
-"""Lower a segment for TensorRT: RMSNorm becomes a plugin node that TensorRT's ONNX parser binds; RoPE and
-Attention become the standard ONNX of TensorRT's own layers.
+"""Lower a segment for TensorRT: RMSNorm and RoPE become plugin nodes that TensorRT's ONNX parser binds to
+our `tensorrt.plugin` plugins (`plugins.py`); Attention becomes the standard ONNX that the parser maps to
+TensorRT's own KV-cache-update and attention layers.
 
 TensorRT's ONNX parser falls back to the plugin registry for an op it does not know, looking the plugin
 up by the node's op type, with the node's string attributes `plugin_version` and `plugin_namespace`
@@ -13,26 +14,36 @@ using the plugin, so the pass removes any such function.
     x ─► llama_export::RMSNorm(epsilon) ─► h       x ─► llama_export::RMSNorm(epsilon,
                                                            plugin_namespace="llama_export",
                                                            plugin_version="1") ─► h
+    x, cos, sin, start ─► llama_export::RoPE       x, cos, sin, start ─► llama_export::RoPE(interleaved,
+        (interleaved) ─► y                                 plugin_namespace, plugin_version) ─► y
     functions: [llama_export.RMSNorm, ...]         functions: []            (others kept)
 
     q, k, v, past_*, start, lengths ─► llama_export::Attention ─► y, present_*
-        ──►  TensorScatter(past_*, k/v, start) + Attention(opset 24)    (export/reference.py)
-    x, cos, sin, start ─► llama_export::RoPE ─► y
-        ──►  RotaryEmbedding(x, cos, sin, position_ids = start + Range(S))   (opset 23)
+        ──►  TensorScatter(past_*, k/v, start, axis=2) + Attention(opset 24, no softmax_precision)
+             (`export/reference.py`, `attention(fp32_softmax=False)`)
 
-Attention and RoPE become standard ONNX, which TensorRT's parser maps to its own layers (KVCacheUpdate
-for TensorScatter, writing the cache in place, the attention layer, and the rotary-embedding layer with
-position ids; TensorRT >= 10.15 per its documentation). The RoPE plugin (`plugins.py`) implements the
-contract-v1 RoPE (tables of the step's rows, the same for every batch row) and cannot express per-row
-positions, so v2 graphs do not use it. None of this was built or run here: TensorRT is not installable
-in this project's environment.
+What the parser accepts was read in onnx-tensorrt's source (`onnxOpImporters.cpp`, `onnxOpCheckers.cpp`,
+`docs/operators.md` of 10.15, the release that added TensorScatter and the newest source found; TensorRT
+11's parser source was not available, so these rules are assumed unchanged in 11.4):
+- TensorScatter: 4-D cache and update, `axis` -2 (a positive axis is normalised first, so 2 passes), mode
+  linear, `write_indices` cast to INT32 by the parser; it becomes IKVCacheUpdateLayer, whose cache must
+  be a network input with a static sequence length (profiles pin `capacity`) and whose output must be a
+  network output sharing the cache's memory (`present_*`; the runner binds it to `past_*`).
+- Attention: one output, 4-D Q/K/V and mask, no past_key/past_value inputs; its static checker rejects
+  `softcap` and any `softmax_precision` ("Setting softmax precision is not supported in TensorRT
+  Attention"), which is why this lowering leaves that attribute out (the reference decomposition sets it
+  to fp32). The boolean mask [B, 1, S, C] and GQA (KV heads dividing query heads) are what TensorRT's
+  IAttention documents. The softmax precision is then TensorRT's choice.
+- Plugin nodes: `start` stays int64 (TensorRT plugin I/O takes INT64; only BOOL and UINT8 are refused).
+None of this was parsed or built here: TensorRT's libraries cannot be installed in this environment.
 
 Other op types, domains, inputs, outputs, names and every other node are untouched. Collective markers
 (`AllReduce`, `AllGather`) are an error: a segment handed to a backend was already cut at them.
 
 Checking: `artifact.schema.check_model` (onnx.checker, full check) accepts the result: the
 `llama_export` schemas admit the two plugin attributes, so the lowered custom nodes are checked against
-their schema like the canonical ones.
+their schema like the canonical ones. `tests/tensorrt/test_lowering.py` runs lowered exports on ONNX
+Runtime (plugin nodes replaced by their reference decompositions) against the eager model.
 """
 
 from __future__ import annotations
@@ -46,11 +57,17 @@ from llama_export.artifact import schema
 from llama_export.errors import ArtifactError
 from llama_export.export import reference
 from llama_export.export.passes import Pass
-from llama_export.export.passes.rewrite import replace, require_opsets
+from llama_export.export.passes.rewrite import Emit, replace, require_opsets
 
-PLUGIN_OPS = (schema.RMS_NORM,)
+PLUGIN_OPS = (schema.RMS_NORM, schema.ROPE)
+
+
+def _attention(node: ir.Node, op: Emit) -> tuple[ir.Value, ir.Value, ir.Value]:
+    return reference.attention(node, op, fp32_softmax=False)
+
+
 # custom nodes TensorRT runs as its own layers, through their standard-ONNX form
-_STANDARD = {schema.ROPE: reference.rope_as_rotary_embedding, schema.ATTENTION: reference.attention}
+_STANDARD = {schema.ATTENTION: _attention}
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +81,7 @@ def _all_nodes(graph: ir.Graph):
 
 
 class TensorRTLoweringPass(Pass, ir.passes.InPlacePass):
-    """RoPE / Attention → standard ONNX; every RMSNorm node marked as a TensorRT plugin; shadowing
+    """Attention → standard ONNX; every RMSNorm / RoPE node marked as a TensorRT plugin; shadowing
     functions dropped."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -3,18 +3,21 @@
 Registered on demand by `register_plugins()`; importing this module never imports tensorrt.
 
     llama_export::RMSNorm(x [..., D], weight [D], epsilon: float) -> y like x
-    llama_export::RoPE(x [B, S, H, D], cos [S, D/2] fp32, sin [S, D/2] fp32, interleaved: int) -> y like x
+    llama_export::RoPE(x [B, S, H, D], cos [P, D/2] fp32, sin [P, D/2] fp32, start [B] int64,
+                       interleaved: int) -> y like x
 
-I/O dtypes fp32 / fp16 / bf16 (x, weight and y share one), linear layout. D (and H for RoPE) must be
-static in the network; batch and sequence may be dynamic.
+The graph contract's semantics (`artifact/schema.py`, version 2): RoPE rotates token (b, i) by table row
+start[b] + i of the model's full tables. I/O dtypes fp32 / fp16 / bf16 (x, weight and y share one),
+`start` int64 as in the graph (TensorRT plugins take INT64 tensors; the lowering needs no Cast), linear
+layout. D (and H for RoPE) must be static in the network; batch, sequence and P may be dynamic.
 
 Each op has (TensorRT Python API docs, section "tensorrt.plugin"):
 - `@trtp.register`: shape/type inference, output = `x.like()`.
 - `@trtp.autotune`: the supported type/format combinations ('|' ties the I/O types together).
 - `@trtp.aot_impl`: returns (kernel name, PTX, `KernelLaunchParams`, `SymIntExprs` extra args), compiled
   by `aot.compile_plan` from the same `LaunchPlan` the Python launch uses; the PTX entry takes exactly
-  the input pointers, the extra args and the output pointers TensorRT passes. The engine then runs
-  without Python. Attributes are not serialized with AOT, so epsilon / interleaved are compiled into
+  the input pointers, the extra args and the output pointers TensorRT passes (RoPE: x, cos, sin, start,
+  then the int32 extra args S and P, then y). The engine then runs without Python. Attributes are not serialized with AOT, so epsilon / interleaved are compiled into
   the PTX as constexprs.
 - `@trtp.impl`: JIT fallback calling the Triton helpers on TensorRT's stream. Tensors reach torch through
   `cuda_array_interface` (tensorrt.plugin's own `Tensor.__cuda_array_interface__` refuses BF16).
@@ -63,17 +66,20 @@ def import_tensorrt() -> Any:
     return trt
 
 
-def _float_dtype(trt: Any, dtype: Any) -> dtypes.DType:
-    """The fp32 / fp16 / bf16 entry of `dtypes` for a TensorRT dtype."""
-    for d in dtypes.FLOAT_TYPES:
-        if d.precision is not None and getattr(trt, d.name, None) == dtype:
+def _io_dtype(trt: Any, dtype: Any) -> dtypes.DType:
+    """The entry of `dtypes` for a TensorRT dtype of a plugin input or output."""
+    for d in dtypes.DTYPES:
+        if getattr(trt, d.name, None) == dtype:
             return d
-    raise ValueError(f"llama_export plugins support fp32/fp16/bf16, got {dtype}")
+    raise ValueError(f"llama_export plugins take fp32/fp16/bf16 activations and int64 positions, got {dtype}")
 
 
 def _trt_dtype_name(trt: Any, dtype: Any) -> str:
     """"fp32" / "fp16" / "bf16" for a TensorRT float dtype (the Triton kernels' spelling)."""
-    return _float_dtype(trt, dtype).precision
+    d = _io_dtype(trt, dtype)
+    if d.precision is None:
+        raise ValueError(f"llama_export plugins support fp32/fp16/bf16 activations, got {dtype}")
+    return d.precision
 
 
 def _static(expr: "trtp.ShapeExpr | int", what: str) -> int:
@@ -109,17 +115,19 @@ def _aot_result(trtp: Any, plan: Any) -> tuple[str, str, Any, Any]:
 def cuda_array_interface(trt: Any, t: "trtp.Tensor") -> tuple[dict[str, Any], Any]:
     """`__cuda_array_interface__` (version 3) of a JIT plugin tensor, and the torch dtype to view it as.
 
-    BF16 has no numpy type, so it is described as int16 (same size) and viewed as torch.bfloat16.
-    Strides: TensorRT gives elements, the interface wants bytes. "stream": None, the caller launches on
+    The typestr is numpy's for the dtype's name (as tensorrt.plugin's own interface has it); BF16 has
+    no numpy type, so it is described as int16 (same size) and viewed as torch.bfloat16. Strides:
+    TensorRT gives elements, the interface wants bytes. "stream": None, the caller launches on
     TensorRT's stream itself.
     """
+    import numpy as np
     import torch
 
-    d = _float_dtype(trt, t.dtype)
+    d = _io_dtype(trt, t.dtype)
     itemsize = d.torch.itemsize
     iface = {
         "shape": tuple(int(n) for n in t.shape),
-        "typestr": f"<{'i' if d.torch == torch.bfloat16 else 'f'}{itemsize}",
+        "typestr": "<i2" if d.torch == torch.bfloat16 else np.dtype(d.name).str,
         "data": (int(t.data_ptr), False),
         "strides": tuple(int(s) * itemsize for s in t.strides),
         "version": 3,
@@ -197,34 +205,39 @@ def _define_rms_norm(trt: Any, trtp: Any) -> None:
 def _define_rope(trt: Any, trtp: Any) -> None:
     from llama_export.backends.tensorrt import kernels
 
-    def rope_desc(x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, interleaved: int) -> trtp.TensorDesc:
+    def rope_desc(
+        x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, start: trtp.TensorDesc, interleaved: int
+    ) -> trtp.TensorDesc:
         return x.like()
 
     _define_once(trtp, ROPE_ID, rope_desc)
 
     @trtp.autotune(ROPE_ID)
     def rope_autotune(
-        x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
+        x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, start: trtp.TensorDesc,
+        outputs: tuple[trtp.TensorDesc],
     ) -> list[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination(f"{_TYPES}, FP32|FP32|FP32, FP32|FP32|FP32, {_TYPES}", "LINEAR")]
+        tables, positions = "FP32|FP32|FP32", "INT64|INT64|INT64"
+        return [trtp.AutoTuneCombination(f"{_TYPES}, {tables}, {tables}, {positions}, {_TYPES}", "LINEAR")]
 
     @trtp.aot_impl(ROPE_ID)
     def rope_aot(
-        x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, interleaved: int,
+        x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc, start: trtp.TensorDesc, interleaved: int,
         outputs: tuple[trtp.TensorDesc], tactic: int,
     ) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         s = x.shape_expr
         shape = (s[0], s[1], _static(s[2], "RoPE heads"), _static(s[3], "RoPE head_dim"))
-        plan = kernels.rope_launch(shape, _trt_dtype_name(trt, x.dtype), bool(interleaved))
+        plan = kernels.rope_launch(shape, _trt_dtype_name(trt, x.dtype), bool(interleaved), cos.shape_expr[0])
         return _aot_result(trtp, plan)
 
     @trtp.impl(ROPE_ID)
     def rope_jit(
-        x: trtp.Tensor, cos: trtp.Tensor, sin: trtp.Tensor, interleaved: int, outputs: tuple[trtp.Tensor], stream: int
+        x: trtp.Tensor, cos: trtp.Tensor, sin: trtp.Tensor, start: trtp.Tensor, interleaved: int,
+        outputs: tuple[trtp.Tensor], stream: int,
     ) -> None:
         with _on_stream(stream):
-            kernels.rope(_as_torch(trt, x), _as_torch(trt, cos), _as_torch(trt, sin), bool(interleaved),
-                         out=_as_torch(trt, outputs[0]))
+            kernels.rope(_as_torch(trt, x), _as_torch(trt, cos), _as_torch(trt, sin), _as_torch(trt, start),
+                         bool(interleaved), out=_as_torch(trt, outputs[0]))
 
 
 def register_plugins() -> None:

@@ -33,6 +33,7 @@ from tests.helpers import random_meta_state, write_meta
 from tests.tensorrt.conformance import tensorrt_side as side
 
 SIZES = {"batch": 2, "seq": 3, "capacity": 8}  # concrete values of the exported symbolic dims
+STARTS = [0, 5]  # RoPE's start per row: ragged, start + seq <= capacity
 
 
 def _size(d: int | str) -> int:
@@ -169,7 +170,9 @@ def test_aot_plugins_as_the_builder_drives_them(dtype: str, builder_side: tuple[
         assert [value(params.grid_x), value(params.grid_y), value(params.grid_z)] == [math.prod(x[:-1]), 1, 1]
         block = [value(params.block_x), value(params.block_y), value(params.block_z)]
         assert block == [aot.reqntid(ptx), 1, 1] and value(params.shared_mem) >= 0
-        assert [value(a) for a in args] == ([x[1]] if node.op_type == schema.ROPE else []), node.name
+        # RoPE's extra args: the sequence length and the tables' rows (the model's max_seq_len).
+        want_args = [x[1], graph.dims(node.input[1])[0]] if node.op_type == schema.ROPE else []
+        assert [value(a) for a in args] == want_args, node.name
 
 
 @contextlib.contextmanager
@@ -191,8 +194,7 @@ def _cpu_launches(trt: Any, seen: list[Any]):
         mp.setattr(plugins, "_as_torch", as_host_tensor)
         mp.setattr(plugins, "_on_stream", lambda stream: contextlib.nullcontext())
         mp.setattr(kernels, "rms_norm", lambda x, w, eps, *, out: out.copy_(rms_norm_reference(x, w, eps)))
-        mp.setattr(kernels, "rope", lambda x, c, s, il, *, out: out.copy_(  # the kernel's rows: v1 (start 0)
-            rope_reference(x, c, s, torch.zeros(x.shape[0], dtype=torch.int64), il)))
+        mp.setattr(kernels, "rope", lambda x, c, s, start, il, *, out: out.copy_(rope_reference(x, c, s, start, il)))
         yield
 
 
@@ -218,8 +220,10 @@ def test_jit_plugins_serialize_recreate_and_enqueue(dtype: str, builder_side: tu
             inputs = [torch.randn(shapes[0], generator=g).to(torch_dtype),
                       torch.from_numpy(w.astype(np.float32)).to(torch_dtype)]
             want = rms_norm_reference(inputs[0], inputs[1], attrs["epsilon"])
-        else:
-            inputs = [torch.randn(s, generator=g).to(dt) for s, dt in zip(shapes, (torch_dtype, torch.float32, torch.float32))]
+        else:  # x, the model's own tables (initializers), start
+            tables = [torch.from_numpy(onnx.numpy_helper.to_array(graph.inits[n]).copy()) for n in node.input[1:3]]
+            inputs = [torch.randn(shapes[0], generator=g).to(torch_dtype), *tables, torch.tensor(STARTS)]
+            assert [tuple(t.shape) for t in inputs] == shapes and inputs[3].dtype == torch.int64
             want = rope_reference(*inputs, bool(attrs["interleaved"]))
         out = torch.full_like(want, float("nan"))
         seen: list[Any] = []

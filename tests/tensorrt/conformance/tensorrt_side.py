@@ -37,7 +37,7 @@ QUICK_CREATOR_KIND = "PLUGIN CREATOR_V3QUICK"
 
 def onnx_to_trt_dtype(trt: Any, elem_type: int) -> Any:
     return {onnx.TensorProto.FLOAT: trt.float32, onnx.TensorProto.FLOAT16: trt.float16,
-            onnx.TensorProto.BFLOAT16: trt.bfloat16}[elem_type]
+            onnx.TensorProto.BFLOAT16: trt.bfloat16, onnx.TensorProto.INT64: trt.int64}[elem_type]
 
 
 # ---- parser ---------------------------------------------------------------------------------------------
