@@ -46,7 +46,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from bench_common import add_model_arguments, copy_bandwidth, model_config, random_state  # noqa: E402
+from bench_common import (  # noqa: E402
+    BYTES_PER_WEIGHT,
+    add_model_arguments,
+    agreement,
+    copy_bandwidth,
+    model_config,
+    random_state,
+    run_worker,
+    weight_bytes_per_token,
+)
+from gguf_llama import checkpoint_to_gguf  # noqa: E402
 
 INSTALL = {
     "onnxruntime_genai": "pip install onnxruntime-genai==0.18.0",
@@ -54,9 +64,6 @@ INSTALL = {
     "gguf": "pip install gguf==0.19.0",
     "transformers": "pip install transformers==5.24.0",
 }
-# Bytes per weight a decode step reads, by precision class: fp32, and ggml's 32-weight blocks with an
-# fp16 scale (q8_0: 34 bytes, q4_0: 18 bytes per block), the densest layout of each class measured here.
-BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 34 / 32, "int4": 18 / 32}
 
 
 @dataclass(frozen=True)
@@ -109,75 +116,6 @@ def write_placeholder_tokenizer(vocab: int, out: Path) -> None:
         "unk_token": "<unk>"}))
 
 
-_GGUF_NAMES = {
-    "attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
-    "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
-    "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w3.weight": "ffn_up.weight",
-    "feed_forward.w2.weight": "ffn_down.weight", "attention_norm.weight": "attn_norm.weight",
-    "ffn_norm.weight": "ffn_norm.weight",
-}
-
-
-def gguf_name(meta: str) -> str:
-    top = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-           "output.weight": "output.weight"}
-    if meta in top:
-        return top[meta]
-    _, i, rest = meta.split(".", 2)
-    return f"blk.{i}.{_GGUF_NAMES[rest]}"
-
-
-def write_gguf(cfg, state: dict, out: Path, qtype: str) -> None:
-    """A llama-architecture GGUF. q/k stay in Meta's interleaved row order: llama.cpp's LLaMA RoPE is
-    the interleaved (GPT-J style "NORM") rotation, and its HF converter permutes HF rows back to it.
-    Every 2-D tensor (embedding and output included, like llama-quantize --pure) gets `qtype`; norms
-    stay f32. The vocabulary is a placeholder SentencePiece list (ids are fed directly)."""
-    import gguf
-    import numpy as np
-
-    q = {"f32": gguf.GGMLQuantizationType.F32, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-         "q4_0": gguf.GGMLQuantizationType.Q4_0}[qtype]
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
-    tmp = out.with_suffix(".partial")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name("bench-peers-random")
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.hidden_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_file_type(ftype)
-    w.add_vocab_size(cfg.vocab_size)
-    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
-             *([gguf.TokenType.BYTE] * 256)]
-    tokens += [f"\u2581t{i}" for i in range(len(tokens), cfg.vocab_size)]
-    types += [gguf.TokenType.NORMAL] * (cfg.vocab_size - len(types))
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([-float(i) for i in range(cfg.vocab_size)])
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    for name, t in state.items():
-        a = t.float().numpy()
-        if a.ndim == 2 and q is not gguf.GGMLQuantizationType.F32:
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(a, q), raw_dtype=q)
-        else:
-            w.add_tensor(gguf_name(name), np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.rename(out)
-
-
 def build_genai(hf: Path, out: Path, precision: str) -> float:
     """onnxruntime-genai's model builder on the HF folder (CPU target); returns its wall time."""
     tmp = out.with_name(out.name + ".partial")
@@ -202,10 +140,8 @@ def prepare(args, cfg, work: Path, log) -> list[System]:
     work.mkdir(parents=True, exist_ok=True)
     (work / "stamp.json").write_text(stamp)
     hf = work / "hf"
-    state = None
     if not (hf / "config.json").is_file():
-        state = random_state(cfg)
-        write_hf(cfg, state, hf)
+        write_hf(cfg, random_state(cfg), hf)
     systems: list[System] = []
 
     from llama_export.config import ModelDType
@@ -241,26 +177,14 @@ def prepare(args, cfg, work: Path, log) -> list[System]:
         for qtype, p in (("f32", "fp32"), ("q8_0", "int8"), ("q4_0", "int4")):
             out = work / f"model-{qtype}.gguf"
             if not out.is_file():
-                if state is None:
-                    state = read_state(cfg, hf)
                 t0 = time.perf_counter()
-                write_gguf(cfg, state, out, qtype)
+                checkpoint_to_gguf(hf, out, qtype)
                 log(f"GGUF {qtype}: {time.perf_counter() - t0:.1f} s")
             systems.append(System(f"llama.cpp {qtype}", "llamacpp", p, out))
     else:
         missing = [m for m in ("llama_cpp", "gguf") if not have(m)]
         log("skipping llama.cpp: " + "; ".join(INSTALL[m] for m in missing))
     return systems
-
-
-def read_state(cfg, hf: Path) -> dict:
-    """The checkpoint's tensors back in Meta names and layout (through our own HF loader)."""
-    import torch
-
-    from llama_export.model.checkpoint import load_rank_state
-    from llama_export.parallel.plan import RankShape
-
-    return load_rank_state(hf, RankShape(cfg, 1, 0), dtype=torch.float32)
 
 
 # ---- running ----------------------------------------------------------------------------------
@@ -282,31 +206,6 @@ def workloads(args, vocab: int) -> dict[str, dict]:
     for w in out.values():
         w["max_len"] = max(len(p) for p in w["prompts"]) + w["new"] + 8
     return out
-
-
-def run_worker(system: System, workload: Path, out: Path, threads: int) -> dict | None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(HERE / "peers_worker.py"), system.worker, str(system.model),
-                           str(workload), str(out)], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        print(f"  {system.label}: failed ({proc.returncode}): {' | '.join(tail)}", flush=True)
-        return None
-    return json.loads(out.read_text())
-
-
-def weight_bytes_per_token(cfg, precision: str) -> float:
-    """Bytes of weights one decode step reads: every projection at the precision's bytes per weight,
-    norms in fp32, one embedding row."""
-    projections = cfg.num_parameters() - cfg.vocab_size * cfg.dim - (2 * cfg.n_layers + 1) * cfg.dim
-    return projections * BYTES_PER_WEIGHT[precision] + (2 * cfg.n_layers + 1 + 1) * cfg.dim * 4
-
-
-def agreement(ids: list[list[int]], ref: list[list[int]]) -> str:
-    same = sum(a == b for x, y in zip(ids, ref) for a, b in zip(x, y))
-    total = sum(len(y) for y in ref)
-    first = next((i for x, y in zip(ids, ref) for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
-    return f"{same}/{total}" + ("" if first is None else f" (1st diff @{first})")
 
 
 def main() -> None:
@@ -353,7 +252,7 @@ def main() -> None:
             log(f"[{name}] round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.1f} on "
                 f"{os.cpu_count()} cores)")
             for s in order:
-                res = run_worker(s, wpath, work / "result.json", args.threads)
+                res = run_worker(s.worker, s.model, wpath, work / "result.json", args.threads, label=s.label)
                 if res is not None:
                     results.setdefault((name, s.label), []).append(res)
     bw = statistics.median(bws)

@@ -22,21 +22,16 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 GiB = 1 << 30
 
-
-def _peak_mib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from bench_common import child_main, run_child  # noqa: E402
 
 
 # ---- child steps (each runs in a fresh process) ---------------------------------------------------
@@ -127,23 +122,10 @@ def _validate(args: dict) -> dict:
 CHILD = {"make": _make, "export": _export, "check": _check, "ort_rank": _ort_rank, "validate": _validate}
 
 
-def _child(step: str, args: str) -> None:
-    t0 = time.perf_counter()
-    res = CHILD[step](json.loads(args))
-    res.update(seconds=time.perf_counter() - t0, peak_mib=_peak_mib())
-    print("RESULT " + json.dumps(res), flush=True)
-
-
 def run_step(step: str, **args) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--child", step, json.dumps(args)], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode or not lines:
-        print(r.stdout[-2000:], r.stderr[-4000:])
-        raise SystemExit(f"step {step} {args} failed with exit code {r.returncode}")
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = run_child(__file__, step, **args)
     print(f"  [{step}] {json.dumps({k: v for k, v in args.items() if k not in ('out',)})}: "
-          f"{res['seconds']:.0f} s, peak RSS {res['peak_mib'] / 1024:.2f} GiB", flush=True)
+          f"{res['seconds']:.0f} s, peak RSS {res['peak_rss'] / GiB:.2f} GiB", flush=True)
     return res
 
 
@@ -161,7 +143,7 @@ def bench_8b(work: Path, tps: list[int]) -> list[str]:
     if not ckpt.exists():
         made = run_step("make", preset="llama-3.1-8b", out=str(ckpt))
         print(f"checkpoint: {_du(ckpt) / 1e9:.2f} GB in {made['seconds']:.0f} s, maker peak RSS "
-              f"{made['peak_mib'] / 1024:.2f} GiB")
+              f"{made['peak_rss'] / GiB:.2f} GiB")
     cfg = load_config(ckpt)
     rows = []
     for tp in tps:
@@ -172,16 +154,16 @@ def bench_8b(work: Path, tps: list[int]) -> list[str]:
         chk = run_step("check", path=ex["path"])
         ort = run_step("ort_rank", path=ex["path"], rank=tp - 1) if tp == 4 else None
         shutil.rmtree(out)
-        peak = ex["peak_mib"] * 2**20
+        peak = ex["peak_rss"]
         rows.append(
             f"| 8B HF bf16 → fp16 | {tp} | {plan.weight_bytes / GiB:.2f} | {size / 1e9:.1f} | {ex['seconds']:.0f} "
             f"({ex['seconds'] / (plan.weight_bytes * tp / GiB):.1f} s/GiB) | {peak / GiB:.2f} | "
             f"{peak / plan.weight_bytes:.2f}x | {plan.export_target_bytes / GiB:.2f} "
             f"({'meets' if peak <= plan.export_target_bytes else 'MISSES'}) | {chk['graphs']} pass ({chk['seconds']:.0f} s, "
-            f"{chk['peak_mib'] / 1024:.2f} GiB) | "
+            f"{chk['peak_rss'] / GiB:.2f} GiB) | "
             + (f"rank {tp - 1}: hashed in {ort['verify_s']:.0f} s, {ort['sessions']} sessions open in "
                f"{ort['open_s']:.0f} s, prefill+1 step "
-               f"{ort['run_s']:.1f} s, {ort['peak_mib'] / 1024:.2f} GiB, finite={ort['finite']}" if ort else "-")
+               f"{ort['run_s']:.1f} s, {ort['peak_rss'] / GiB:.2f} GiB, finite={ort['finite']}" if ort else "-")
             + " |")
         print(rows[-1], flush=True)
     return rows
@@ -199,17 +181,16 @@ def bench_1b(work: Path) -> list[str]:
         val = run_step("validate", path=ex["path"], ckpt=str(ckpt))
         shutil.rmtree(out)
         rows.append(
-            f"| 1B HF bf16 → fp32 | {tp} | {ex['seconds']:.0f} | {ex['peak_mib'] / 1024:.2f} | "
+            f"| 1B HF bf16 → fp32 | {tp} | {ex['seconds']:.0f} | {ex['peak_rss'] / GiB:.2f} | "
             f"{val['max_abs']:.2e} (≤ {val['tolerance']:.0e}) | {val['cosine']:.6f} | {val['tokens_agree']:.3f} | "
-            f"{'ok' if val['ok'] else 'FAIL'} ({val['seconds']:.0f} s, {val['peak_mib'] / 1024:.2f} GiB) |")
+            f"{'ok' if val['ok'] else 'FAIL'} ({val['seconds']:.0f} s, {val['peak_rss'] / GiB:.2f} GiB) |")
         print(rows[-1], flush=True)
     shutil.rmtree(ckpt)
     return rows
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        _child(sys.argv[2], sys.argv[3])
+    if child_main(CHILD):
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="scratch folder (needs ~45 GB free)")

@@ -7,7 +7,8 @@ SYSTEM: ours-ort | ours-eager | transformers | genai | llamacpp. WORKLOAD.json h
 short warm-up generation. Every system does the same work per prompt: one forward over the prompt and a
 greedy pick (prefill), then N-1 single-token forwards each followed by a greedy pick (decode). Times are
 wall clock around exactly that; loading and the warm-up are excluded. RESULT.json gets, per prompt,
-prefill seconds, decode seconds and the generated ids, plus the process's peak RSS and load time.
+prefill seconds, decode seconds, the generated ids and whether every step's logits were finite (ours and
+llama.cpp; null where not checked), plus the process's peak RSS and load time.
 Thread counts come from the environment the parent sets (OMP_NUM_THREADS) and the `threads` argument.
 """
 
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_common import REPO, peak_rss
 
 
 def _timed(first, rest, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
@@ -52,7 +53,8 @@ def ours(path: Path, backend: str, threads: int):
 
     def run(prompt: list[int], new: int):
         r = generate(step, torch.tensor([prompt]), make_cache(1, len(prompt) + new), max_new_tokens=new)
-        return r.prefill_s, r.decode_s, r.new_tokens[0].tolist()
+        finite = all(bool(torch.isfinite(s.logits).all()) for s in r.steps)
+        return r.prefill_s, r.decode_s, r.new_tokens[0].tolist(), finite
 
     return run
 
@@ -119,23 +121,17 @@ def llamacpp(path: Path, threads: int, max_len: int):
 
     def run(prompt: list[int], new: int):
         llm.reset()
+        finite = []
 
         def forward(ids: list[int]) -> int:
             llm.eval(ids)  # logits of the last token only (logits_all=False), read in place
-            return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+            finite.append(bool(np.isfinite(logits).all()))
+            return int(np.argmax(logits))
 
-        return _timed(forward, lambda t: forward([t]), prompt, new)
+        return *_timed(forward, lambda t: forward([t]), prompt, new), all(finite)
 
     return run
-
-
-def peak_rss() -> int:
-    """Bytes: VmHWM, this process image's high-water mark (ru_maxrss would also count the parent's
-    pages as they were at fork, which exec does not reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def main() -> None:
@@ -160,8 +156,9 @@ def main() -> None:
     run(work["prompts"][0][:16], 4)  # warm-up: first-call set-up is not part of any timing
     rows = []
     for prompt in work["prompts"]:
-        prefill_s, decode_s, ids = run(prompt, work["new"])
-        rows.append({"prefill_s": prefill_s, "decode_s": decode_s, "ids": ids})
+        prefill_s, decode_s, ids, *finite = run(prompt, work["new"])
+        rows.append({"prefill_s": prefill_s, "decode_s": decode_s, "ids": ids,
+                     "finite": finite[0] if finite else None})
     peak = peak_rss()
     Path(result_path).write_text(json.dumps({"load_s": load_s, "peak_rss": peak, "runs": rows}))
 
