@@ -79,8 +79,12 @@ class OrtBackend:
             self.output_names.append(names)
             opts = _session_options(ort, threads)
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+            held = _hand_over_in_memory_weights(lowered)
+            if held:
+                opts.add_external_initializers(list(held), [ort.OrtValue.ortvalue_from_numpy(a) for a in held.values()])
             self.sessions.append(
                 ort.InferenceSession(ir.to_proto(lowered).SerializeToString(), sess_options=opts, providers=providers))
+            del lowered, held  # ONNX Runtime copied the handed-over weights while creating the session
         log.info("rank %d: %d ONNX Runtime sessions on %s", rank, len(self.sessions), providers[0])
 
     def run_segment(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -129,6 +133,26 @@ def _expose(model: ir.Model, names: tuple[str, ...]) -> list[str]:
             g.outputs.append(inner[name])
             added.append(name)
     return added
+
+
+def _hand_over_in_memory_weights(model: ir.Model) -> dict[str, np.ndarray]:
+    """The lowering's in-memory initializers (e.g. `MatMulNBits`' repacked weights), taken out of `model`
+    for `SessionOptions.add_external_initializers`: each becomes an external-data reference ONNX Runtime
+    replaces with the array (it copies it) before it reads anything. The serialized graph then stays
+    small: a model proto cannot exceed 2 GB (an 8B model's int4 weights at TP=1 are ~4.4 GB), and the
+    weights are not copied once more into the serialized bytes. Weights already in external files stay
+    references ONNX Runtime reads itself; small constants (< 1 KiB, e.g. shapes) stay inline."""
+    held = {}
+    for name, v in model.graph.initializers.items():
+        t = v.const_value
+        if t is None or isinstance(t, ir.ExternalTensor) or t.dtype.bitwidth < 8 or t.nbytes < 1024:
+            continue
+        held[name] = np.ascontiguousarray(t.numpy())
+        v.const_value = ir.ExternalTensor(_HANDED_OVER, 0, t.nbytes, t.dtype, shape=t.shape, name=name)
+    return held
+
+
+_HANDED_OVER = "handed-over-in-memory"  # a location no file has: ONNX Runtime replaces these before reading
 
 
 def _session_options(ort, threads: int | None):
