@@ -185,8 +185,8 @@ def report(cfg, args, results: dict[str, list[dict]], bw: float, notes: list[str
           f"bound ({weight_bytes_per_token(cfg, 'int4') / 1e9:.2f} GB of weights per token at 18 bytes / 32 "
           f"weights): {bound:.2f} tok/s")
     print("\n| system (same weights, same prompt ids) | load s | prefill ms | decode tok/s | spread | of bound | "
-          "peak RSS GiB | vs llama.cpp q4_0 | logits finite | greedy ids = llama.cpp's |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "RSS after load GiB | peak RSS GiB | vs llama.cpp q4_0 | logits finite | greedy ids = llama.cpp's |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     base = results.get("llama.cpp q4_0")
     base_dec = statistics.median((args.new - 1) / r["runs"][0]["decode_s"] for r in base) if base else None
     ids_lines = []
@@ -195,6 +195,7 @@ def report(cfg, args, results: dict[str, list[dict]], bw: float, notes: list[str
         dec = statistics.median(decs)
         prefill = statistics.median(r["runs"][0]["prefill_s"] for r in runs) * 1e3
         rss = statistics.median(r["peak_rss"] for r in runs) / GiB
+        loaded = statistics.median(r["rss_loaded"] for r in runs) / GiB
         load = statistics.median(r["load_s"] for r in runs)
         spread = (max(decs) - min(decs)) / 2 / dec
         finite = {r["runs"][0]["finite"] for r in runs}
@@ -202,7 +203,7 @@ def report(cfg, args, results: dict[str, list[dict]], bw: float, notes: list[str
         same_ids = all(r["runs"][0]["ids"] == runs[0]["runs"][0]["ids"] for r in runs)
         agree = agreement([runs[0]["runs"][0]["ids"]], [base[0]["runs"][0]["ids"]]) if base and runs is not base else "—"
         vs = f"{dec / base_dec:.2f}x" if base_dec else "—"
-        print(f"| {label} | {load:.0f} | {prefill:.0f} | {dec:.2f} | ±{spread:.0%} | {dec / bound:.0%} | {rss:.2f} | "
+        print(f"| {label} | {load:.0f} | {prefill:.0f} | {dec:.2f} | ±{spread:.0%} | {dec / bound:.0%} | {loaded:.2f} | {rss:.2f} | "
               f"{vs} | {'yes' if finite == {True} else finite} | {agree} |")
         ids_lines.append(f"{label}: greedy ids {runs[0]['runs'][0]['ids']} (all in the vocabulary: {vocab_ok}; "
                          f"the same in every round: {same_ids})")

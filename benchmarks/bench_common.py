@@ -94,13 +94,13 @@ def agreement(ids: list[list[int]], ref: list[list[int]]) -> str:
     return f"{same}/{total}" + ("" if first is None else f" (1st diff @{first})")
 
 
-def peak_rss() -> int:
+def peak_rss(field: str = "VmHWM") -> int:
     """Bytes: VmHWM, this process image's high-water mark (ru_maxrss would also count the parent's
-    pages as they were at fork, which exec does not reset)."""
+    pages as they were at fork, which exec does not reset); `field="VmRSS"`: its resident set now."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def child_main(steps: dict[str, Callable[[dict], dict]]) -> bool:

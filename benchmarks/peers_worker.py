@@ -8,7 +8,8 @@ short warm-up generation. Every system does the same work per prompt: one forwar
 greedy pick (prefill), then N-1 single-token forwards each followed by a greedy pick (decode). Times are
 wall clock around exactly that; loading and the warm-up are excluded. RESULT.json gets, per prompt,
 prefill seconds, decode seconds, the generated ids and whether every step's logits were finite (ours and
-llama.cpp; null where not checked), plus the process's peak RSS and load time.
+llama.cpp; null where not checked), plus the process's load time, resident set right after loading and
+peak RSS.
 Thread counts come from the environment the parent sets (OMP_NUM_THREADS) and the `threads` argument.
 """
 
@@ -153,6 +154,7 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown system {system!r}")
     load_s = time.perf_counter() - t0
+    rss_loaded = peak_rss("VmRSS")
     run(work["prompts"][0][:16], 4)  # warm-up: first-call set-up is not part of any timing
     rows = []
     for prompt in work["prompts"]:
@@ -160,7 +162,7 @@ def main() -> None:
         rows.append({"prefill_s": prefill_s, "decode_s": decode_s, "ids": ids,
                      "finite": finite[0] if finite else None})
     peak = peak_rss()
-    Path(result_path).write_text(json.dumps({"load_s": load_s, "peak_rss": peak, "runs": rows}))
+    Path(result_path).write_text(json.dumps({"load_s": load_s, "rss_loaded": rss_loaded, "peak_rss": peak, "runs": rows}))
 
 
 if __name__ == "__main__":
