@@ -282,7 +282,10 @@ def _busy_target(w: Workspace, s: Path) -> list[str]:
     """Another process holds the target's lock while the export starts (two exports, one target)."""
     import sys
 
-    code = ("import sys, time; from llama_export import files\n"
+    # SIGINT ends the holder below; a process started from a background job inherits SIGINT ignored,
+    # so the holder installs Python's handler itself.
+    code = ("import signal, sys, time; from llama_export import files\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "with files._target_lock(__import__('pathlib').Path(sys.argv[1])):\n"
             "    print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(w.export)], stdout=subprocess.PIPE, text=True,
