@@ -41,14 +41,25 @@ def quantize_blocks(w: Tensor, *, bits: int, block_size: int,
     """w [rows, K] -> (q int8 [rows, K] in [-qmax, qmax], scale [rows, K / block_size] in `scale_dtype`).
 
     The scale is rounded to `scale_dtype` before q is computed, so q is the best integer for the scale
-    the graph will really multiply by."""
+    the graph will really multiply by. Rows are independent, so they are quantized a slice at a time
+    (`_CHUNK_ELEMENTS`): the fp32 temporaries stay small whatever the tensor (an 8B output projection
+    would otherwise need several 2 GiB copies at once)."""
     rows, k = w.shape
     assert k % block_size == 0, (k, block_size)  # callers check with `check_blocks` first
-    blocks = w.detach().float().reshape(rows, k // block_size, block_size)
-    scale = (blocks.abs().amax(dim=-1) / qmax(bits)).to(scale_dtype).float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(blocks / scale.unsqueeze(-1)).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
-    return q.reshape(rows, k), scale.to(scale_dtype)
+    q = torch.empty(rows, k, dtype=torch.int8, device=w.device)
+    scale = torch.empty(rows, k // block_size, dtype=scale_dtype, device=w.device)
+    step = max(1, _CHUNK_ELEMENTS // k)
+    for r in range(0, rows, step):
+        blocks = w[r:r + step].detach().to(torch.float32, copy=True).reshape(-1, k // block_size, block_size)
+        s = (blocks.abs().amax(dim=-1) / qmax(bits)).to(scale_dtype).float()
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        blocks.div_(s.unsqueeze(-1)).round_().clamp_(-qmax(bits), qmax(bits))
+        q[r:r + step] = blocks.reshape(-1, k).to(torch.int8)
+        scale[r:r + step] = s.to(scale_dtype)
+    return q, scale
+
+
+_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 per slice
 
 
 def dequantize_blocks(q: Tensor, scale: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
