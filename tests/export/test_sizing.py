@@ -78,7 +78,8 @@ def test_check_fits_refuses_with_the_numbers(plans) -> None:
     with pytest.raises(ConfigError, match=r"exporting a rank at tp=1 needs up to 2\.\d\d GiB .* --memory-limit is "
                                           r"1\.00 GiB; use a larger --tp \(valid: 2, 4\)"):
         plan.check_fits(2**30)
-    long = dataclasses.replace(plans[2, Precision.FP16], cfg=dataclasses.replace(CFG, max_seq_len=2**24))  # ModelConfig caps it there
+    # 2**24 tokens: the longest context ModelConfig admits
+    long = dataclasses.replace(plans[2, Precision.FP16], cfg=dataclasses.replace(CFG, max_seq_len=2**24))
     assert long.run_bytes > long.export_target_bytes
     with pytest.raises(ConfigError, match=r"a rank at tp=2 needs 3\.\d\d GiB \(graphs .* \+ KV cache 3\.00 GiB at "
                                           r"16777216 tokens\) .* or a shorter --max-seq-len"):

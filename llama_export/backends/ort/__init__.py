@@ -141,11 +141,12 @@ def _hand_over_in_memory_weights(model: ir.Model) -> dict[str, np.ndarray]:
     replaces with the array (it copies it) before it reads anything. The serialized graph then stays
     small: a model proto cannot exceed 2 GB (an 8B model's int4 weights at TP=1 are ~4.4 GB), and the
     weights are not copied once more into the serialized bytes. Weights already in external files stay
-    references ONNX Runtime reads itself; small constants (< 1 KiB, e.g. shapes) stay inline."""
+    references ONNX Runtime reads itself; small constants (under `schema.INLINE_BYTES`, e.g. shapes) stay
+    inline, as in exports."""
     held = {}
     for name, v in model.graph.initializers.items():
         t = v.const_value
-        if t is None or isinstance(t, ir.ExternalTensor) or t.dtype.bitwidth < 8 or t.nbytes < 1024:
+        if t is None or isinstance(t, ir.ExternalTensor) or t.dtype.bitwidth < 8 or t.nbytes < schema.INLINE_BYTES:
             continue
         held[name] = np.ascontiguousarray(t.numpy())
         v.const_value = ir.ExternalTensor(_HANDED_OVER, 0, t.nbytes, t.dtype, shape=t.shape, name=name)
