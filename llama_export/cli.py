@@ -122,7 +122,14 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
                help="eager dtype; int8/int4 run the weights quantized and dequantized (block 32), the "
                "reference of a quantized export (exports carry their own) (default: fp32)")
     src.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (ort/eager: cpu in CI)")
+    _add_rehash(src)
     _add_threads(p)
+
+
+def _add_rehash(p) -> None:
+    p.add_argument("--rehash", action="store_true",
+                   help="ort: hash every file of the export, also those recorded as unchanged since they "
+                   "were verified (records: $LLAMA_EXPORT_CACHE_DIR, default ~/.cache/llama_export)")
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
@@ -256,7 +263,7 @@ def _source(args) -> ModelSource:
 
     dtype = getattr(args, "dtype", ModelDType(Precision.FP32))
     return ModelSource(backend=args.backend, checkpoint=args.checkpoint, artifacts=args.artifacts,
-                       dtype=dtype.activations, weights=dtype.weights)
+                       dtype=dtype.activations, weights=dtype.weights, rehash=args.rehash)
 
 
 def _cmd_run(args, argv: list[str]) -> int:
@@ -495,6 +502,7 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--seed", type=int_in(0, (1 << 63) - 1), default=d.seed, help="seed of the random prompt")
     p.add_argument("--device", type=device_arg, default="cpu",
                    help="device of the backend (trt: cuda); eager runs on the CPU")
+    _add_rehash(p)
     p.add_argument("--json", type=Path, dest="json_out", help="write the full report as JSON")
     p.add_argument("--plot", type=Path, help="PNG of error against depth (default: next to --json, else none)")
     p.add_argument("--polygraphy", type=Path, metavar="DIR",

@@ -2,7 +2,7 @@
 
 Backends and the runner read segments, I/O names and collectives from here, never from file names.
 Every path is relative to the export directory; `load_manifest` refuses any that leaves it and checks
-every file's sha256.
+every file's sha256 (`verify_files`, which skips files recorded unchanged since they were hashed).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -19,9 +21,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
 
 from llama_export import dtypes
+from llama_export.artifact.verified import Stamp, VerifiedFiles
 from llama_export.config import ModelConfig, ModelDType, Precision, WeightQuant
 from llama_export.errors import ArtifactError
 from llama_export.parsing import parse_json, read_bytes
+
+log = logging.getLogger(__name__)
 
 FORMAT = "llama_export.manifest"
 FORMAT_VERSION = 2  # 2: in-place KV cache of a chosen capacity, ragged batches, packed projections
@@ -193,8 +198,9 @@ def resolve_inside(root: Path, rel: str) -> Path:
     return full
 
 
-def load_manifest(root: Path, *, verify_hashes: bool = True) -> Manifest:
-    """Read and check `root/manifest.json`: paths stay inside `root`, files exist, hashes match."""
+def load_manifest(root: Path, *, verify_hashes: bool = True, rehash: bool = False) -> Manifest:
+    """Read and check `root/manifest.json`: paths stay inside `root`, files exist, hashes match
+    (`verify_files`: files recorded as unchanged since they were hashed are not read, unless `rehash`)."""
     root = Path(root)
     path = root / MANIFEST_NAME
     if not path.is_file():
@@ -210,8 +216,7 @@ def load_manifest(root: Path, *, verify_hashes: bool = True) -> Manifest:
         if not f.is_file():
             raise ArtifactError(f"{rel} is listed in {path} but missing; re-export")
     if verify_hashes:
-        for r in m.ranks:
-            verify_rank(m, root, r.rank)
+        verify_files(root, [f for r in m.ranks for f in rank_files(m, r.rank)], rehash=rehash)
         text_file_paths(root, m)
     return m
 
@@ -236,13 +241,40 @@ def rank_files(m: Manifest, rank: int) -> list[tuple[str, str]]:
             for rel, want in ((s.file, s.sha256), (s.data_file, s.data_sha256)) if rel is not None]
 
 
-def verify_rank(m: Manifest, root: Path, rank: int, *, on_bytes: Callable[[int], None] | None = None) -> None:
-    """Hash rank `rank`'s files (only those: a rank process checks what it opens, once) against the
-    manifest. `on_bytes(n)` is called as the files are read (progress)."""
-    for rel, want in rank_files(m, rank):
-        got = sha256_file(resolve_inside(root, rel), on_bytes=on_bytes)
-        if got != want:
-            raise _hash_error(rel, got, want)
+def verify_rank(m: Manifest, root: Path, rank: int, *, on_bytes: Callable[[int], None] | None = None,
+                rehash: bool = False) -> None:
+    """`verify_files` of rank `rank`'s files only: a rank process checks what it opens, once."""
+    verify_files(root, rank_files(m, rank), on_bytes=on_bytes, rehash=rehash)
+
+
+def verify_files(root: Path, files: list[tuple[str, str]], *, on_bytes: Callable[[int], None] | None = None,
+                 rehash: bool = False) -> None:
+    """Check each (relative path, sha256) of `files` under `root`, hashing it unless the records of
+    `artifact.verified` (its trust model is there) say it has not changed since it hashed to that
+    sha256; `rehash` hashes every file. Files that hash right are recorded. `on_bytes(n)`: n more bytes
+    verified (progress), as a file is read, or a whole file at once when its record vouches for it."""
+    records = VerifiedFiles(root)
+    try:
+        for rel, want in files:
+            path = resolve_inside(root, rel)
+            seen_ns = time.time_ns()
+            try:
+                stamp = Stamp.of(path.stat())
+            except OSError as e:
+                raise ArtifactError(f"{rel} is listed in the manifest but cannot be read ({e.strerror}); "
+                                    "re-export") from None
+            if not rehash and records.known(path, want, stamp):
+                log.debug("%s: unchanged since it was verified", rel)
+                if on_bytes is not None:
+                    on_bytes(stamp.size)
+                continue
+            got = sha256_file(path, on_bytes=on_bytes)
+            if got != want:
+                records.forget(path)
+                raise _hash_error(rel, got, want)
+            records.add(path, want, stamp, seen_ns=seen_ns)
+    finally:
+        records.save()
 
 
 def _hash_error(rel: str, got: str, want: str | None) -> ArtifactError:

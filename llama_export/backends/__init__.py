@@ -20,12 +20,13 @@ from llama_export.config import Backend
 from llama_export.errors import BackendUnavailableError, InputError
 
 
-def artifact_manifest(backend: Backend, root: Path, *, verify_hashes: bool = True) -> Manifest:
-    """The export manifest behind `root` for `backend` (trt: the copy inside the engine directory)."""
+def artifact_manifest(backend: Backend, root: Path, *, verify_hashes: bool = True, rehash: bool = False) -> Manifest:
+    """The export manifest behind `root` for `backend` (trt: the copy inside the engine directory).
+    `verify_hashes`, `rehash`: ort only, as in `load_manifest`."""
     if backend is Backend.ORT:
         from llama_export.artifact.manifest import load_manifest
 
-        return load_manifest(root, verify_hashes=verify_hashes)
+        return load_manifest(root, verify_hashes=verify_hashes, rehash=rehash)
     if backend is Backend.TENSORRT:
         from llama_export.backends.tensorrt.plugins import import_tensorrt
         from llama_export.backends.tensorrt.runner import load_export_manifest

@@ -36,6 +36,7 @@ class ModelSource:
     artifacts: Path | None = None  # ort: export directory; trt: engine directory
     dtype: Precision = Precision.FP32  # eager only: exports carry their own
     weights: WeightQuant | None = None  # eager only: run with these weights quantized and dequantized
+    rehash: bool = False  # ort: hash every file, also those recorded unchanged since they were verified
 
     def __post_init__(self) -> None:
         if self.backend is not Backend.EAGER and self.artifacts is None:
@@ -47,7 +48,7 @@ class ModelSource:
 
     def manifest(self, *, verify_hashes: bool = True) -> Manifest:
         """The export manifest (not for eager)."""
-        return artifact_manifest(self.backend, self.artifacts, verify_hashes=verify_hashes)
+        return artifact_manifest(self.backend, self.artifacts, verify_hashes=verify_hashes, rehash=self.rehash)
 
     def config(self) -> ModelConfig:
         if self.backend is Backend.EAGER:
@@ -100,7 +101,7 @@ class ModelSource:
             total = sum(resolve_inside(self.artifacts, rel).stat().st_size
                         for rel, _ in rank_files(manifest, comm.rank))
             with byte_bar(total, f"rank {comm.rank}: verifying its files", enabled=progress) as bar:
-                verify_rank(manifest, self.artifacts, comm.rank, on_bytes=bar.update)
+                verify_rank(manifest, self.artifacts, comm.rank, on_bytes=bar.update, rehash=self.rehash)
         backend = open_backend(self.backend, manifest, self.artifacts, rank=comm.rank, device=device)
         step = segmented_step(manifest, backend, comm=comm)
 
