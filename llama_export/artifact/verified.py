@@ -1,7 +1,7 @@
 """Records of export files already hashed, so that a start-up hashes only the files that changed.
 
-Hashing costs about 0.8 s per GiB of a rank's files (measured here: 0.41 s for the 512 MiB benchmark
-model, ~13 s for an 8B fp16 one), on every `run`, `compare` and `eval`. After a file's sha256 matched
+Hashing costs about 0.8 s per GiB of a rank's files (0.41 s measured for the 512 MiB benchmark model; at
+that rate ~13 s for an 8B fp16 one), on every `run`, `compare` and `eval`. After a file's sha256 matched
 the manifest, `manifest.verify_files` records the file's identity as `os.stat` gives it (`Stamp`: size,
 mtime, ctime, inode, device) under its resolved path and that sha256; a later start that finds the same
 path, sha256 and stamp does not read the file again.
