@@ -53,19 +53,19 @@ def _prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 # ---- workers (one system, one workload, own process) ----------------------------------------------
 def worker_ours(kind: str, path: Path, spawned: float, vocab: int) -> dict:
-    import torch
+    import numpy as np
 
     from llama_export.config import Backend
     from llama_export.parallel.comm import LocalComm
     from llama_export.runner.generate import generate, generate_stream, pad_prompts
     from llama_export.runner.source import ModelSource
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
     backend = Backend.ORT if kind != "eager" else Backend.EAGER
     before = _rss()
     source = ModelSource(backend, artifacts=path if backend is Backend.ORT else None,
                          checkpoint=path if backend is Backend.EAGER else None)
-    step, make_cache, _ = source.step(comm=LocalComm(), device=torch.device("cpu"))
+    step, make_cache, _ = source.step(comm=LocalComm(), device="cpu", threads=threads)  # ORT: imports no torch
     out = {"rss_before_load": before, "rss_loaded": _rss(), "hwm_loaded": _rss("VmHWM")}
     if kind == "eager":
         return out
@@ -76,7 +76,7 @@ def worker_ours(kind: str, path: Path, spawned: float, vocab: int) -> dict:
                         prompt_lengths=lengths)
 
     if kind == "run128":
-        prompt = torch.tensor([_prompt(SHORT, vocab)])
+        prompt = np.array([_prompt(SHORT, vocab)])
         stream = generate_stream(step, prompt, make_cache(1, SHORT + NEW), max_new_tokens=NEW)
         next(stream)
         out["first_token_s"] = time.time() - spawned

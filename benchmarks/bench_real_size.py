@@ -78,12 +78,13 @@ class _StandInComm:
         return x
 
     def all_gather(self, x, dim: int):
-        import torch
+        import numpy as np
 
-        return torch.cat([x] * self.world_size, dim=dim)
+        return np.concatenate([x] * self.world_size, axis=dim)
 
 
 def _ort_rank(args: dict) -> dict:
+    import numpy as np
     import torch
 
     from llama_export.artifact.manifest import load_manifest, verify_rank
@@ -96,18 +97,18 @@ def _ort_rank(args: dict) -> dict:
     verify_rank(m, root, rank)  # what a rank process does at start-up: its own files only
     verified = time.perf_counter() - t0
     t0 = time.perf_counter()
-    be = OrtBackend(m, root, rank=rank, device=torch.device("cpu"))
+    be = OrtBackend(m, root, rank=rank, device="cpu", threads=torch.get_num_threads())
     opened = time.perf_counter() - t0
     step = segmented_step(m, be, comm=_StandInComm(rank, m.tp))
-    keys, values = empty_cache(m, rank, 1, 16, device=torch.device("cpu"))  # a 16-token KV cache
-    tokens = torch.randint(0, m.model.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    keys, values = empty_cache(m, rank, 1, 16, backend=be)  # a 16-token KV cache
+    tokens = np.random.default_rng(0).integers(0, m.model.vocab_size, (1, 8))
     t0 = time.perf_counter()
-    with torch.inference_mode():  # prefill of 8 tokens at position 0, then one decode step at position 8
-        logits, keys, values = step(tokens, torch.tensor([0]), torch.tensor([8]), keys, values)
-        logits, _, _ = step(logits.argmax(-1, keepdim=True), torch.tensor([8]), torch.tensor([1]), keys, values)
+    # prefill of 8 tokens at position 0, then one decode step at position 8
+    logits, keys, values = step(tokens, np.array([0]), np.array([8]), keys, values)
+    logits, _, _ = step(logits.argmax(-1)[:, None], np.array([8]), np.array([1]), keys, values)
     ran = time.perf_counter() - t0
     return {"sessions": len(be.sessions), "verify_s": verified, "open_s": opened, "run_s": ran,
-            "finite": bool(torch.isfinite(logits).all())}
+            "finite": bool(np.isfinite(logits).all())}
 
 
 def _validate(args: dict) -> dict:

@@ -38,6 +38,7 @@ def _timed(first, rest, prompt: list[int], new: int) -> tuple[float, float, list
 
 # ---- llama_export (this repository) -------------------------------------------------------------
 def ours(path: Path, backend: str, threads: int):
+    import numpy as np
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -50,11 +51,11 @@ def ours(path: Path, backend: str, threads: int):
     b = Backend(backend)
     source = ModelSource(b, checkpoint=path if b is Backend.EAGER else None,
                          artifacts=path if b is not Backend.EAGER else None)
-    step, make_cache, _ = source.step(comm=LocalComm(), device=torch.device("cpu"))
+    step, make_cache, _ = source.step(comm=LocalComm(), device="cpu", threads=threads)
 
     def run(prompt: list[int], new: int):
         r = generate(step, torch.tensor([prompt]), make_cache(1, len(prompt) + new), max_new_tokens=new)
-        finite = all(bool(torch.isfinite(s.logits).all()) for s in r.steps)
+        finite = all(bool(np.isfinite(s.logits).all()) for s in r.steps)
         return r.prefill_s, r.decode_s, r.new_tokens[0].tolist(), finite
 
     return run

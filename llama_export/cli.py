@@ -75,7 +75,10 @@ def float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[str], 
 
 
 def device_arg(text: str) -> str:
-    """argparse type: a device the installed torch can serve (cpu, cuda, cuda:N)."""
+    """argparse type: a device the installed torch can serve (cpu, cuda, cuda:N). "cpu" needs no torch
+    (a CPU run on ONNX Runtime never imports it)."""
+    if text == "cpu":
+        return text
     import torch
 
     try:
@@ -157,7 +160,7 @@ def _add_run_parser(sub) -> None:
 
     p = sub.add_parser(
         "run",
-        help="generate across N rank processes on the eager, ort or trt backend",
+        help=_HELP["run"],
         description="Greedy or sampled generation. Starts --tp rank processes itself (or runs under torchrun).",
     )
     _add_source_arguments(p)
@@ -190,7 +193,7 @@ def _add_eval_parser(sub) -> None:
     d = EvalOptions(source=ModelSource(Backend.EAGER), text=Path("."))
     p = sub.add_parser(
         "eval",
-        help="perplexity of a text file on any backend and variant",
+        help=_HELP["eval"],
         description="Stream a text file (tokenized as one sequence, BOS first) through the model in sliding "
         "windows of --window tokens moved by --stride: every token after the first is scored once, given "
         "at least window - stride preceding tokens (fewer in the first window). Reports the perplexity "
@@ -311,7 +314,7 @@ def _add_export_parser(sub) -> None:
     d = ExportOptions(checkpoint=Path("."))
     p = sub.add_parser(
         "export",
-        help="export per-rank ONNX segments + manifest and validate them on ONNX Runtime",
+        help=_HELP["export"],
         description="Export every tensor-parallel rank of a checkpoint to ONNX subgraphs cut at the "
         "collectives, validate each variant on ONNX Runtime (CPU) against the eager model, and print "
         "a table. Exits 1 if a variant misses its tolerance. With no arguments: the built-in demo model "
@@ -388,7 +391,7 @@ def _add_plan_parser(sub) -> None:
 
     p = sub.add_parser(
         "plan",
-        help="per-rank sizes of an export, from the config alone (no weights read)",
+        help=_HELP["plan"],
         description="Trace the export on the meta device and print, per rank: weight and graph bytes, "
         "segments, the largest tensor, the KV cache per token and at the context limit, and the memory "
         "targets. Exits 2 when a rank does not fit --memory-limit.",
@@ -440,7 +443,7 @@ def _add_build_parser(sub) -> None:
     d = BuildOptions()
     p = sub.add_parser(
         "build",
-        help="build TensorRT engines (one per rank and segment) from an export",
+        help=_HELP["build"],
         description="Build strongly typed TensorRT engines with the RMSNorm/RoPE plugins from an export "
         "directory. Needs TensorRT and an NVIDIA GPU.",
     )
@@ -487,7 +490,7 @@ def _add_compare_parser(sub) -> None:
 
     p = sub.add_parser(
         "compare",
-        help="compare a backend with the eager model per segment, layer and rank",
+        help=_HELP["compare"],
         description="Run a backend and the eager model side by side (every rank, in one process) on the "
         "same prompt; report per segment (layer, attention/FFN, rank) max/mean abs error and cosine, and "
         "for the final logits top-1/top-5 and greedy agreement; name the segment where the error starts; "
@@ -549,19 +552,34 @@ def _cmd_compare(args, argv: list[str]) -> int:
     return 0 if report else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+_HELP = {  # subcommand -> its one-line help (the top-level --help lists them)
+    "export": "export per-rank ONNX segments + manifest and validate them on ONNX Runtime",
+    "run": "generate across N rank processes on the eager, ort or trt backend",
+    "compare": "compare a backend with the eager model per segment, layer and rank",
+    "eval": "perplexity of a text file on any backend and variant",
+    "plan": "per-rank sizes of an export, from the config alone (no weights read)",
+    "build": "build TensorRT engines (one per rank and segment) from an export",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; with `command`, only that subcommand's arguments are built (the others are
+    listed by name and help), so that `run` on ONNX Runtime does not import the exporter (and torch)
+    just to show defaults."""
     parser = _Parser(
         prog="llama-export",
         description="Export LLaMA-family models to tensor-parallel ONNX / TensorRT and run them.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_export_parser(sub)
-    _add_run_parser(sub)
-    _add_compare_parser(sub)
-    _add_eval_parser(sub)
-    _add_plan_parser(sub)
-    _add_build_parser(sub)
+    adders = {"export": _add_export_parser, "run": _add_run_parser, "compare": _add_compare_parser,
+              "eval": _add_eval_parser, "plan": _add_plan_parser, "build": _add_build_parser}
+    assert adders.keys() == _HELP.keys()
+    for name, add in adders.items():
+        if command is None or command == name:
+            add(sub)
+        else:
+            sub.add_parser(name, help=_HELP[name])
     return parser
 
 
@@ -625,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     with _signals_as_exceptions():
         try:
-            args = build_parser().parse_args(argv)
+            command = next((a for a in argv if not a.startswith("-")), None)
+            args = build_parser(command if command in _HELP else None).parse_args(argv)
             logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                                 format="%(levelname)s %(name)s: %(message)s")
             return args.func(args, argv)

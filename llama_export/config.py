@@ -14,14 +14,16 @@ import enum
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llama_export import dtypes
 from llama_export.errors import ConfigError
 from llama_export.parsing import check_fields, parse_json_file, parse_value
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Precision(str, enum.Enum):

@@ -1,8 +1,9 @@
 """The main job: export one or more variants of a checkpoint, validate each on ONNX Runtime, report.
 
 It sits above both the exporter and the comparison engine (`runner.compare`, validation mode), and owns
-the order that keeps earlier results safe: check everything, export into a staging folder, validate the
-staged export, and only then swap it into place (`files.staging`).
+the order that keeps earlier results safe: check everything, export into a staging folder, write its
+ONNX Runtime lowering (`backends.ort.prelower`), validate the staged export, and only then swap it into
+place (`files.staging`).
 
     graphs/demo/tp2-fp32/          the last export that passed validation (untouched by a failure)
     graphs/demo/tp2-fp32.failed/   the last one that did not, kept for `llama-export compare`
@@ -21,6 +22,7 @@ import onnx_ir as ir
 
 from llama_export.artifact.manifest import load_manifest, resolve_inside
 from llama_export.artifact.schema import COMPUTE_OPS
+from llama_export.backends.ort.prelower import write_lowered
 from llama_export.config import ModelDType, Precision
 from llama_export.export.exporter import ExportOptions, check_export, export_into
 from llama_export.export.passes.check import custom_node_counts
@@ -79,7 +81,7 @@ def run_job(base: ExportOptions, tps: list[int], dtypes: list[ModelDType], *, va
     for opts in variants:
         with staging(opts.target) as stage:
             t0 = time.perf_counter()
-            export_into(opts, stage.path)
+            write_lowered(stage.path, export_into(opts, stage.path))  # the ORT lowering, ready to run
             dt = time.perf_counter() - t0
             segs, nodes, custom = _graph_stats(stage.path)
             cmp, note = None, ""

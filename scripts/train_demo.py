@@ -255,10 +255,10 @@ def greedy(model: Transformer, sp: spm.SentencePieceProcessor, prompt: str, n: i
     """Greedy continuation of `prompt` with the KV cache; also the top-1 minus top-2 logit margins."""
     ids = [BOS_ID, *sp.encode(prompt)]
     n = min(n, model.cfg.max_seq_len - len(ids))
-    steps = generate(model, torch.tensor([ids]), model.empty_cache(1, len(ids) + n), max_new_tokens=n).steps
+    steps = generate(model.step, torch.tensor([ids]), model.empty_cache(1, len(ids) + n), max_new_tokens=n).steps
     out, margins = [], []
     for s in steps:
-        top = s.logits[0].topk(2)
+        top = torch.from_numpy(s.logits[0]).topk(2)
         margins.append((top.values[0] - top.values[1]).item())
         nxt = int(top.indices[0])
         if nxt == EOS_ID:

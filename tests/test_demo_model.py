@@ -61,8 +61,8 @@ def test_greedy_decoding_looks_like_python_with_clear_margins(model, sp: spm.Sen
     from llama_export.runner.generate import generate
 
     ids = [sp.bos_id(), *sp.encode("def ")]
-    steps = generate(model, torch.tensor([ids]), model.empty_cache(1, len(ids) + 33), max_new_tokens=33).steps
-    logits = steps[0].logits
+    steps = generate(model.step, torch.tensor([ids]), model.empty_cache(1, len(ids) + 33), max_new_tokens=33).steps
+    logits = torch.from_numpy(steps[0].logits)
     out, margins = [], []
     for _ in range(32):
         top = logits[0].topk(2)
@@ -71,7 +71,7 @@ def test_greedy_decoding_looks_like_python_with_clear_margins(model, sp: spm.Sen
         if nxt == sp.eos_id():
             break
         out.append(nxt)
-        logits = steps[len(out)].logits
+        logits = torch.from_numpy(steps[len(out)].logits)
     text = "def " + sp.decode(out)
 
     assert len(out) >= 16, text

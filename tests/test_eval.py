@@ -41,7 +41,7 @@ def test_perplexity_matches_full_sequence_reference(n, window, stride, batch):
     model.eval()
     hf = hf_model_from_meta(cfg, state)
     ids = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n))
-    got = perplexity(model, model.empty_cache, ids, window=window, stride=stride, batch=batch)
+    got = perplexity(model.step, model.empty_cache, ids, window=window, stride=stride, batch=batch)
     want, scored = reference_nll(hf, ids, window, stride)
     assert got.scored == scored == n - 1
     assert got.nll == pytest.approx(want, rel=1e-5)

@@ -35,7 +35,7 @@ def _tok() -> Tokenizer:
 def _eager(tp: int, prompt: torch.Tensor) -> list[int]:
     def rank_fn(rank, comm):
         model = build_model(DEMO_DIR, tp=tp, rank=rank, comm=comm)
-        return generate(model, prompt, model.empty_cache(1, prompt.shape[1] + NEW),
+        return generate(model.step, prompt, model.empty_cache(1, prompt.shape[1] + NEW),
                         max_new_tokens=NEW).new_tokens[0].tolist()
 
     return ThreadGroup(tp).run(rank_fn)[0]
@@ -47,7 +47,7 @@ def _ort(path, prompt: torch.Tensor) -> list[int]:
     def rank_fn(rank, comm):
         be = open_backend(Backend.ORT, manifest, path, rank=rank, device=torch.device("cpu"))
         step = segmented_step(manifest, be, comm=comm)
-        cache = empty_cache(manifest, rank, 1, prompt.shape[1] + NEW, device=be.device)
+        cache = empty_cache(manifest, rank, 1, prompt.shape[1] + NEW, backend=be)
         return generate(step, prompt, cache, max_new_tokens=NEW).new_tokens[0].tolist()
 
     return ThreadGroup(manifest.tp).run(rank_fn)[0]

@@ -67,6 +67,19 @@ class Collective:
 
 
 @dataclass(frozen=True)
+class LoweredFiles:
+    """A backend's lowering of a segment, written at export time, so that running it needs no graph
+    rewriting (and no graph library): the graph `file` reads its weights from the segment's own
+    `data_file` where the lowering kept them and from `data_file` here where it repacked them (quantized
+    weights in a kernel's layout). Paths are relative like `Segment.file`."""
+
+    file: str
+    sha256: Sha256
+    data_file: Name | None = None
+    data_sha256: Sha256 | None = None
+
+
+@dataclass(frozen=True)
 class Segment:
     name: Name
     file: str  # relative POSIX path inside the export directory (`resolve_inside` checks it)
@@ -78,6 +91,15 @@ class Segment:
     collective: Collective | None  # runs after this segment
     data_file: Name | None = None  # the weights (ONNX external data), relative like `file`; None: no weights
     data_sha256: Sha256 | None = None
+    ort: LoweredFiles | None = None  # the segment lowered for ONNX Runtime (`backends.ort`), if written
+
+    def files(self) -> list[tuple[str, str]]:
+        """(relative path, sha256) of every file of this segment: graph, weights, lowered graph and its
+        repacked weights."""
+        pairs = [(self.file, self.sha256), (self.data_file, self.data_sha256)]
+        if self.ort is not None:
+            pairs += [(self.ort.file, self.ort.sha256), (self.ort.data_file, self.ort.data_sha256)]
+        return [(rel, sha) for rel, sha in pairs if rel is not None]
 
 
 @dataclass(frozen=True)
@@ -142,8 +164,9 @@ class Manifest:
                 if s.layer is not None and s.layer >= self.model.n_layers:
                     raise ValueError(f"segment {s.name} has layer={s.layer} but the model has "
                                      f"n_layers={self.model.n_layers}")
-                if (s.data_file is None) != (s.data_sha256 is None):
-                    raise ValueError(f"segment {s.name} needs both data_file and data_sha256, or neither")
+                for f in (s, s.ort):
+                    if f is not None and (f.data_file is None) != (f.data_sha256 is None):
+                        raise ValueError(f"segment {s.name} needs both data_file and data_sha256, or neither")
 
     # ---- JSON -----------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -209,7 +232,7 @@ def load_manifest(root: Path, *, verify_hashes: bool = True, rehash: bool = Fals
             "`llama-export export` (graphs/<model>/<variant>)"
         )
     m = Manifest.from_json(read_bytes(path, error=ArtifactError), source=str(path))
-    files = [f for r in m.ranks for s in r.segments for f in (s.file, s.data_file) if f]
+    files = [rel for r in m.ranks for s in r.segments for rel, _ in s.files()]
     files += [t.file for t in m.text_files]
     for rel in files:
         f = resolve_inside(root, rel)
@@ -236,9 +259,9 @@ def text_file_paths(root: Path, m: Manifest) -> dict[str, Path]:
 
 
 def rank_files(m: Manifest, rank: int) -> list[tuple[str, str]]:
-    """(relative path, sha256) of every file rank `rank` reads: its graphs and their data files."""
-    return [(rel, want) for s in m.rank(rank).segments
-            for rel, want in ((s.file, s.sha256), (s.data_file, s.data_sha256)) if rel is not None]
+    """(relative path, sha256) of every file rank `rank` reads: its graphs, their data files and their
+    lowered forms."""
+    return [pair for s in m.rank(rank).segments for pair in s.files()]
 
 
 def verify_rank(m: Manifest, root: Path, rank: int, *, on_bytes: Callable[[int], None] | None = None,

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from llama_export.artifact.manifest import Manifest
 from llama_export.backends.base import RankBackend
 from llama_export.config import Backend
@@ -36,18 +34,20 @@ def artifact_manifest(backend: Backend, root: Path, *, verify_hashes: bool = Tru
     raise InputError(f"the {backend.value} backend runs no export; choose ort or trt")
 
 
-def open_backend(backend: Backend, manifest: Manifest, root: Path, *, rank: int, device: torch.device,
-                 extra_outputs: tuple[str, ...] = (), exact: bool = False) -> RankBackend:
+def open_backend(backend: Backend, manifest: Manifest, root: Path, *, rank: int, device: str,
+                 threads: int | None = None, extra_outputs: tuple[str, ...] = (), exact: bool = False) -> RankBackend:
     """The RankBackend of `backend` for one rank of an export (or engine) directory.
 
     `extra_outputs`: values inside the graphs to return as well where the backend can (ORT; used by
     `compare` to look inside a TP=1 graph). `exact`: compute quantized weights with the graph's own
     arithmetic rather than faster approximate kernels where the backend has both (ORT; used when
-    checking an export against eager)."""
+    checking an export against eager). `threads`: CPU threads of this rank (ORT sessions; None: the
+    library's default)."""
     if backend is Backend.ORT:
         from llama_export.backends.ort import OrtBackend
 
-        return OrtBackend(manifest, root, rank=rank, device=device, extra_outputs=extra_outputs, exact=exact)
+        return OrtBackend(manifest, root, rank=rank, device=device, threads=threads, extra_outputs=extra_outputs,
+                          exact=exact)
     if backend is Backend.TENSORRT:
         try:
             from llama_export.backends.tensorrt.runner import TensorRTBackend

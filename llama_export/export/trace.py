@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from llama_export.artifact import schema
 from llama_export.export.passes.placeholders import make_placeholder
 from llama_export.model.transformer import Transformer
+from llama_export.parallel.comm import markers
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def _translation_table() -> dict:
     def all_gather(x, dim: int, world_size: int):
         return custom.AllGather(x, axis=dim, world_size=world_size)
 
+    markers()  # registers llama_export::all_reduce / all_gather
     ops = torch.ops.llama_export
     return {
         ops.rms_norm.default: rms_norm,

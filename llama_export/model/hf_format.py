@@ -187,7 +187,7 @@ class RawSafetensors:
     def read(self, name: str, sl: Slice) -> Tensor:
         info = self.header[name]
         spelled = dtypes.by_safetensors(info["dtype"])
-        if spelled is None or not spelled.torch.is_floating_point:
+        if spelled is None or not spelled.is_float:
             raise CheckpointError(f"{name} in {self.path} has dtype {info['dtype']}; expected F32, F16 or BF16")
         dtype = spelled.torch
         shape = list(info["shape"])

@@ -52,6 +52,15 @@ class Transformer(nn.Module):
         shape = (batch, self.shape.local_kv_heads, capacity or self.cfg.max_seq_len, self.cfg.head_dim)
         return [p.new_zeros(shape) for _ in self.layers], [p.new_zeros(shape) for _ in self.layers]
 
+    def step(self, tokens, cache_lengths, token_lengths, keys: list[Tensor],
+             values: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """`forward` as the runner's step function (`runner.generate`): ids and lengths arrive as host
+        arrays (numpy, or tensors) and are moved to this model's device; runs without autograd."""
+        device = self.rope_cos.device
+        with torch.inference_mode():
+            return self(*(torch.as_tensor(x, device=device) for x in (tokens, cache_lengths, token_lengths)),
+                        keys, values)
+
     def forward(self, tokens: Tensor, cache_lengths: Tensor, token_lengths: Tensor, keys: list[Tensor],
                 values: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """tokens: [B, S] int64, right-padded: row b's valid tokens are `tokens[b, :token_lengths[b]]` at

@@ -6,19 +6,26 @@ Implementations of one small interface:
 - `ExportComm`: emits `llama_export::all_reduce` / `all_gather` marker ops that export turns into
   `AllReduce` / `AllGather` nodes, where the partition pass later cuts the graph.
 - `ThreadComm`: every rank as a thread of one process (validation and comparison).
+
+Collectives take torch tensors or numpy arrays (the ONNX Runtime backend's) and return the same kind.
+torch is imported by the communicators that need it, not by this module: a TP=1 run on ONNX Runtime
+(`LocalComm`) never imports it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from functools import cache
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-import torch.distributed as dist
-from torch import Tensor
+import numpy as np
 
 from llama_export.errors import PeerLostError
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+    from torch import Tensor
 
 
 class Communicator(Protocol):
@@ -51,6 +58,8 @@ class DistComm:
     """`torch.distributed` communicator over the default (or a given) process group."""
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        import torch.distributed as dist
+
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -58,18 +67,36 @@ class DistComm:
         # fp32 and cast back. NCCL reduces natively.
         self._upcast = dist.get_backend(group) == "gloo"
 
-    def all_reduce(self, x: Tensor) -> Tensor:
-        y = x.float() if (self._upcast and x.dtype != torch.float32) else x.clone()
+    def all_reduce(self, x: Any) -> Any:
+        import torch
+        import torch.distributed as dist
+
+        t, back = _as_torch(x)
+        y = t.float() if (self._upcast and t.dtype != torch.float32) else t.clone()
         with peer_errors("all_reduce"):
             dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
-        return y.to(x.dtype)
+        return back(y.to(t.dtype))
 
-    def all_gather(self, x: Tensor, dim: int) -> Tensor:
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+    def all_gather(self, x: Any, dim: int) -> Any:
+        import torch
+        import torch.distributed as dist
+
+        t, back = _as_torch(x)
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
         with peer_errors("all_gather"):
-            dist.all_gather(parts, x, group=self.group)
-        return torch.cat(parts, dim=dim)
+            dist.all_gather(parts, t, group=self.group)
+        return back(torch.cat(parts, dim=dim))
+
+
+def _as_torch(x: Any):
+    """(x as a torch tensor, a function turning a result back into x's kind): numpy arrays travel as
+    zero-copy CPU tensors."""
+    if isinstance(x, np.ndarray):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x)), lambda t: t.numpy()
+    return x, lambda t: t
 
 
 @contextmanager
@@ -85,28 +112,36 @@ def peer_errors(what: str) -> Iterator[None]:
 
 
 # ---- export markers ------------------------------------------------------------------------------
-@torch.library.custom_op("llama_export::all_reduce", mutates_args=())
-def all_reduce_marker(x: Tensor, world_size: int) -> Tensor:
-    """Marker for a sum over `world_size` ranks; only traced, never executed."""
-    raise RuntimeError("llama_export::all_reduce is an export marker; run eager models with DistComm")
+@cache
+def markers():
+    """(all_reduce, all_gather): the `llama_export::` marker ops, registered with torch on first use.
 
+    all_reduce(x, world_size) marks a sum over `world_size` ranks, all_gather(x, dim, world_size) a
+    concatenation; both are only traced, never executed."""
+    import torch
+    from torch import Tensor
 
-@all_reduce_marker.register_fake
-def _(x: Tensor, world_size: int) -> Tensor:
-    return torch.empty_like(x)
+    # explicit schemas: the annotations are strings here (`from __future__ import annotations`)
+    @torch.library.custom_op("llama_export::all_reduce", mutates_args=(), schema="(Tensor x, int world_size) -> Tensor")
+    def all_reduce_marker(x: Tensor, world_size: int) -> Tensor:
+        raise RuntimeError("llama_export::all_reduce is an export marker; run eager models with DistComm")
 
+    @all_reduce_marker.register_fake
+    def _(x: Tensor, world_size: int) -> Tensor:
+        return torch.empty_like(x)
 
-@torch.library.custom_op("llama_export::all_gather", mutates_args=())
-def all_gather_marker(x: Tensor, dim: int, world_size: int) -> Tensor:
-    """Marker for a concatenation over `world_size` ranks; only traced, never executed."""
-    raise RuntimeError("llama_export::all_gather is an export marker; run eager models with DistComm")
+    @torch.library.custom_op("llama_export::all_gather", mutates_args=(),
+                             schema="(Tensor x, int dim, int world_size) -> Tensor")
+    def all_gather_marker(x: Tensor, dim: int, world_size: int) -> Tensor:
+        raise RuntimeError("llama_export::all_gather is an export marker; run eager models with DistComm")
 
+    @all_gather_marker.register_fake
+    def _(x: Tensor, dim: int, world_size: int) -> Tensor:
+        shape = list(x.shape)
+        shape[dim] = shape[dim] * world_size
+        return x.new_empty(shape)
 
-@all_gather_marker.register_fake
-def _(x: Tensor, dim: int, world_size: int) -> Tensor:
-    shape = list(x.shape)
-    shape[dim] = shape[dim] * world_size
-    return x.new_empty(shape)
+    return all_reduce_marker, all_gather_marker
 
 
 class ExportComm:
@@ -117,10 +152,10 @@ class ExportComm:
         self.world_size = world_size
 
     def all_reduce(self, x: Tensor) -> Tensor:
-        return all_reduce_marker(x, self.world_size)
+        return markers()[0](x, self.world_size)
 
     def all_gather(self, x: Tensor, dim: int) -> Tensor:
-        return all_gather_marker(x, dim % x.dim(), self.world_size)
+        return markers()[1](x, dim % x.dim(), self.world_size)
 
 
 # ---- all ranks in one process --------------------------------------------------------------------
@@ -137,12 +172,12 @@ class ThreadGroup:
 
         self.world_size = world_size
         self.barrier = threading.Barrier(world_size, timeout=timeout_s)
-        self.slots: list[Tensor | None] = [None] * world_size
+        self.slots: list[Any] = [None] * world_size
 
     def comm(self, rank: int) -> ThreadComm:
         return ThreadComm(self, rank)
 
-    def exchange(self, rank: int, x: Tensor) -> list[Tensor]:
+    def exchange(self, rank: int, x: Any) -> list[Any]:
         self.slots[rank] = x
         self.barrier.wait()
         parts = list(self.slots)
@@ -181,12 +216,16 @@ class ThreadComm:
         self.rank = rank
         self.world_size = group.world_size
 
-    def all_reduce(self, x: Tensor) -> Tensor:
-        parts = self.group.exchange(self.rank, x)
+    def all_reduce(self, x: Any) -> Any:
+        t, back = _as_torch(x)
+        parts = [_as_torch(p)[0] for p in self.group.exchange(self.rank, t)]
         out = parts[0].float()  # fp32 accumulation, as DistComm does on gloo
         for p in parts[1:]:
             out = out + p.float()
-        return out.to(x.dtype)
+        return back(out.to(t.dtype))
 
-    def all_gather(self, x: Tensor, dim: int) -> Tensor:
-        return torch.cat(self.group.exchange(self.rank, x), dim=dim)
+    def all_gather(self, x: Any, dim: int) -> Any:
+        import torch
+
+        t, back = _as_torch(x)
+        return back(torch.cat(self.group.exchange(self.rank, t), dim=dim))

@@ -53,7 +53,7 @@ from llama_export.parallel.comm import ThreadGroup
 from llama_export.progress import activity, count_bar
 from llama_export.runner import polygraphy_data
 from llama_export.runner.diff import TOLERANCES, Comparison, TensorDiff
-from llama_export.runner.generate import generate, validate_prompt
+from llama_export.runner.generate import generate, host, validate_prompt
 from llama_export.runner.stitch import backend_capacity, empty_cache, segmented_step
 
 log = logging.getLogger(__name__)
@@ -219,8 +219,10 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
     if mode is Mode.VALIDATE:
         with activity(f"{manifest.variant}: eager reference, prefill + {settings.steps} steps", enabled=progress):
             model = build_model(checkpoint, dtype=dtype, max_seq_len=cfg.max_seq_len, weights=manifest.weight_quant)
-            res = generate(model, prompt, model.empty_cache(prompt.shape[0], capacity), max_new_tokens=settings.steps + 1)
-        ref_logits, forced = [s.logits for s in res.steps], [s.tokens for s in res.steps]
+            res = generate(model.step, prompt, model.empty_cache(prompt.shape[0], capacity),
+                           max_new_tokens=settings.steps + 1)
+        ref_logits = [torch.from_numpy(s.logits) for s in res.steps]
+        forced = [torch.from_numpy(s.tokens) for s in res.steps]
         del model
     bar = count_bar(settings.steps + 1, f"{manifest.variant}: {backend.value}, all ranks", unit="step",
                     enabled=progress)
@@ -244,11 +246,11 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
         extra = tuple(p.value for p in probes if p.value.startswith("/model/"))
         # exact: quantized weights computed as the canonical graph says, so the comparison judges the
         # export itself (ORT's faster int8-activation kernels are measured by `eval` and the tests).
-        be = open_backend(backend, manifest, artifacts, rank=rank, device=torch.device(device),
+        be = open_backend(backend, manifest, artifacts, rank=rank, device=device, threads=torch.get_num_threads(),
                           extra_outputs=extra, exact=True)
         cur: dict[int, dict[str, Tensor]] = {}
         step = segmented_step(manifest, be, comm=comm, hook=lambda k, env: cur.__setitem__(k, dict(env)))
-        bk, bv = empty_cache(manifest, rank, bsz, backend_capacity(backend, manifest, capacity), device=be.device)
+        bk, bv = empty_cache(manifest, rank, bsz, backend_capacity(backend, manifest, capacity), backend=be)
         if model is not None:
             ek, ev = model.empty_cache(bsz, capacity)
         backend_logits, eager_logits, seg_diffs, tokens = [], [], [], prompt
@@ -257,9 +259,8 @@ def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: P
         with torch.inference_mode():
             for i in range(settings.steps + 1):
                 cur.clear()
-                dev = be.device
-                blog, bk, bv = step(tokens.to(dev), cached.to(dev), lengths.to(dev), bk, bv)
-                backend_logits.append(blog)
+                blog, bk, bv = step(tokens, cached, lengths, bk, bv)
+                backend_logits.append(torch.from_numpy(host(blog)))
                 if rank == 0:
                     bar.update()
                 if model is None:

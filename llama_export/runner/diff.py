@@ -46,7 +46,8 @@ class TensorDiff:
 
     @classmethod
     def of(cls, name: str, actual: Tensor, expected: Tensor, *, logits: bool = False) -> TensorDiff:
-        a, e = actual.detach().float().cpu(), expected.detach().float().cpu()
+        # numpy (ONNX Runtime's arrays) or torch on any device; compared as fp32 CPU tensors
+        a, e = (torch.as_tensor(t).detach().float().cpu() for t in (actual, expected))
         if a.shape != e.shape:
             raise ValueError(f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
         d = (a - e).abs()

@@ -22,13 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import Tensor
+import numpy as np
 from tqdm import tqdm
 
 from llama_export.errors import InputError
 from llama_export.parallel.plan import check_tp
-from llama_export.runner.generate import MakeCache, StepFn
+from llama_export.runner.generate import MakeCache, StepFn, host
 from llama_export.runner.launch import on_ranks, rank_env
 from llama_export.runner.source import ModelSource
 
@@ -68,41 +67,44 @@ def plan_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]
     return out
 
 
-def _nll(logits: Tensor, targets: Tensor) -> float:
-    """Summed -log p(target) over rows; logits [B, V] fp32, targets [B]."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    return -float(logp.gather(-1, targets.view(-1, 1)).sum())
+def _nll(logits, targets: np.ndarray) -> float:
+    """Summed -log p(target) over rows; logits [B, V] fp32 (numpy or tensor), targets [B]."""
+    z = host(logits).astype(np.float64)
+    m = z.max(axis=-1, keepdims=True)
+    logp = z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+    return -float(np.take_along_axis(logp, targets.reshape(-1, 1), axis=-1).sum())
 
 
-def _run_group(step: StepFn, make_cache: MakeCache, ids: Tensor, group: list[tuple[int, int, int]]) -> float:
+def _run_group(step: StepFn, make_cache: MakeCache, ids: np.ndarray, group: list[tuple[int, int, int]]) -> float:
     """NLL of windows that share their shape (same context and scored lengths), as one batch."""
-    ctx = torch.stack([ids[s:f] for s, f, _ in group])  # [B, f - s]
-    scored = torch.stack([ids[f:e] for _, f, e in group])  # [B, e - f]
+    ctx = np.stack([ids[s:f] for s, f, _ in group])  # [B, f - s]
+    scored = np.stack([ids[f:e] for _, f, e in group])  # [B, e - f]
     bsz, n_ctx = ctx.shape
     keys, values = make_cache(bsz, n_ctx + scored.shape[1])
-    cached = torch.zeros(bsz, dtype=torch.int64)
-    lengths = torch.full((bsz,), n_ctx, dtype=torch.int64)
-    with torch.inference_mode():
-        logits, keys, values = step(ctx, cached, lengths, keys, values)
-        total = _nll(logits, scored[:, 0])
-        cached, lengths = cached + lengths, torch.ones_like(lengths)
-        for k in range(1, scored.shape[1]):
-            logits, keys, values = step(scored[:, k - 1: k], cached, lengths, keys, values)
-            total += _nll(logits, scored[:, k])
-            cached = cached + 1
+    cached = np.zeros(bsz, dtype=np.int64)
+    lengths = np.full(bsz, n_ctx, dtype=np.int64)
+    logits, keys, values = step(ctx, cached, lengths, keys, values)
+    total = _nll(logits, scored[:, 0])
+    cached, lengths = cached + lengths, np.ones_like(lengths)
+    for k in range(1, scored.shape[1]):
+        logits, keys, values = step(np.ascontiguousarray(scored[:, k - 1: k]), cached, lengths, keys, values)
+        total += _nll(logits, scored[:, k])
+        cached = cached + 1
     return total
 
 
-def perplexity(step: StepFn, make_cache: MakeCache, ids: Tensor, *,
+def perplexity(step: StepFn, make_cache: MakeCache, ids, *,
                window: int, stride: int, batch: int = 8,
                progress: Callable[[int, int], None] | None = None) -> Perplexity:
-    """Perplexity of `ids` ([N] int64) under `step`; `make_cache(b, capacity)` gives an empty cache for b rows.
+    """Perplexity of `ids` ([N] int64, numpy or tensor) under `step`; `make_cache(b, capacity)` gives an
+    empty cache for b rows.
 
     `progress(done, total)` is called after each group of windows, in windows."""
     if batch < 1:
         raise InputError(f"batch={batch} must be at least 1")
     t0 = time.perf_counter()
-    windows = plan_windows(ids.numel(), window, stride)
+    ids = np.asarray(ids, dtype=np.int64)
+    windows = plan_windows(ids.size, window, stride)
     groups: list[list[tuple[int, int, int]]] = [[windows[0]]]
     full = [w for w in windows[1:] if w[2] - w[1] == stride]
     groups += [full[i: i + batch] for i in range(0, len(full), batch)]
@@ -113,7 +115,7 @@ def perplexity(step: StepFn, make_cache: MakeCache, ids: Tensor, *,
         done += len(group)
         if progress is not None:
             progress(done, len(windows))
-    return Perplexity(tokens=ids.numel(), scored=ids.numel() - 1, nll=total, window=window, stride=stride,
+    return Perplexity(tokens=ids.size, scored=ids.size - 1, nll=total, window=window, stride=stride,
                       seconds=time.perf_counter() - t0)
 
 
@@ -133,7 +135,7 @@ class EvalOptions:
     threads: int | None = None  # CPU threads per rank (None: `launch.rank_threads` decides)
 
 
-def _read_ids(opts: EvalOptions) -> Tensor:
+def _read_ids(opts: EvalOptions) -> np.ndarray:
     path = Path(opts.text)
     if not path.is_file():
         raise InputError(f"--text {path} does not exist; give a UTF-8 text file")
@@ -144,7 +146,7 @@ def _read_ids(opts: EvalOptions) -> Tensor:
     except OSError as e:
         raise InputError(f"--text {path}: cannot read it ({e.strerror}); check the path") from None
     ids = opts.source.tokenizer().encode(text)  # one stream, BOS first
-    return torch.tensor(ids, dtype=torch.int64)
+    return np.array(ids, dtype=np.int64)
 
 
 def _window(opts: EvalOptions, max_seq_len: int) -> tuple[int, int]:
@@ -164,13 +166,13 @@ def run_eval(opts: EvalOptions, argv: list[str], report: Callable[[Perplexity], 
         cfg = opts.source.config()
         check_tp(cfg, opts.tp)
         _window(opts, cfg.max_seq_len)
-        plan_windows(_read_ids(opts).numel(), *_window(opts, cfg.max_seq_len))
+        plan_windows(_read_ids(opts).size, *_window(opts, cfg.max_seq_len))
 
-    def work(env, comm, device) -> int:
-        step, make_cache, cfg = opts.source.step(comm=comm, device=device)
+    def work(env, comm, device: str, threads: int) -> int:
+        step, make_cache, cfg = opts.source.step(comm=comm, device=device, threads=threads)
         window, stride = _window(opts, cfg.max_seq_len)
-        ids = _read_ids(opts).to(device)
-        bar = tqdm(total=len(plan_windows(ids.numel(), window, stride)), unit="window", desc="eval",
+        ids = _read_ids(opts)
+        bar = tqdm(total=len(plan_windows(ids.size, window, stride)), unit="window", desc="eval",
                    disable=not opts.progress or env.rank != 0)
         result = perplexity(step, make_cache, ids, window=window, stride=stride, batch=opts.batch,
                             progress=lambda done, total: bar.update(done - bar.n))

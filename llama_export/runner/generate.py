@@ -2,8 +2,8 @@
 
 A *step function* maps `(tokens [B, S], cache_lengths [B], token_lengths [B], keys, values)` to
 `(logits [B, vocab] fp32, keys, values)` (`artifact/schema.py`: right-padded rows, a preallocated cache
-written in place at per-row positions; a backend may return the same cache tensors). The eager model is
-one; a stitched sequence of exported segments is another (`runner.stitch`). Prompts of different lengths
+written in place at per-row positions; a backend may return the same cache tensors). The eager model's
+`Transformer.step` is one; a stitched sequence of exported segments is another (`runner.stitch`). Prompts of different lengths
 run as one batch: right-padded for the prefill, then one token per row per step. Every rank runs this
 same loop on identical (all-gathered) logits, so greedy and seeded sampling pick the same token
 everywhere without extra communication.
@@ -15,31 +15,41 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from llama_export.errors import InputError
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]], tuple[Tensor, list[Tensor], list[Tensor]]]
+# The loop is host-side numpy (ids, lengths, logits, sampling) and imports no torch, so that a run on ONNX
+# Runtime never loads it. A step function takes host int64 arrays and returns logits as a numpy array or
+# a torch tensor (`host`); the cache is whatever its backend allocated (numpy, torch, on any device).
+StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, list, list], tuple[Any, list, list]]
 # make_cache(batch, capacity) -> (keys, values): zeroed, shaped and typed as the step function wants
-MakeCache = Callable[[int, int], tuple[list[Tensor], list[Tensor]]]
+MakeCache = Callable[[int, int], tuple[list, list]]
 
 
-def pad_prompts(rows: list[list[int]] | tuple[tuple[int, ...], ...]) -> tuple[Tensor, Tensor]:
+def host(x: Any) -> np.ndarray:
+    """A step's output as a host numpy array (a torch tensor on any device is copied over)."""
+    if isinstance(x, np.ndarray):
+        return x
+    return x.detach().cpu().numpy()
+
+
+def pad_prompts(rows: list[list[int]] | tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ids `[B, max length]` (padding id 0) and the lengths `[B]` of ragged prompts."""
     width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.int64)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
-    return ids, torch.tensor([len(r) for r in rows], dtype=torch.int64)
+        ids[i, : len(r)] = r
+    return ids, np.array([len(r) for r in rows], dtype=np.int64)
 
 
-def check_capacity(prompt_lengths: Tensor, max_new_tokens: int, capacity: int) -> None:
+def check_capacity(prompt_lengths: np.ndarray, max_new_tokens: int, capacity: int) -> None:
     """InputError unless every row's prompt + new tokens fits the KV cache capacity."""
-    longest = int(prompt_lengths.max())
+    longest = int(np.max(prompt_lengths))
     if longest + max_new_tokens > capacity:
         raise InputError(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} exceeds "
@@ -68,12 +78,13 @@ class SamplingConfig:
             raise InputError(f"seed={self.seed} must be in [0, 2**63)")
 
 
-def validate_prompt(prompt: Tensor, *, vocab_size: int, max_seq_len: int, max_new_tokens: int,
+def validate_prompt(prompt: np.ndarray, *, vocab_size: int, max_seq_len: int, max_new_tokens: int,
                     limit_name: str | None = None) -> None:
     """Raise InputError for an empty prompt, unknown token ids, or a prompt that outgrows the context
     (`max_seq_len` tokens per row, called `limit_name` in messages: default "max_seq_len=N")."""
     limit_name = limit_name or f"max_seq_len={max_seq_len}"
-    if prompt.dim() != 2:
+    prompt = np.asarray(prompt)
+    if prompt.ndim != 2:
         raise InputError(f"prompt ids must be [batch, seq], got shape {tuple(prompt.shape)}")
     if prompt.shape[1] == 0:
         raise InputError("the prompt is empty; give at least one token")
@@ -83,7 +94,7 @@ def validate_prompt(prompt: Tensor, *, vocab_size: int, max_seq_len: int, max_ne
             "room for one new token; shorten it"
         )
     bad = prompt[(prompt < 0) | (prompt >= vocab_size)]
-    if bad.numel():
+    if bad.size:
         raise InputError(
             f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size}); check the tokenizer/model pair"
         )
@@ -97,47 +108,50 @@ def validate_prompt(prompt: Tensor, *, vocab_size: int, max_seq_len: int, max_ne
         )
 
 
-def sample(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator) -> Tensor:
+def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
     """Next token ids `[B]` from fp32 logits `[B, V]` (greedy, or temperature + nucleus sampling)."""
     if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the most likely token
+        return logits.argmax(axis=-1)
+    z = logits.astype(np.float64) / cfg.temperature
+    probs = np.exp(z - z.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    idx = np.argsort(-probs, axis=-1, kind="stable")
+    sorted_p = np.take_along_axis(probs, idx, axis=-1)
+    keep = np.cumsum(sorted_p, axis=-1) - sorted_p < cfg.top_p  # always keeps the most likely token
     sorted_p = sorted_p * keep
-    choice = torch.multinomial(sorted_p.cpu(), 1, generator=gen).to(idx.device)
-    return idx.gather(-1, choice).squeeze(-1)
+    choice = [rng.choice(len(p), p=p / p.sum()) for p in sorted_p]
+    return idx[np.arange(len(idx)), choice]
 
 
 @dataclass
 class StepRecord:
-    tokens: Tensor  # [B] chosen ids
-    logits: Tensor  # [B, V] fp32
+    tokens: np.ndarray  # [B] chosen ids
+    logits: np.ndarray  # [B, V] fp32
 
 
 @dataclass
 class GenerationResult:
-    prompt: Tensor  # [B, S] right-padded ids
-    prompt_lengths: Tensor  # [B]
+    prompt: np.ndarray  # [B, S] right-padded ids
+    prompt_lengths: np.ndarray  # [B]
     steps: list[StepRecord] = field(default_factory=list)
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
     @property
-    def new_tokens(self) -> Tensor:
+    def new_tokens(self) -> np.ndarray:
         """[B, K] generated ids."""
         if not self.steps:
-            return self.prompt.new_zeros(self.prompt.shape[0], 0)
-        return torch.stack([s.tokens for s in self.steps], dim=1)
+            return np.zeros((self.prompt.shape[0], 0), dtype=np.int64)
+        return np.stack([s.tokens for s in self.steps], axis=1)
 
 
 def generate_stream(
     step: StepFn,
-    prompt: Tensor,
-    cache: tuple[list[Tensor], list[Tensor]],
+    prompt: Any,
+    cache: tuple[list, list],
     *,
     max_new_tokens: int,
-    prompt_lengths: Tensor | None = None,
+    prompt_lengths: Any = None,
     sampling: SamplingConfig = SamplingConfig(),
     stop_ids: Collection[int] = (),
     keep_logits: bool = True,
@@ -145,24 +159,26 @@ def generate_stream(
     """Yield each chosen token as soon as it exists; stops when every row has produced one of
     `stop_ids` (a row that stopped keeps running until then) or after max_new_tokens.
 
-    prompt: `[B, S]` ids, right-padded when `prompt_lengths` says rows are shorter than S; cache: empty
-    (`make_cache`) keys and values whose capacity holds every row's prompt + max_new_tokens."""
-    gen = torch.Generator().manual_seed(sampling.seed)
+    prompt: `[B, S]` ids (numpy, or anything `np.asarray` takes: a CPU tensor), right-padded when
+    `prompt_lengths` says rows are shorter than S; cache: empty (`make_cache`) keys and values whose
+    capacity holds every row's prompt + max_new_tokens."""
+    rng = np.random.default_rng(sampling.seed)
+    prompt = np.ascontiguousarray(prompt, dtype=np.int64)
     bsz = prompt.shape[0]
-    lengths = prompt_lengths.to(prompt.device) if prompt_lengths is not None else \
-        torch.full((bsz,), prompt.shape[1], dtype=torch.int64, device=prompt.device)
+    lengths = np.asarray(prompt_lengths, dtype=np.int64) if prompt_lengths is not None else \
+        np.full(bsz, prompt.shape[1], dtype=np.int64)
     result = GenerationResult(prompt=prompt, prompt_lengths=lengths)
     keys, values = cache
     check_capacity(lengths, max_new_tokens, keys[0].shape[2])
-    cached = torch.zeros_like(lengths)
+    cached = np.zeros_like(lengths)
     tokens = prompt
-    finished = torch.zeros(bsz, dtype=torch.bool, device=prompt.device)
-    stops = torch.tensor(sorted(stop_ids), dtype=torch.int64, device=prompt.device)
+    finished = np.zeros(bsz, dtype=bool)
+    stops = np.array(sorted(stop_ids), dtype=np.int64)
     for i in range(max_new_tokens):
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits, keys, values = step(tokens, cached, lengths, keys, values)
-        nxt = sample(logits, sampling, gen)
+        logits, keys, values = step(tokens, cached, lengths, keys, values)
+        logits = host(logits)
+        nxt = sample(logits, sampling, rng)
         dt = time.perf_counter() - t0
         if i == 0:
             result.prefill_s += dt
@@ -171,22 +187,22 @@ def generate_stream(
         rec = StepRecord(tokens=nxt, logits=logits if keep_logits else logits[:, :0])
         result.steps.append(rec)
         yield rec, result
-        if stops.numel():
-            finished |= torch.isin(nxt, stops)
+        if stops.size:
+            finished |= np.isin(nxt, stops)
             if bool(finished.all()):
                 break
         cached = cached + lengths
-        lengths = torch.ones_like(lengths)
-        tokens = nxt.unsqueeze(1)
+        lengths = np.ones_like(lengths)
+        tokens = np.ascontiguousarray(nxt[:, None])
 
 
 def generate(
     step: StepFn,
-    prompt: Tensor,
-    cache: tuple[list[Tensor], list[Tensor]],
+    prompt: Any,
+    cache: tuple[list, list],
     *,
     max_new_tokens: int,
-    prompt_lengths: Tensor | None = None,
+    prompt_lengths: Any = None,
     sampling: SamplingConfig = SamplingConfig(),
     stop_ids: Collection[int] = (),
 ) -> GenerationResult:
@@ -195,5 +211,7 @@ def generate(
     for _, result in generate_stream(step, prompt, cache, max_new_tokens=max_new_tokens,  # noqa: B007
                                      prompt_lengths=prompt_lengths, sampling=sampling, stop_ids=stop_ids):
         pass
-    return result or GenerationResult(prompt=prompt, prompt_lengths=torch.full(
-        (prompt.shape[0],), prompt.shape[1], dtype=torch.int64))
+    if result is None:
+        prompt = np.asarray(prompt, dtype=np.int64)
+        result = GenerationResult(prompt=prompt, prompt_lengths=np.full(prompt.shape[0], prompt.shape[1]))
+    return result

@@ -44,8 +44,6 @@ from llama_export.errors import InputError, RankFailedError
 from llama_export.files import write_atomic
 
 if TYPE_CHECKING:
-    import torch
-
     from llama_export.parallel.comm import Communicator
 
 log = logging.getLogger(__name__)
@@ -150,22 +148,25 @@ def set_process_threads(requested: int | None) -> int:
     return threads
 
 
-def init_process_group(env: RankEnv, device: torch.device) -> None:
+def init_process_group(env: RankEnv, device: str) -> None:
     """NCCL for CUDA devices, gloo for CPU; bounded timeouts so a dead peer cannot hang us."""
+    import torch
     import torch.distributed as dist
 
     from llama_export.parallel.comm import peer_errors
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    cuda = device.startswith("cuda")
+    kwargs = {"device_id": torch.device(device)} if cuda else {}
     with peer_errors("joining the process group"):
         dist.init_process_group(
-            backend=backend, rank=env.rank, world_size=env.world_size, timeout=COLLECTIVE_TIMEOUT, **kwargs
+            backend="nccl" if cuda else "gloo", rank=env.rank, world_size=env.world_size,
+            timeout=COLLECTIVE_TIMEOUT, **kwargs
         )
 
 
-# work(rank environment, communicator, device) -> exit code, run once on every rank
-RankWork = Callable[[RankEnv, "Communicator", "torch.device"], int]
+# work(rank environment, communicator, device ("cpu", "cuda:N"), CPU threads) -> exit code, run once on
+# every rank. The work applies the thread count to the libraries it uses (torch, ONNX Runtime sessions).
+RankWork = Callable[[RankEnv, "Communicator", str, int], int]
 
 
 def on_ranks(tp: int, device: str, argv: list[str], work: RankWork, *, threads: int | None = None) -> int:
@@ -173,12 +174,9 @@ def on_ranks(tp: int, device: str, argv: list[str], work: RankWork, *, threads: 
 
     In a plain process, tp=1 runs `work` right here and tp>1 starts the rank processes with `argv`
     (`launch_local`), which come back here as ranks. In a rank process: join the launcher's channel and
-    the process group, set the thread count (`rank_threads`, decided once by the launcher), run `work`,
-    and leave without tearing gloo down (`leave_rank`)."""
-    import torch
-    import torch.distributed as dist
-
-    from llama_export.parallel.comm import DistComm, LocalComm, peer_errors
+    the process group, decide the thread count (`rank_threads`, decided once by the launcher), run
+    `work`, and leave without tearing gloo down (`leave_rank`). A single rank imports no torch here."""
+    from llama_export.parallel.comm import LocalComm
 
     env = rank_env()
     n_threads = rank_threads(threads, tp)
@@ -189,13 +187,15 @@ def on_ranks(tp: int, device: str, argv: list[str], work: RankWork, *, threads: 
     join_launcher()
     if env.world_size != tp:
         raise InputError(f"started with WORLD_SIZE={env.world_size} but --tp {tp}; make them equal")
-    torch.set_num_threads(n_threads)  # ORT sessions of this rank follow it (backends.ort)
-    dev = torch.device(device if device != "cuda" else f"cuda:{env.local_rank}")
-    comm: Communicator = LocalComm()
-    if env.world_size > 1:
-        init_process_group(env, dev)
-        comm = DistComm()
-    code = work(env, comm, dev)
+    dev = device if device != "cuda" else f"cuda:{env.local_rank}"
+    if env.world_size == 1:
+        return work(env, LocalComm(), dev, n_threads)
+    import torch.distributed as dist
+
+    from llama_export.parallel.comm import DistComm, peer_errors
+
+    init_process_group(env, dev)
+    code = work(env, DistComm(), dev, n_threads)
     if dist.is_initialized():
         with peer_errors("the final barrier"):
             dist.barrier()  # every rank is done with the group

@@ -57,8 +57,9 @@ load_network = polygraphy_network(os.environ["LLAMA_EXPORT_SEGMENT"])
 '''
 
 
-def _array(t: Tensor):
-    t = t.detach().cpu().contiguous()
+def _array(t):
+    """A segment's value (numpy, or a torch tensor on any device) as Polygraphy stores it."""
+    t = torch.as_tensor(t).detach().cpu().contiguous()
     return t if t.dtype == torch.bfloat16 else t.numpy()
 
 

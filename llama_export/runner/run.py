@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import torch
+import numpy as np
 
 from llama_export.errors import InputError
 from llama_export.files import check_output_file, write_atomic
@@ -92,7 +92,7 @@ def _check_prompts(opts: RunOptions, rows: list[list[int]], cfg) -> int:
     longest = max(len(r) for r in rows)
     budget = new_token_budget(opts, longest, limit)
     for r in rows:
-        validate_prompt(torch.tensor([r], dtype=torch.int64), vocab_size=cfg.vocab_size, max_seq_len=limit,
+        validate_prompt(np.array([r], dtype=np.int64), vocab_size=cfg.vocab_size, max_seq_len=limit,
                         max_new_tokens=budget, limit_name=_limit_name(opts, cfg.max_seq_len))
     return budget
 
@@ -115,7 +115,8 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
         if opts.json_out is not None:
             check_output_file(opts.json_out, what="--json")
     return on_ranks(opts.tp, opts.device, argv,
-                    lambda env, comm, device: _run_rank(opts, env, comm, device, reporter or _Silent()),
+                    lambda env, comm, device, threads: _run_rank(opts, env, comm, device, threads,
+                                                                 reporter or _Silent()),
                     threads=opts.threads)
 
 
@@ -165,14 +166,14 @@ class _Silent:
         pass
 
 
-def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.device,
+def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: str, threads: int,
               reporter: Reporter) -> int:
     tok = opts.source.tokenizer() if opts.is_text else None
     rows = _prompt_rows(opts, tok)
-    step, make_cache, cfg = opts.source.step(comm=comm, device=device, progress=opts.progress and env.rank == 0)
+    step, make_cache, cfg = opts.source.step(comm=comm, device=device, threads=threads,
+                                             progress=opts.progress and env.rank == 0)
     budget = _check_prompts(opts, rows, cfg)
     prompt, lengths = pad_prompts(rows)
-    prompt, lengths = prompt.to(device), lengths.to(device)
     capacity = min(opts.context_limit(cfg.max_seq_len), int(lengths.max()) + budget)
     echo = opts.prompts is not None
     stream = TextStream(tok.decode) if env.rank == 0 and tok is not None and opts.stream and len(rows) == 1 else None
@@ -180,9 +181,8 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: torch.
         reporter.text(opts.prompts[0])
     # One throw-away step first, so that the reported prefill time is not the first call's set-up
     # (kernel selection, allocator warm-up, lazy initialisation), on a cache of its own.
-    one = torch.ones(1, dtype=torch.int64, device=device)
-    with torch.inference_mode():
-        step(prompt[:1, :1], one - 1, one, *make_cache(1, 1))
+    one = np.ones(1, dtype=np.int64)
+    step(prompt[:1, :1], one - 1, one, *make_cache(1, 1))
     result = GenerationResult(prompt=prompt, prompt_lengths=lengths)
     stopped = False
     for rec, result in generate_stream(

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from llama_export.artifact.manifest import Manifest, rank_files, resolve_inside, text_file_paths, verify_rank
 from llama_export.backends import artifact_manifest, open_backend
 from llama_export.config import Backend, ModelConfig, Precision, WeightQuant
@@ -82,18 +80,23 @@ class ModelSource:
         files, where = self.text_files()
         return load_tokenizer(files, source=where)
 
-    def step(self, *, comm: Communicator, device: torch.device,
+    def step(self, *, comm: Communicator, device: str, threads: int | None = None,
              progress: bool = False) -> tuple[StepFn, MakeCache, ModelConfig]:
-        """(step function, make_cache(batch, capacity) -> empty KV cache, model config) for this rank.
+        """(step function, make_cache(batch, capacity) -> empty KV cache, model config) for this rank,
+        computing with `threads` CPU threads (None: the libraries' defaults).
 
-        An export rank hashes and opens only its own files, once; `progress` shows the hashing."""
+        An export rank hashes and opens only its own files, once; `progress` shows the hashing. Only the
+        eager model imports torch here."""
         if self.backend is Backend.EAGER:
+            import torch
+
             from llama_export.model.checkpoint import build_model
 
+            if threads is not None:
+                torch.set_num_threads(threads)
             model = build_model(self.checkpoint_dir, tp=comm.world_size, rank=comm.rank, comm=comm,
                                 dtype=self.dtype.torch_dtype, device=device, weights=self.weights)
-            step: StepFn = model
-            return step, model.empty_cache, model.cfg
+            return model.step, model.empty_cache, model.cfg
         from llama_export.runner.stitch import backend_capacity, empty_cache, segmented_step
 
         manifest = self.manifest(verify_hashes=False)
@@ -102,11 +105,11 @@ class ModelSource:
                         for rel, _ in rank_files(manifest, comm.rank))
             with byte_bar(total, f"rank {comm.rank}: verifying its files", enabled=progress) as bar:
                 verify_rank(manifest, self.artifacts, comm.rank, on_bytes=bar.update, rehash=self.rehash)
-        backend = open_backend(self.backend, manifest, self.artifacts, rank=comm.rank, device=device)
+        backend = open_backend(self.backend, manifest, self.artifacts, rank=comm.rank, device=device, threads=threads)
         step = segmented_step(manifest, backend, comm=comm)
 
         def make_cache(batch: int, capacity: int):
             capacity = backend_capacity(self.backend, manifest, capacity)
-            return empty_cache(manifest, comm.rank, batch, capacity, device=backend.device)
+            return empty_cache(manifest, comm.rank, batch, capacity, backend=backend)
 
         return step, make_cache, manifest.model

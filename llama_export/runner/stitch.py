@@ -12,11 +12,8 @@ tensors it was given).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-import torch
-from torch import Tensor
-
-from llama_export import dtypes
 from llama_export.artifact import schema
 from llama_export.artifact.manifest import Manifest
 from llama_export.backends.base import RankBackend
@@ -25,8 +22,7 @@ from llama_export.parallel.comm import Communicator
 from llama_export.runner.generate import StepFn
 
 # Called after every segment with (segment index, the environment so far).
-SegmentHook = Callable[[int, dict[str, Tensor]], None]
-
+SegmentHook = Callable[[int, dict[str, Any]], None]
 
 
 def segmented_step(manifest: Manifest, backend: RankBackend, *, comm: Communicator,
@@ -35,9 +31,8 @@ def segmented_step(manifest: Manifest, backend: RankBackend, *, comm: Communicat
     n = manifest.model.n_layers
     segments = manifest.rank(comm.rank).segments
 
-    def step(tokens: Tensor, cache_lengths: Tensor, token_lengths: Tensor, keys: list[Tensor],
-             values: list[Tensor]):
-        env: dict[str, Tensor] = {schema.TOKENS: tokens, schema.CACHE_LENGTHS: cache_lengths,
+    def step(tokens, cache_lengths, token_lengths, keys: list, values: list):
+        env: dict[str, Any] = {schema.TOKENS: tokens, schema.CACHE_LENGTHS: cache_lengths,
                                   schema.TOKEN_LENGTHS: token_lengths}
         env.update({schema.past_key(i): t for i, t in enumerate(keys)})
         env.update({schema.past_value(i): t for i, t in enumerate(values)})
@@ -60,14 +55,14 @@ def segmented_step(manifest: Manifest, backend: RankBackend, *, comm: Communicat
 
 
 def empty_cache(manifest: Manifest, rank: int, batch: int, capacity: int, *,
-                device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
-    """Zeroed keys/values `[batch, kv_heads, capacity, head_dim]` for `batch` rows, typed as the graphs say."""
+                backend: RankBackend) -> tuple[list, list]:
+    """Zeroed keys/values `[batch, kv_heads, capacity, head_dim]` for `batch` rows, typed as the graphs
+    say, in `backend`'s own buffers (`RankBackend.zeros`)."""
     spec = next(s for seg in manifest.rank(rank).segments for s in seg.inputs if s.name == schema.past_key(0))
     shape = (batch, int(spec.shape[1]), capacity, manifest.model.head_dim)
-    dtype = dtypes.by_name(spec.dtype).torch
     n = manifest.model.n_layers
-    return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)])
+    return ([backend.zeros(shape, spec.dtype) for _ in range(n)],
+            [backend.zeros(shape, spec.dtype) for _ in range(n)])
 
 
 def backend_capacity(backend: Backend, manifest: Manifest, capacity: int) -> int:

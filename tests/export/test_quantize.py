@@ -107,10 +107,10 @@ def _logits(path, tp: int, prompt: torch.Tensor, *, exact: bool, steps: int = 4)
     manifest = load_manifest(path)
 
     def rank_fn(rank: int, comm) -> torch.Tensor:
-        be = OrtBackend(manifest, path, rank=rank, device=torch.device("cpu"), exact=exact)
+        be = OrtBackend(manifest, path, rank=rank, device="cpu", exact=exact)
         step = segmented_step(manifest, be, comm=comm)
         bsz = prompt.shape[0]
-        keys, values = empty_cache(manifest, rank, bsz, prompt.shape[1] + steps, device=torch.device("cpu"))
+        keys, values = empty_cache(manifest, rank, bsz, prompt.shape[1] + steps, backend=be)
         out, tokens = [], prompt
         cached = torch.zeros(bsz, dtype=torch.int64)
         with torch.inference_mode():
@@ -118,7 +118,7 @@ def _logits(path, tp: int, prompt: torch.Tensor, *, exact: bool, steps: int = 4)
                 lengths = torch.full((bsz,), tokens.shape[1], dtype=torch.int64)
                 logits, keys, values = step(tokens, cached, lengths, keys, values)
                 cached = cached + lengths
-                out.append(logits)
+                out.append(torch.as_tensor(logits))
                 tokens = torch.full((prompt.shape[0], 1), (7 * i + 3) % CFG.vocab_size)  # fixed, not greedy
         return torch.stack(out)
 
@@ -190,13 +190,13 @@ def test_perplexity_through_ort_equals_dequantized_eager(exports, ckpt):
 
     path = exports(4, 1)
     manifest = load_manifest(path)
-    be = OrtBackend(manifest, path, rank=0, device=torch.device("cpu"), exact=True)
+    be = OrtBackend(manifest, path, rank=0, device="cpu", exact=True)
     step = segmented_step(manifest, be, comm=LocalComm())
     ids = torch.randint(0, CFG.vocab_size, (70,), generator=torch.Generator().manual_seed(2))
-    got = perplexity(step, lambda b, c: empty_cache(manifest, 0, b, c, device=torch.device("cpu")), ids,
+    got = perplexity(step, lambda b, c: empty_cache(manifest, 0, b, c, backend=be), ids,
                      window=24, stride=10, batch=3)
     model = build_model(ckpt, weights=manifest.weight_quant)
-    want = perplexity(model, model.empty_cache, ids, window=24, stride=10, batch=3)
+    want = perplexity(model.step, model.empty_cache, ids, window=24, stride=10, batch=3)
     assert got.nll == pytest.approx(want.nll, rel=1e-5)
 
 

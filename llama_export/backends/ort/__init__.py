@@ -1,17 +1,21 @@
 """ONNX Runtime backend: one InferenceSession per segment of one rank.
 
-Sessions are created from the canonical custom-node graphs, lowered in memory (`lowering.py`, and
-`weight_only.py` for quantized weights) without
-their weights: the graphs keep their weights in external data files (`artifact/schema.py`), the
-lowered proto only refers to them, and ONNX Runtime reads them from the segment's folder itself
-(`session.model_external_initializers_file_folder_path`). So the weights are in this process once, in
-ONNX Runtime's own buffers (measured: 1.02x the weight bytes after loading, against 2.4x when the
-session is built from a serialized in-memory copy).
+Sessions are created from the segment's ONNX Runtime lowering. An export written by `llama-export
+export` carries it (`prelower.py`: `rank<r>/<segment>.ort.onnx`, listed in the manifest), so the session
+is created from that file: ONNX Runtime reads the weights itself, once, into its own buffers, and this
+process imports neither onnx_ir nor torch. Otherwise (exports written by the library's `export()`, the
+exact arithmetic `compare` asks for on quantized weights, or values exposed from inside a graph) the
+canonical graph is lowered in memory (`lowering.lower_segment`) without its weights: the lowered proto
+only refers to the segment's data file, which ONNX Runtime reads from the segment's folder
+(`session.model_external_initializers_file_folder_path`), and weights the lowering repacked are handed
+over as OrtValues (measured: 1.02x the weight bytes after loading, against 2.4x when the session is
+built from a serialized in-memory copy).
 
-Every run binds inputs and outputs to torch tensors' memory (IOBinding): no per-step copies, and each
+Every run binds inputs and outputs to the arrays' memory (IOBinding): no per-step copies, and each
 `present_*` output is bound to the buffer of its `past_*` input, so the KV cache is written in place
-(GroupQueryAttention detects the shared buffer). onnxruntime is imported lazily, so that importing
-llama_export never needs it.
+(GroupQueryAttention detects the shared buffer). On the CPU the arrays are numpy's and torch is never
+imported; on CUDA (onnxruntime-gpu) they are torch tensors on the device. onnxruntime is imported
+lazily, so that importing llama_export never needs it.
 """
 
 from __future__ import annotations
@@ -19,15 +23,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-import onnx_ir as ir
-import torch
-from torch import Tensor
 
 from llama_export import dtypes
 from llama_export.artifact import schema
 from llama_export.artifact.manifest import Manifest, resolve_inside
-from llama_export.errors import ArtifactError, BackendUnavailableError
+from llama_export.errors import BackendUnavailableError
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 log = logging.getLogger(__name__)
 
@@ -43,74 +49,85 @@ def _ort():
 class OrtBackend:
     """RankBackend over ONNX Runtime sessions (CPU execution provider; CUDA where onnxruntime-gpu is)."""
 
-    def __init__(self, manifest: Manifest, root: Path, *, rank: int, device: torch.device,
+    def __init__(self, manifest: Manifest, root: Path, *, rank: int, device: str = "cpu",
                  threads: int | None = None, extra_outputs: tuple[str, ...] = (), exact: bool = False) -> None:
         """`exact`: run quantized weights with the canonical graph's arithmetic (fp32 compute,
-        `EXACT_ACCURACY_LEVEL`) instead of the fast int8-activation kernels (see `weight_only.py`)."""
-        from llama_export.backends.ort.lowering import OrtLoweringPass
-        from llama_export.backends.ort.weight_only import (
-            DEFAULT_ACCURACY_LEVEL,
-            EXACT_ACCURACY_LEVEL,
-            WeightOnlyLoweringPass,
-        )
-
+        `EXACT_ACCURACY_LEVEL`) instead of the fast int8-activation kernels (see `weight_only.py`).
+        `threads`: intra-op threads of each session (None: ONNX Runtime's default, the machine's cores).
+        `extra_outputs`: values inside the graphs to return as well, where a segment has them."""
         ort = _ort()
-        self.device = torch.device(device)
+        self.device = str(device)
+        kind, _, index = self.device.partition(":")
+        self._kind, self._index = kind, int(index or 0)
         providers = ["CPUExecutionProvider"]
-        if self.device.type == "cuda":
+        if kind == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailableError(
                     "--device cuda with the ort backend needs onnxruntime-gpu (pip install onnxruntime-gpu); "
                     "this onnxruntime has only " + ", ".join(ort.get_available_providers()))
-            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), *providers]
+            providers = [("CUDAExecutionProvider", {"device_id": self._index}), *providers]
+        elif manifest.dtype.value == "bf16":
+            raise BackendUnavailableError("ONNX Runtime's CPU provider has no bf16 kernels; export fp32 or fp16")
         self.sessions = []
         self.output_names: list[list[str]] = []
         self.in_place = schema.cache_pairs(manifest.model.n_layers)
         self.segments = manifest.rank(rank).segments
+        # The written lowering runs at the default accuracy level; it is the same graph as the in-memory
+        # one unless quantized weights must be computed exactly.
+        prelowered = not extra_outputs and not (exact and manifest.weight_quant is not None)
+        self.prelowered = prelowered and all(seg.ort is not None for seg in self.segments)
         for seg in self.segments:
-            path = resolve_inside(root, seg.file)
-            try:
-                lowered = ir.load(str(path))  # external weights stay references: nothing is read here
-            except Exception as e:  # protobuf DecodeError and friends
-                raise ArtifactError(f"{seg.file} is not a readable ONNX model ({type(e).__name__}); re-export") from None
-            OrtLoweringPass()(lowered)
-            WeightOnlyLoweringPass(EXACT_ACCURACY_LEVEL if exact else DEFAULT_ACCURACY_LEVEL)(lowered)
-            names = [o.name for o in seg.outputs] + _expose(lowered, extra_outputs)
-            self.output_names.append(names)
             opts = _session_options(ort, threads)
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-            held = _hand_over_in_memory_weights(lowered)
-            if held:
-                opts.add_external_initializers(list(held), [ort.OrtValue.ortvalue_from_numpy(a) for a in held.values()])
-            self.sessions.append(
-                ort.InferenceSession(ir.to_proto(lowered).SerializeToString(), sess_options=opts, providers=providers))
-            del lowered, held  # ONNX Runtime copied the handed-over weights while creating the session
-        log.info("rank %d: %d ONNX Runtime sessions on %s", rank, len(self.sessions), providers[0])
+            names = [o.name for o in seg.outputs]
+            if self.prelowered:
+                session = ort.InferenceSession(str(resolve_inside(root, seg.ort.file)), sess_options=opts,
+                                               providers=providers)
+            else:
+                session, more = _lowered_in_memory(ort, resolve_inside(root, seg.file), opts, providers,
+                                                   exact=exact, extra_outputs=extra_outputs)
+                names += more
+            self.sessions.append(session)
+            self.output_names.append(names)
+        log.info("rank %d: %d ONNX Runtime sessions on %s (%s)", rank, len(self.sessions), providers[0],
+                 "written lowering" if self.prelowered else "lowered in memory")
 
-    def run_segment(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
+    def run_segment(self, index: int, feeds: dict[str, Any]) -> dict[str, Any]:
         """Run segment `index`; present_* outputs are written into their past_* feeds and returned as them."""
         session = self.sessions[index]
         io = session.io_binding()
-        kind = self.device.type
-        feeds = {name: _contiguous(t) for name, t in feeds.items()}
-        for name, t in feeds.items():
-            io.bind_input(name, kind, self.device.index or 0, _np_type(t), list(t.shape), t.data_ptr())
-        out: dict[str, Tensor] = {}
+        feeds = {name: self._own(x) for name, x in feeds.items()}
+        for name, x in feeds.items():
+            io.bind_input(name, self._kind, self._index, *_buffer(x))
+        out: dict[str, Any] = {}
         names = self.output_names[index]
         for name in names:
             buffer = feeds.get(self.in_place.get(name, ""))
             if buffer is not None:
-                io.bind_output(name, kind, self.device.index or 0, _np_type(buffer), list(buffer.shape),
-                               buffer.data_ptr())
+                io.bind_output(name, self._kind, self._index, *_buffer(buffer))
                 out[name] = buffer
             else:
-                io.bind_output(name, kind)
+                io.bind_output(name, self._kind)
         session.run_with_iobinding(io)
         for name, value in zip(names, io.get_outputs()):
             if name not in out:
                 # `numpy()` views ONNX Runtime's buffer without keeping it alive: copy before the binding goes.
-                out[name] = torch.from_numpy(value.numpy().copy()).to(self.device)
+                out[name] = self._own(value.numpy().copy())
         return out
+
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
+        if self._kind == "cpu":
+            return np.zeros(shape, dtype=dtype)
+        import torch
+
+        return torch.zeros(shape, dtype=dtypes.by_name(dtype).torch, device=self.device)
+
+    def _own(self, x: Any) -> Any:
+        """`x` as this backend's array: a contiguous numpy array on the CPU, a torch tensor on CUDA."""
+        if self._kind == "cpu":
+            return np.ascontiguousarray(x)
+        import torch
+
+        return torch.as_tensor(x, device=self.device).contiguous()
 
     def close(self) -> None:
         self.sessions.clear()
@@ -120,6 +137,23 @@ class OrtBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _lowered_in_memory(ort, path: Path, opts, providers, *, exact: bool, extra_outputs: tuple[str, ...]):
+    """(session, exposed extra output names) of the canonical segment at `path`, lowered in memory."""
+    import onnx_ir as ir
+
+    from llama_export.backends.ort.lowering import lower_segment
+    from llama_export.backends.ort.weight_only import DEFAULT_ACCURACY_LEVEL, EXACT_ACCURACY_LEVEL
+
+    lowered = lower_segment(path, EXACT_ACCURACY_LEVEL if exact else DEFAULT_ACCURACY_LEVEL)
+    more = _expose(lowered, extra_outputs)
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    held = _hand_over_in_memory_weights(lowered)
+    if held:
+        opts.add_external_initializers(list(held), [ort.OrtValue.ortvalue_from_numpy(a) for a in held.values()])
+    session = ort.InferenceSession(ir.to_proto(lowered).SerializeToString(), sess_options=opts, providers=providers)
+    return session, more  # ONNX Runtime copied the handed-over weights while creating the session
 
 
 def _expose(model: ir.Model, names: tuple[str, ...]) -> list[str]:
@@ -143,6 +177,8 @@ def _hand_over_in_memory_weights(model: ir.Model) -> dict[str, np.ndarray]:
     weights are not copied once more into the serialized bytes. Weights already in external files stay
     references ONNX Runtime reads itself; small constants (under `schema.INLINE_BYTES`, e.g. shapes) stay
     inline, as in exports."""
+    import onnx_ir as ir
+
     held = {}
     for name, v in model.graph.initializers.items():
         t = v.const_value
@@ -159,17 +195,14 @@ _HANDED_OVER = "handed-over-in-memory"  # a location no file has: ONNX Runtime r
 def _session_options(ort, threads: int | None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # The rank decided its thread count (runner.launch.rank_threads, applied with torch.set_num_threads).
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    if threads is not None:  # the rank decided its thread count (runner.launch.rank_threads)
+        opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     return opts
 
 
-def _contiguous(t: Tensor) -> Tensor:
-    if t.dtype == torch.bfloat16 and t.device.type == "cpu":
-        raise BackendUnavailableError("ONNX Runtime's CPU provider has no bf16 kernels; export fp32 or fp16")
-    return t.detach().contiguous()
-
-
-def _np_type(t: Tensor) -> type:
-    return np.dtype(dtypes.by_torch(t.dtype).name).type
+def _buffer(x: Any) -> tuple[type, list[int], int]:
+    """(element type, shape, address) of a numpy array or a torch tensor, for IOBinding."""
+    if isinstance(x, np.ndarray):
+        return x.dtype.type, list(x.shape), x.ctypes.data
+    return np.dtype(dtypes.by_torch(x.dtype).name).type, list(x.shape), x.data_ptr()

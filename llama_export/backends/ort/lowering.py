@@ -36,6 +36,7 @@ changed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx_ir as ir
 import onnx_ir.passes.common
@@ -151,3 +152,18 @@ class _PerNodePass(ReplaceCustomNodesPass):
     builders = {schema.RMS_NORM: _rms_norm, schema.ROPE: reference.rope_as_rotary_embedding,
                 schema.ATTENTION: reference.attention}
     extra_opsets = {"": reference.ATTENTION_OPSET}
+
+
+def lower_segment(path: Path, accuracy_level: int) -> ir.Model:
+    """The canonical segment at `path` lowered for ONNX Runtime: custom nodes (`OrtLoweringPass`), then
+    quantized weights (`weight_only.WeightOnlyLoweringPass` at `accuracy_level`). Weights the lowering
+    keeps stay references to the segment's data file (nothing is read); repacked ones are lazy."""
+    from llama_export.backends.ort.weight_only import WeightOnlyLoweringPass
+
+    try:
+        model = ir.load(str(path))
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ArtifactError(f"{path.name} is not a readable ONNX model ({type(e).__name__}); re-export") from None
+    OrtLoweringPass()(model)
+    WeightOnlyLoweringPass(accuracy_level)(model)
+    return model

@@ -78,13 +78,17 @@ class WeightOnlyLoweringPass(Pass, ir.passes.InPlacePass):
 
     def _matmuls(self, g: ir.Graph, dq: ir.Node, matmuls: list[ir.Node], bits: int, block: int):
         q, s = dq.inputs
-        values = q.const_value.numpy().astype(np.int8)  # [K, N]
-        k, n = values.shape
-        u = (values.T.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8).reshape(n, k // block, block)
-        if bits == 4:
-            u = u[..., 0::2] | (u[..., 1::2] << 4)
-        packed = _initializer(g, f"{q.name}_nbits", np.ascontiguousarray(u))
-        scales = _initializer(g, f"{s.name}_nbits", np.ascontiguousarray(s.const_value.numpy().T))
+        qt, st = q.const_value, s.const_value
+        k, n = qt.shape
+
+        def pack() -> np.ndarray:
+            values = qt.numpy().astype(np.int8)  # [K, N]
+            u = (values.T.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8).reshape(n, k // block, block)
+            return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4) if bits == 4 else u)
+
+        packed = _initializer(g, f"{q.name}_nbits", pack, ir.DataType.UINT8, (n, k // block, block * bits // 8))
+        scales = _initializer(g, f"{s.name}_nbits", lambda: np.ascontiguousarray(st.numpy().T), st.dtype,
+                              (n, k // block))
         return [(mm, ir.node("MatMulNBits", [mm.inputs[0], packed, scales], {
             "K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": self.accuracy_level},
             domain=MS_DOMAIN, name=mm.name)) for mm in matmuls]
@@ -92,15 +96,19 @@ class WeightOnlyLoweringPass(Pass, ir.passes.InPlacePass):
     def _gathers(self, g: ir.Graph, dq: ir.Node, gathers: list[ir.Node], bits: int, block: int):
         data, scales = dq.inputs
         if bits == 8:  # GatherBlockQuantized takes 8-bit data unsigned, zero point 128
-            u = (data.const_value.numpy().astype(np.int16) + 128).astype(np.uint8)
-            data = _initializer(g, f"{data.name}_u8", u)
+            dt = data.const_value
+            data = _initializer(g, f"{data.name}_u8", lambda: (dt.numpy().astype(np.int16) + 128).astype(np.uint8),
+                                ir.DataType.UINT8, tuple(dt.shape))
         return [(ga, ir.node("GatherBlockQuantized", [data, ga.inputs[1], scales], {
             "gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits},
             domain=MS_DOMAIN, name=ga.name)) for ga in gathers]
 
 
-def _initializer(g: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    v = ir.Value(name=name, const_value=ir.tensor(array), shape=ir.Shape(array.shape))
-    v.type = ir.TensorType(v.const_value.dtype)
+def _initializer(g: ir.Graph, name: str, make, dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
+    """A new initializer whose array `make()` computes when its bytes are first asked for (an
+    `ir.LazyTensor`): the session's hand-over at run time or `WriteWeightsPass` at export time, one
+    weight at a time."""
+    lazy = ir.LazyTensor(lambda: ir.tensor(make()), dtype=dtype, shape=ir.Shape(shape), name=name)
+    v = ir.Value(name=name, const_value=lazy, shape=ir.Shape(shape), type=ir.TensorType(dtype))
     g.register_initializer(v)
     return v

@@ -171,7 +171,7 @@ class TensorRTBackend:
         for name in seg.inputs:
             t = feeds[engine_to_manifest.get(name, name)]
             want = _torch_dtype(self.trt, seg.engine.get_tensor_dtype(name))
-            t = t.to(self.device, want).contiguous()
+            t = torch.as_tensor(t).to(self.device, want).contiguous()  # host ids and lengths arrive as numpy
             keep.append(t)
             bound[engine_to_manifest.get(name, name)] = t
             if not ctx.set_input_shape(name, tuple(t.shape)):
@@ -196,6 +196,9 @@ class TensorRTBackend:
         for t in (*keep, *outputs.values()):
             t.record_stream(self._stream)
         return outputs
+
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> Tensor:
+        return torch.zeros(shape, dtype=dtypes.by_name(dtype).torch, device=self.device)
 
     def close(self) -> None:
         """Drop contexts and engines (frees their device memory)."""
