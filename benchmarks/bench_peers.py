@@ -145,7 +145,8 @@ def prepare(args, cfg, work: Path, log) -> list[System]:
     systems: list[System] = []
 
     from llama_export.config import ModelDType
-    from llama_export.export.exporter import ExportOptions, export
+    from llama_export.export.exporter import ExportOptions
+    from llama_export.job import run_job
 
     for spelling in args.ours:
         dtype = ModelDType.parse(spelling)
@@ -154,7 +155,7 @@ def prepare(args, cfg, work: Path, log) -> list[System]:
         path = work / "graphs" / "hf" / opts.variant
         if not (path / "manifest.json").is_file():
             t0 = time.perf_counter()
-            export(opts)
+            run_job(opts, [1], [dtype], validate=False)  # as `llama-export export`: with the ORT lowering
             log(f"llama_export export {opts.variant}: {time.perf_counter() - t0:.1f} s")
         precision = f"int{dtype.weights.bits}" if dtype.weights else dtype.activations.value
         systems.append(System(f"llama_export ORT {spelling}", "ours-ort", precision, path))

@@ -39,7 +39,6 @@ def _timed(first, rest, prompt: list[int], new: int) -> tuple[float, float, list
 # ---- llama_export (this repository) -------------------------------------------------------------
 def ours(path: Path, backend: str, threads: int):
     import numpy as np
-    import torch
 
     sys.path.insert(0, str(REPO))
     from llama_export.config import Backend
@@ -47,14 +46,14 @@ def ours(path: Path, backend: str, threads: int):
     from llama_export.runner.generate import generate
     from llama_export.runner.source import ModelSource
 
-    torch.set_num_threads(threads)
     b = Backend(backend)
     source = ModelSource(b, checkpoint=path if b is Backend.EAGER else None,
                          artifacts=path if b is not Backend.EAGER else None)
+    # as `llama-export run` does: the eager model imports torch (and takes `threads`); ORT imports none
     step, make_cache, _ = source.step(comm=LocalComm(), device="cpu", threads=threads)
 
     def run(prompt: list[int], new: int):
-        r = generate(step, torch.tensor([prompt]), make_cache(1, len(prompt) + new), max_new_tokens=new)
+        r = generate(step, np.array([prompt]), make_cache(1, len(prompt) + new), max_new_tokens=new)
         finite = all(bool(np.isfinite(s.logits).all()) for s in r.steps)
         return r.prefill_s, r.decode_s, r.new_tokens[0].tolist(), finite
 

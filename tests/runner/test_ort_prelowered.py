@@ -121,3 +121,16 @@ def test_run_on_ort_imports_neither_torch_nor_onnx_ir(exports, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[-2] == "0 []", proc.stdout
     assert len(__import__("json").loads(out.read_text())["batches"][0]["tokens"][0]) == 3
+
+
+def test_an_unreadable_lowered_graph_is_one_line(exports, tmp_path):
+    """A written lowering that ONNX Runtime cannot load (hashes skipped, e.g. a verified file replaced
+    on a filesystem without ctime) is an ArtifactError naming the file, not onnxruntime's traceback."""
+    import shutil
+
+    path = tmp_path / "copy"
+    shutil.copytree(exports["tp1-fp32"], path)
+    manifest = load_manifest(path)
+    resolve_inside(path, manifest.rank(0).segments[0].ort.file).write_bytes(b"not a protobuf")
+    with pytest.raises(ArtifactError, match=r"^rank0/00_full\.ort\.onnx cannot be opened by ONNX Runtime .*; re-export$"):
+        OrtBackend(manifest, path, rank=0)

@@ -30,7 +30,7 @@ import numpy as np
 from llama_export import dtypes
 from llama_export.artifact import schema
 from llama_export.artifact.manifest import Manifest, resolve_inside
-from llama_export.errors import BackendUnavailableError
+from llama_export.errors import ArtifactError, BackendUnavailableError
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -80,8 +80,7 @@ class OrtBackend:
             opts = _session_options(ort, threads)
             names = [o.name for o in seg.outputs]
             if self.prelowered:
-                session = ort.InferenceSession(str(resolve_inside(root, seg.ort.file)), sess_options=opts,
-                                               providers=providers)
+                session = _open(ort, root, seg.ort.file, opts, providers)
             else:
                 session, more = _lowered_in_memory(ort, resolve_inside(root, seg.file), opts, providers,
                                                    exact=exact, extra_outputs=extra_outputs)
@@ -137,6 +136,17 @@ class OrtBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open(ort, root: Path, rel: str, opts, providers):
+    """A session on the written lowering `rel`; a file ONNX Runtime cannot load is one ArtifactError."""
+    try:
+        return ort.InferenceSession(str(resolve_inside(root, rel)), sess_options=opts, providers=providers)
+    except (MemoryError, OSError):
+        raise  # the CLI's own lines for these
+    except Exception as e:  # onnxruntime's Fail / InvalidGraph / InvalidProtobuf (plain Exception subclasses)
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ArtifactError(f"{rel} cannot be opened by ONNX Runtime ({first[:160]}); re-export") from None
 
 
 def _lowered_in_memory(ort, path: Path, opts, providers, *, exact: bool, extra_outputs: tuple[str, ...]):
