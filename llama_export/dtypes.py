@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from onnx import TensorProto
-
 if TYPE_CHECKING:
     import torch
 
@@ -42,18 +40,20 @@ class DType:
         return self.onnx in _FLOAT_ONNX
 
 
-_FLOAT_ONNX = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+# `onnx.TensorProto.DataType` values, fixed by the ONNX standard (onnx.proto), spelled here so that the
+# run path does not import onnx (`tests/test_config.py` checks them against onnx.TensorProto).
+_FLOAT_ONNX = (1, 10, 16, 11)  # FLOAT, FLOAT16, BFLOAT16, DOUBLE
 
 DTYPES: tuple[DType, ...] = (
-    DType("float32", TensorProto.FLOAT, "F32", "fp32"),
-    DType("float16", TensorProto.FLOAT16, "F16", "fp16"),
-    DType("bfloat16", TensorProto.BFLOAT16, "BF16", "bf16"),
-    DType("float64", TensorProto.DOUBLE, "F64"),
-    DType("int64", TensorProto.INT64, "I64"),
-    DType("int32", TensorProto.INT32, "I32"),
-    DType("int8", TensorProto.INT8, "I8"),
-    DType("uint8", TensorProto.UINT8, "U8"),
-    DType("bool", TensorProto.BOOL, "BOOL"),
+    DType("float32", 1, "F32", "fp32"),  # FLOAT
+    DType("float16", 10, "F16", "fp16"),  # FLOAT16
+    DType("bfloat16", 16, "BF16", "bf16"),  # BFLOAT16
+    DType("float64", 11, "F64"),  # DOUBLE
+    DType("int64", 7, "I64"),  # INT64
+    DType("int32", 6, "I32"),  # INT32
+    DType("int8", 3, "I8"),  # INT8
+    DType("uint8", 2, "U8"),  # UINT8
+    DType("bool", 9, "BOOL"),  # BOOL
 )
 
 FLOAT_TYPES: tuple[DType, ...] = tuple(d for d in DTYPES if d.is_float)

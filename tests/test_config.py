@@ -49,3 +49,22 @@ def test_unknown_rope_type_is_refused():
         ModelConfig.from_hf_config({"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
                                     "vocab_size": 10, "intermediate_size": 8,
                                     "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
+
+
+def test_dtype_table_spells_every_library_alike():
+    """`llama_export.dtypes` spells ONNX element types as numbers (so that running imports no onnx) and
+    torch types lazily: each must be what onnx, torch and numpy call that name."""
+    import numpy as np
+    import onnx
+    import torch
+
+    from llama_export import dtypes
+
+    for d in dtypes.DTYPES:
+        assert onnx.TensorProto.DataType.Name(d.onnx) == {"float32": "FLOAT", "float16": "FLOAT16",
+                                                           "bfloat16": "BFLOAT16", "float64": "DOUBLE"}.get(
+            d.name, d.name.upper()), d
+        assert d.torch == getattr(torch, d.name) and dtypes.by_torch(d.torch) is d
+        assert d.is_float == d.torch.is_floating_point
+        if d.name != "bfloat16":
+            assert np.dtype(d.name).name == d.name
