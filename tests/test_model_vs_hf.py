@@ -80,7 +80,7 @@ def test_ragged_batch_matches_transformers_per_row(setup):
     model = build_model(meta_dir)
     g = torch.Generator().manual_seed(11)
     rows = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (7, 2, 5)]
-    tokens, lens = pad_prompts(rows)
+    tokens, lens = (torch.from_numpy(a) for a in pad_prompts(rows))
     keys, values = model.empty_cache(3, 7 + DECODE_STEPS)
     seqs = [list(r) for r in rows]
     cached = torch.zeros(3, dtype=torch.int64)
