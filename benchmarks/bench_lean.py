@@ -179,16 +179,15 @@ def export_genai(hf: Path, out: Path) -> float:
 
 
 def graph_stats_ours(path: Path) -> tuple[int, int, int]:
-    """(nodes, MatMuls, weight bytes) of the graphs ONNX Runtime receives for rank 0."""
+    """(nodes, MatMuls, weight bytes) of the graphs ONNX Runtime receives for rank 0: the lowering the
+    export wrote (`<segment>.ort.onnx`)."""
     import onnx_ir as ir
 
     from llama_export.artifact.manifest import load_manifest, resolve_inside
-    from llama_export.backends.ort.lowering import OrtLoweringPass
 
     nodes = matmuls = size = 0
     for seg in load_manifest(path, verify_hashes=False).rank(0).segments:
-        model = ir.load(str(resolve_inside(path, seg.file)))
-        OrtLoweringPass()(model)
+        model = ir.load(str(resolve_inside(path, seg.ort.file)))
         nodes += len(model.graph)
         matmuls += sum(n.op_type in ("MatMul", "Gemm") for n in model.graph)
         size += sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
