@@ -62,6 +62,8 @@ def worker_ours(kind: str, path: Path, spawned: float, vocab: int) -> dict:
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
     backend = Backend.ORT if kind != "eager" else Backend.EAGER
+    if backend is Backend.EAGER:
+        import torch  # noqa: F401 - the eager load is measured from here, not torch's own import (~200 MB)
     before = _rss()
     source = ModelSource(backend, artifacts=path if backend is Backend.ORT else None,
                          checkpoint=path if backend is Backend.EAGER else None)
