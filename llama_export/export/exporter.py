@@ -11,6 +11,7 @@ export is replaced whole or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -44,6 +45,7 @@ from llama_export.export.passes.cleanup import CleanupPass
 from llama_export.export.passes.naming import NameGraphPass
 from llama_export.export.passes.partition import partition
 from llama_export.export.passes.quantize import QuantizeWeightsPass
+from llama_export.export.passes.repeat import TRACED_LAYERS, NotRepeatable, RepeatLayersPass
 from llama_export.export.passes.weights import AttachWeightsPass, WriteWeightsPass, lazy_bytes
 from llama_export.export.trace import trace_rank
 from llama_export.files import check_output_dir, staged_dir
@@ -124,8 +126,31 @@ def _write_segment(model: ir.Model, root: Path, rel: str, bar) -> tuple[str, str
     return hashlib.sha256(graph).hexdigest(), data_rel, writer.sha256
 
 
-def rank_graph(cfg: ModelConfig, *, tp: int, dtype: Precision, max_batch: int, rank: int = 0) -> ir.Model:
-    """The weightless, cleaned, named and checked graph of one rank, traced on the meta device."""
+def rank_graph(cfg: ModelConfig, *, tp: int, dtype: Precision, max_batch: int, rank: int = 0,
+               repeat: bool = True) -> ir.Model:
+    """The weightless, cleaned, named and checked graph of one rank, traced on the meta device.
+
+    With `repeat`, a model deeper than `TRACED_LAYERS` is traced with that many layers and the last
+    one is repeated (`passes.repeat`, the same graph at a fraction of the tracing time); where the
+    layers cannot be repeated, every layer is traced."""
+    graph = None
+    if repeat and cfg.n_layers > TRACED_LAYERS:
+        graph = _trace(dataclasses.replace(cfg, n_layers=TRACED_LAYERS), tp=tp, dtype=dtype, max_batch=max_batch,
+                       rank=rank)
+        Pipeline(CleanupPass())(graph)
+        try:
+            RepeatLayersPass(cfg.n_layers)(graph)
+        except NotRepeatable as e:
+            log.warning("tracing all %d layers: the traced layers cannot be repeated (%s)", cfg.n_layers, e)
+            graph = None
+    if graph is None:
+        graph = _trace(cfg, tp=tp, dtype=dtype, max_batch=max_batch, rank=rank)
+        Pipeline(CleanupPass())(graph)
+    Pipeline(NameGraphPass(), CheckRankGraphPass(cfg, tp))(graph)
+    return graph
+
+
+def _trace(cfg: ModelConfig, *, tp: int, dtype: Precision, max_batch: int, rank: int) -> ir.Model:
     comm = ExportComm(rank, tp) if tp > 1 else LocalComm()
     with torch.device("meta"):
         model = Transformer(cfg, tp=tp, rank=rank, comm=comm)
@@ -133,9 +158,7 @@ def rank_graph(cfg: ModelConfig, *, tp: int, dtype: Precision, max_batch: int, r
     for module in model.modules():
         for key, p in module._parameters.items():
             module._parameters[key] = torch.nn.Parameter(p.to(dtype.torch_dtype), requires_grad=False)
-    graph = trace_rank(model.eval(), max_batch=max_batch)
-    Pipeline(CleanupPass(), NameGraphPass(), CheckRankGraphPass(cfg, tp))(graph)
-    return graph
+    return trace_rank(model.eval(), max_batch=max_batch)
 
 
 def export_rank(opts: ExportOptions, cfg: ModelConfig, graph: ir.Model, rank: int, root: Path, *,

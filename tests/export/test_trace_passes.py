@@ -85,7 +85,7 @@ def test_attach_weights_folds_transposes(traced, tmp_path):
     AttachWeightsPass(fetch)(named)
     assert placeholder_names(named) == [] and fetched == []  # attached lazily: nothing read yet
     WriteWeightsPass(tmp_path / "w.data")(named)
-    assert sorted(fetched) == sorted(set(shapes) - {n for n in shapes if n.startswith("val_")})  # each read once
+    assert sorted(fetched) == sorted(set(shapes) - {n for n in shapes if n.startswith("/model/")})  # each read once
     after = Counter(n.op_type for n in named.graph)["Transpose"]
     linear = 4 * cfg.n_layers + 1  # wqkv, wo, w13, w2 per layer, and the output projection
     assert before - after == linear

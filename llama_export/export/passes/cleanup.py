@@ -6,6 +6,12 @@
     a ─► Identity ─► MatMul                        a ─► MatMul
     y = f(a); z = f(a) (same node twice)           y = f(a); z = y
     W (placeholder) ─► Transpose                   W (placeholder) ─► Transpose    (left for `weights`)
+    Shape(past_value_4)[0:1]   (batch)             Shape(tokens)[0:1]
+
+The last row is ours: the exporter reads a size that `tokens` also has (batch, seq) from whichever
+input its symbolic-shape solver picked, which changes with the number of layers (past_key_1 at 2 to 8
+layers, past_value_4 at 12) and made every attention segment at TP > 1 take that layer's cache as an
+extra input; reading it from `tokens` makes the graph independent of that choice.
 
 These are onnxscript's optimizer passes (constant folding, unused-node removal) and onnx_ir's common
 passes (identity elimination, common-subexpression elimination). `onnxscript.optimizer.optimize` as a
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from llama_export.artifact import schema
 from llama_export.export.passes import Pass
 from llama_export.export.passes.placeholders import is_placeholder, reads_placeholder
 
@@ -31,6 +38,29 @@ def _data(model: ir.Model, limit: int) -> list[str]:
             if v.const_value is not None and not is_placeholder(v) and v.const_value.size > limit]
 
 
+def _sizes_from_tokens(g: ir.Graph) -> None:
+    """Point every `Shape` that reads one symbolic dimension of a graph input at the same dimension of
+    `tokens`, where `tokens` has it."""
+    tokens = next((v for v in g.inputs if v.name == schema.TOKENS), None)
+    if tokens is None or tokens.shape is None:
+        return
+    axes = {d.value: i for i, d in enumerate(tokens.shape) if isinstance(d, ir.SymbolicDim) and d.value}
+    for node in g:
+        x = node.inputs[0] if node.op_type == "Shape" and node.domain == "" and node.inputs else None
+        if x is None or x is tokens or not x.is_graph_input() or x.shape is None:
+            continue
+        rank = len(x.shape)
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", rank)
+        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else min(end, rank))
+        dim = x.shape[start] if end - start == 1 else None
+        if isinstance(dim, ir.SymbolicDim) and dim.value in axes:
+            axis = axes[dim.value]
+            node.replace_input_with(0, tokens)
+            node.attributes["start"] = ir.AttrInt64("start", axis)
+            node.attributes["end"] = ir.AttrInt64("end", axis + 1)
+
+
 class CleanupPass(Pass, ir.passes.InPlacePass):
     """Fold constants and remove dead, duplicate and identity nodes; never reads a weight."""
 
@@ -43,6 +73,7 @@ class CleanupPass(Pass, ir.passes.InPlacePass):
         import onnxscript.optimizer
 
         onnxscript.optimizer.inline(model)
+        _sizes_from_tokens(model.graph)
         for _ in range(2):
             onnxscript.optimizer.fold_constants_ir(
                 model, input_size_limit=_INPUT_LIMIT, output_size_limit=_FOLD_LIMIT,

@@ -9,7 +9,9 @@
 Node names are module paths taken from the exporter's `pkg.torch.onnx.name_scopes` metadata, then the
 op type; a repeated name gets a counter suffix. Graph inputs and outputs keep their names. Weights
 (still placeholders) lose the tracing wrapper's `model.` prefix, so they carry the model's parameter
-names; `passes.weights` later names a transposed weight `<name>_t`.
+names; `passes.weights` later names a transposed weight `<name>_t`. Constants the cleanup folded into
+initializers (named by the exporter's value counter, e.g. `val_142`) are named after their first reader:
+`/model/Range_input_0`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from collections import defaultdict
 import onnx_ir as ir
 
 from llama_export.export.passes import Pass
+from llama_export.export.passes.placeholders import is_placeholder
 
 _WRAPPER_PREFIXES = ("model.",)
 # Scope the exporter gives nodes that belong to no module (symbolic sizes); shown as the root.
 _ANONYMOUS_SCOPES = ("_empty_nn_module_stack_from_metadata_hook",)
 
 
-def _module_path(node: ir.Node) -> str:
+def module_path(node: ir.Node) -> str:
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
     if not scopes:
         return ""
@@ -66,7 +69,7 @@ class NameGraphPass(Pass, ir.passes.InPlacePass):
         protected = {id(v) for v in (*g.inputs, *g.outputs)}
         used: dict[str, int] = defaultdict(int)
         for node in g:
-            base = "/" + "/".join(["model", *_components(_module_path(node)), node.op_type])
+            base = "/" + "/".join(["model", *_components(module_path(node)), node.op_type])
             n = used[base]
             used[base] += 1
             node.name = base if n == 0 else f"{base}_{n}"
@@ -74,11 +77,18 @@ class NameGraphPass(Pass, ir.passes.InPlacePass):
                 if id(out) not in protected:
                     out.name = f"{node.name}_output_{i}"
         order = list(g.initializers.values())
+        position = {node: i for i, node in enumerate(g)}
         for value in order:
-            if value.name.startswith(_WRAPPER_PREFIXES) and id(value) not in protected:
+            if id(value) in protected:
+                continue
+            new = None
+            if value.name.startswith(_WRAPPER_PREFIXES):
                 new = value.name.split(".", 1)[1]
-                if new not in g.initializers:
-                    value.name = new
+            elif not is_placeholder(value) and value.uses():
+                reader, index = min(value.uses(), key=lambda use: (position[use[0]], use[1]))
+                new = f"{reader.name}_input_{index}"
+            if new is not None and new not in g.initializers:
+                value.name = new
         # Renaming moves an initializer to the end of the graph's table; keep the traced order.
         g.initializers.clear()
         for value in order:
