@@ -10,7 +10,7 @@ Traced graphs carry only placeholders (`passes.placeholders`). `AttachWeightsPas
 Transpose is the weight's only reader: the Transpose is removed, the constant folding the exporter's
 optimizer would do), so passes that rewrite weights structurally (`passes.quantize`) run before any
 weight is read. `WriteWeightsPass` then evaluates one lazy tensor at a time, appends its bytes to the
-segment's data file (unbuffered, hashing them on the way) and points the initializer at them
+segment's data file (unbuffered, hashing them on the way, in a second thread) and points the initializer at them
 (`ir.ExternalTensor`), dropping the tensor before reading the next: an export holds one weight tensor
 (and its transposed copy) at a time, whatever the model size. Offsets follow `artifact.schema.data_offset`.
 Saving the model afterwards keeps these references, so the `.onnx` holds only the graph.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,9 @@ class WriteWeightsPass(Pass, ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         digest = hashlib.sha256()
         offset = 0
-        with open(self.data_path, "wb", buffering=0) as f:  # unbuffered: on disk before the next read
+        # Hashing runs beside the write of the same bytes (both release the GIL): the export's time is
+        # read + max(write, hash) per tensor, and memory still holds one tensor at a time.
+        with open(self.data_path, "wb", buffering=0) as f, ThreadPoolExecutor(1) as hasher:
             for value in model.graph.initializers.values():
                 lazy = value.const_value
                 if not isinstance(lazy, ir.LazyTensor):
@@ -129,8 +132,9 @@ class WriteWeightsPass(Pass, ir.passes.InPlacePass):
                     raise ArtifactError(f"{value.name}: {len(raw)} bytes read, {lazy.nbytes} expected")
                 start = schema.data_offset(offset, len(raw))
                 for chunk in (memoryview(bytes(start - offset)), raw):
+                    hashed = hasher.submit(digest.update, chunk)
                     _write_all(f, chunk)
-                    digest.update(chunk)
+                    hashed.result()
                 value.const_value = ir.ExternalTensor(
                     self.data_path.name, offset=start, length=len(raw), dtype=lazy.dtype, shape=lazy.shape,
                     name=value.name, base_dir=self.data_path.parent)
