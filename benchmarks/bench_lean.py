@@ -2,7 +2,7 @@
 onnxruntime-genai's model builder and Generator on the same random-weight Hugging Face checkpoint.
 
     python benchmarks/bench_lean.py [--dim 768 --layers 12 --heads 12 --vocab 32000] [--rounds 3]
-                                    [--work DIR] [--no-genai]
+                                    [--work DIR] [--no-genai] [--export-only] [--baseline CHECKOUT]
 
 Prints, each as a median over interleaved rounds (each system in its own process, so RSS is its own):
 - export time without validation (`llama-export export --no-validate`) vs genai's builder (`-p fp32 -e cpu`);
@@ -161,11 +161,12 @@ def make_checkpoint(args, hf: Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
 
 
-def export_ours(hf: Path, out: Path) -> tuple[float, Path]:
+def export_ours(hf: Path, out: Path, repo: Path = REPO) -> tuple[float, Path]:
+    """Seconds of `llama-export export --no-validate` from the checkout `repo` (default: this one)."""
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "llama_export.cli", "export", "--checkpoint", str(hf), "--tp", "1",
                     "--out", str(out), "--name", "bench", "--no-validate", "--no-progress"], check=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+                   env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0, out / "bench" / "tp1-fp32"
 
 
@@ -212,6 +213,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_lean"))
     ap.add_argument("--no-genai", action="store_true")
+    ap.add_argument("--export-only", action="store_true", help="time the exports only (and --baseline's)")
+    ap.add_argument("--baseline", type=Path, help="another checkout (e.g. `git archive` of an earlier commit) "
+                    "whose export is timed in the same interleaved rounds")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -233,12 +237,15 @@ def main() -> None:
     if not (hf / "config.json").is_file():
         make_checkpoint(args, hf)
     med = statistics.median
-    ex_ours, ex_genai = [], []
+    load_before = os.getloadavg()[0]
+    ex_ours, ex_genai, ex_base = [], [], []
     for _ in range(args.rounds):
         dt, ours_path = export_ours(hf, work / "ours")
         ex_ours.append(dt)
         if genai:
             ex_genai.append(export_genai(hf, work / "genai"))
+        if args.baseline:
+            ex_base.append(export_ours(hf, work / "baseline", args.baseline)[0])
     nodes, matmuls, weights = graph_stats_ours(ours_path)
     L = args.layers
     print(f"model: dim {args.dim}, {L} layers, vocab {args.vocab}, fp32 weights {weights / 2**20:.0f} MiB; "
@@ -246,7 +253,15 @@ def main() -> None:
     line = f"export (no validation): ours {med(ex_ours):.1f} s"
     if genai:
         line += f", genai builder {med(ex_genai):.1f} s, ratio {med(ex_ours) / med(ex_genai):.2f} (target <= 2)"
+    if args.baseline:
+        line += f"; baseline {args.baseline} {med(ex_base):.1f} s, ours / baseline {med(ex_ours) / med(ex_base):.2f}"
     print(line)
+    rounds = [ex_ours, ex_genai, ex_base]
+    print(f"  load average (1 min) {load_before:.1f} before the exports, {os.getloadavg()[0]:.1f} after; rounds (s): "
+          + "; ".join(f"{name} {' '.join(f'{t:.1f}' for t in ts)}"
+                                       for name, ts in zip(("ours", "genai", "baseline"), rounds) if ts))
+    if args.export_only:
+        return
     line = f"graph ORT receives: ours {nodes} nodes = {nodes / L:.1f}/layer, {matmuls / L:.1f} MatMul/layer"
     if genai:
         g_nodes, g_mm = graph_stats_genai(work / "genai")

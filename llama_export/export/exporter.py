@@ -251,8 +251,9 @@ def export_into(opts: ExportOptions, root: Path) -> Manifest:
     quantized = _quantized_names(opts, cfg)
     # Every rank traces to the same graph (the slices are picked when weights are read), so the model is
     # traced once per export.
-    with activity(f"tracing {cfg.n_layers} layers on the meta device", enabled=opts.progress,
-                  expected_s=_trace_seconds(cfg.n_layers)):
+    traced = min(cfg.n_layers, TRACED_LAYERS)
+    with activity(f"tracing {traced} of {cfg.n_layers} layers on the meta device", enabled=opts.progress,
+                  expected_s=_trace_seconds(traced)):
         graph = rank_graph(cfg, tp=opts.tp, dtype=opts.dtype, max_batch=opts.max_batch)
     ranks = [export_rank(opts, cfg, graph, rank, root, quantized=quantized) for rank in range(opts.tp)]
     text_files = []

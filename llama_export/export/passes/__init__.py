@@ -9,7 +9,7 @@ through unchanged.
 
 The export pipeline (`export/exporter.py`):
 
-    trace ─► CleanupPass ─► NameGraphPass ─► CheckRankGraphPass ─► partition ─► per segment:
+    trace ─► CleanupPass ─► RepeatLayersPass ─► NameGraphPass ─► CheckRankGraphPass ─► partition ─► per segment:
              AttachWeightsPass ─► write ─► check_model (onnx.checker on the file)
 
 Backend lowerings are passes of the same kind (`backends/ort/lowering.py`, `backends/tensorrt/lowering.py`,

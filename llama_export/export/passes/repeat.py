@@ -27,6 +27,7 @@ not `pkg.torch.onnx.fx_node` (it names nodes of the traced program); the graph-l
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import onnx_ir as ir
@@ -86,6 +87,31 @@ def _same_attrs(a: ir.Node, b: ir.Node) -> bool:
     return True
 
 
+def _shape(v: ir.Value) -> ir.Shape | None:
+    return v.shape.copy() if v.shape is not None else None
+
+
+def _metadata(props, src: int, dst: int) -> dict[str, str]:
+    return {k: reindex(v, src, dst) for k, v in props.items() if k not in _DROPPED_NODE_METADATA}
+
+
+def _copy_node(node: ir.Node, inputs: list[ir.Value | None], src: int, dst: int) -> ir.Node:
+    """`node` of layer `src` as a node of layer `dst` reading `inputs`; its outputs are named
+    `present_*_<dst>` where the original's are `present_*_<src>`, otherwise provisionally (NameGraphPass
+    names them)."""
+    copy = ir.Node(node.domain, node.op_type, inputs,
+                   attributes=[ir.Attr(a.name, a.type, a.value, doc_string=a.doc_string)
+                               for a in node.attributes.values()],
+                   overload=node.overload, num_outputs=len(node.outputs), version=node.version,
+                   doc_string=node.doc_string, metadata_props=_metadata(node.metadata_props, src, dst))
+    for old, new in zip(node.outputs, copy.outputs):
+        own = _own_io(old.name, src)
+        new.name = own(dst) if own else f"{old.name}__layer{dst}"
+        new.type, new.shape = old.type, _shape(old)
+        new.metadata_props.update(_metadata(old.metadata_props, src, dst))
+    return copy
+
+
 class RepeatLayersPass(Pass, ir.passes.InPlacePass):
     """Repeat the last traced layer until the graph has `n_layers` (see the module docstring)."""
 
@@ -94,7 +120,8 @@ class RepeatLayersPass(Pass, ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = model.graph
-        traced = sum(1 for v in g.inputs if v.name.startswith("past_key_"))
+        names = {v.name for v in g.inputs}
+        traced = next(i for i in itertools.count() if schema.past_key(i) not in names)
         if self.n_layers <= traced:
             return ir.passes.PassResult(model, modified=False)
         if traced < TRACED_LAYERS:
@@ -104,47 +131,34 @@ class RepeatLayersPass(Pass, ir.passes.InPlacePass):
         if prev[1] + 1 != template[0]:
             raise NotRepeatable("nodes outside any layer sit between the last two traced layers")
         p_nodes, t_nodes = nodes[prev[0]:prev[1] + 1], nodes[template[0]:template[1] + 1]
-        kinds, corr = self._classify(g, p_nodes, t_nodes, traced - 1)
+        kinds, corr = self._classify(p_nodes, t_nodes, traced - 1)
         t_set = set(t_nodes)
         # Consumers after the template (the head) read the last copy's values instead.
         later = [(user, i, v) for node in t_nodes for v in node.outputs for user, i in v.uses()
                  if user not in t_set]
         copies, inputs, outputs, weights = [], {}, {}, []
         last: dict[ir.Value, ir.Value] = {v: v for node in t_nodes for v in node.outputs}
+        src = traced - 1
         for k in range(traced, self.n_layers):
             vmap: dict[ir.Value, ir.Value] = {}
+
+            def read(v: ir.Value | None) -> ir.Value | None:
+                kind = kinds.get(v)
+                if v is None or kind == "shared":
+                    return v
+                if kind == "internal":
+                    return vmap[v]
+                if kind == "carried":
+                    return last[corr[v]]
+                if kind == "input":
+                    name = _own_io(v.name, src)(k)
+                    return inputs.setdefault(name, ir.Value(name=name, shape=_shape(v), type=v.type))
+                return self._weight(g, v, src, k, weights)
+
             for node in t_nodes:
-                new_inputs = []
-                for v in node.inputs:
-                    kind = kinds.get(v)
-                    if v is None or kind == "shared":
-                        new_inputs.append(v)
-                    elif kind == "internal":
-                        new_inputs.append(vmap[v])
-                    elif kind == "carried":
-                        new_inputs.append(last[corr[v]])
-                    elif kind == "input":
-                        name = _own_io(v.name, traced - 1)(k)
-                        if name not in inputs:
-                            inputs[name] = ir.Value(name=name, shape=v.shape.copy() if v.shape else None,
-                                                    type=v.type)
-                        new_inputs.append(inputs[name])
-                    else:  # own weight
-                        new_inputs.append(self._weight(g, v, traced - 1, k, weights))
-                copy = ir.Node(node.domain, node.op_type, new_inputs,
-                               attributes=[ir.Attr(a.name, a.type, a.value, doc_string=a.doc_string)
-                                           for a in node.attributes.values()],
-                               overload=node.overload, num_outputs=len(node.outputs), version=node.version,
-                               doc_string=node.doc_string, metadata_props=self._metadata(node, traced - 1, k))
-                for old, new in zip(node.outputs, copy.outputs):
-                    own = _own_io(old.name, traced - 1)
-                    new.name = own(k) if own else f"{old.name}__layer{k}"
-                    new.type = old.type
-                    new.shape = old.shape.copy() if old.shape is not None else None
-                    new.metadata_props.update(self._metadata_dict(old.metadata_props, traced - 1, k))
-                    vmap[old] = new
-                    if own:
-                        outputs[new.name] = new
+                copy = _copy_node(node, [read(v) for v in node.inputs], src, k)
+                vmap.update(zip(node.outputs, copy.outputs))
+                outputs.update((v.name, v) for v in copy.outputs if _own_io(v.name, k))
                 copies.append(copy)
             last = vmap
         g.insert_after(t_nodes[-1], copies)
@@ -174,7 +188,7 @@ class RepeatLayersPass(Pass, ir.passes.InPlacePass):
         return at[0], at[-1]
 
     @staticmethod
-    def _classify(g: ir.Graph, p_nodes: list[ir.Node], t_nodes: list[ir.Node], t_layer: int):
+    def _classify(p_nodes: list[ir.Node], t_nodes: list[ir.Node], t_layer: int):
         """How the template reads each value (see the module docstring), and the predecessor's node
         outputs -> the template's counterparts; raises NotRepeatable where the two layers differ."""
         if len(p_nodes) != len(t_nodes):
@@ -228,21 +242,13 @@ class RepeatLayersPass(Pass, ir.passes.InPlacePass):
         name = reindex(v.name, src, dst)
         if name not in g.initializers:
             cv = v.const_value
-            new = ir.Value(name=name, shape=v.shape.copy() if v.shape else None, type=v.type,
+            new = ir.Value(name=name, shape=_shape(v), type=v.type,
                            const_value=ir.ExternalTensor(WEIGHTS_PLACEHOLDER, offset=0, length=cv.nbytes,
                                                          dtype=cv.dtype, shape=cv.shape, name=name))
-            new.metadata_props.update(RepeatLayersPass._metadata_dict(v.metadata_props, src, dst))
+            new.metadata_props.update(_metadata(v.metadata_props, src, dst))
             g.register_initializer(new)
             weights.append(new)
         return g.initializers[name]
-
-    @staticmethod
-    def _metadata_dict(props, src: int, dst: int) -> dict[str, str]:
-        return {k: reindex(v, src, dst) for k, v in props.items() if k not in _DROPPED_NODE_METADATA}
-
-    @staticmethod
-    def _metadata(node: ir.Node, src: int, dst: int) -> dict[str, str]:
-        return RepeatLayersPass._metadata_dict(node.metadata_props, src, dst)
 
     def _extend_io(self, g: ir.Graph, inputs: dict[str, ir.Value], outputs: dict[str, ir.Value]) -> None:
         have_in = {v.name: v for v in g.inputs} | inputs
