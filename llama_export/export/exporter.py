@@ -252,7 +252,8 @@ def export_into(opts: ExportOptions, root: Path) -> Manifest:
     # Every rank traces to the same graph (the slices are picked when weights are read), so the model is
     # traced once per export.
     traced = min(cfg.n_layers, TRACED_LAYERS)
-    with activity(f"tracing {traced} of {cfg.n_layers} layers on the meta device", enabled=opts.progress,
+    grown = f", repeated to {cfg.n_layers}" if cfg.n_layers > traced else ""
+    with activity(f"tracing {traced} layers on the meta device{grown}", enabled=opts.progress,
                   expected_s=_trace_seconds(traced)):
         graph = rank_graph(cfg, tp=opts.tp, dtype=opts.dtype, max_batch=opts.max_batch)
     ranks = [export_rank(opts, cfg, graph, rank, root, quantized=quantized) for rank in range(opts.tp)]
