@@ -37,12 +37,11 @@ class DType:
 
     @property
     def is_float(self) -> bool:
-        return self.onnx in _FLOAT_ONNX
+        return "float" in self.name  # float16/32/64, bfloat16
 
 
-# `onnx.TensorProto.DataType` values, fixed by the ONNX standard (onnx.proto), spelled here so that the
-# run path does not import onnx (`tests/test_config.py` checks them against onnx.TensorProto).
-_FLOAT_ONNX = (1, 10, 16, 11)  # FLOAT, FLOAT16, BFLOAT16, DOUBLE
+# `onnx` below: `onnx.TensorProto.DataType` values, fixed by the ONNX standard (onnx.proto), spelled here so
+# that the run path does not import onnx (`tests/test_config.py` checks them against onnx.TensorProto).
 
 DTYPES: tuple[DType, ...] = (
     DType("float32", 1, "F32", "fp32"),  # FLOAT

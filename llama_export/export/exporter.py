@@ -16,6 +16,7 @@ import hashlib
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,14 +109,16 @@ def _specs(values) -> tuple[TensorSpec, ...]:
                  for v in values)
 
 
-def _write_segment(model: ir.Model, root: Path, rel: str, bar) -> tuple[str, str | None, str | None]:
-    """Stream one segment's (attached, lazy) weights to `rel + DATA_SUFFIX`, then write its graph to `rel`
-    and check both. Returns (sha256 of the .onnx, the relative data file or None for a weightless
-    segment, its sha256); both hashes are computed while writing, not by reading the files back."""
+def write_segment(model: ir.Model, root: Path, rel: str, *,
+                  on_bytes: Callable[[int], None] = lambda n: None) -> tuple[str, str | None, str | None]:
+    """Stream one segment's lazy weights to `rel + DATA_SUFFIX` (`on_bytes(n)` after each tensor), then
+    write its graph to `rel` and check both. Returns (sha256 of the .onnx, the relative data file or None
+    when there were no lazy weights, its sha256); both hashes are computed while writing, not by reading
+    the files back. Used for the canonical segments and for backend lowerings written beside them."""
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     data_rel = rel + schema.DATA_SUFFIX
-    writer = WriteWeightsPass(root / data_rel, on_bytes=bar.update)
+    writer = WriteWeightsPass(root / data_rel, on_bytes=on_bytes)
     writer(model)
     graph = ir.to_proto(model).SerializeToString()  # external tensors are referenced, not read
     path.write_bytes(graph)
@@ -196,7 +199,7 @@ def export_rank(opts: ExportOptions, cfg: ModelConfig, graph: ir.Model, rank: in
                 cuts[k] = None  # the segment's graph is freed as soon as it is on disk
                 label = kind if layer is None else f"layers.{layer}.{kind}"
                 rel = f"rank{rank}/{k:02d}_{label}.onnx"
-                sha, data_rel, data_sha = _write_segment(cut.model, root, rel, bar)
+                sha, data_rel, data_sha = write_segment(cut.model, root, rel, on_bytes=bar.update)
                 g = cut.model.graph
                 segments.append(Segment(
                     name=f"{k:02d}_{label}", file=rel, sha256=sha, kind=kind, layer=layer,

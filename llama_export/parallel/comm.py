@@ -218,7 +218,7 @@ class ThreadComm:
 
     def all_reduce(self, x: Any) -> Any:
         t, back = _as_torch(x)
-        parts = [_as_torch(p)[0] for p in self.group.exchange(self.rank, t)]
+        parts = self.group.exchange(self.rank, t)  # every rank hands over a torch tensor
         out = parts[0].float()  # fp32 accumulation, as DistComm does on gloo
         for p in parts[1:]:
             out = out + p.float()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from llama_export.errors import InputError
 from llama_export.parallel.plan import check_tp
-from llama_export.runner.generate import MakeCache, StepFn, host
+from llama_export.runner.generate import MakeCache, StepFn, host, log_softmax
 from llama_export.runner.launch import on_ranks, rank_env
 from llama_export.runner.source import ModelSource
 
@@ -69,9 +69,7 @@ def plan_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]
 
 def _nll(logits, targets: np.ndarray) -> float:
     """Summed -log p(target) over rows; logits [B, V] fp32 (numpy or tensor), targets [B]."""
-    z = host(logits).astype(np.float64)
-    m = z.max(axis=-1, keepdims=True)
-    logp = z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+    logp = log_softmax(host(logits))
     return -float(np.take_along_axis(logp, targets.reshape(-1, 1), axis=-1).sum())
 
 

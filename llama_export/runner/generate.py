@@ -38,6 +38,13 @@ def host(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy()
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64 (sampling and perplexity)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
 def pad_prompts(rows: list[list[int]] | tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ids `[B, max length]` (padding id 0) and the lengths `[B]` of ragged prompts."""
     width = max(len(r) for r in rows)
@@ -112,9 +119,7 @@ def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) ->
     """Next token ids `[B]` from fp32 logits `[B, V]` (greedy, or temperature + nucleus sampling)."""
     if cfg.temperature == 0:
         return logits.argmax(axis=-1)
-    z = logits.astype(np.float64) / cfg.temperature
-    probs = np.exp(z - z.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
+    probs = np.exp(log_softmax(logits.astype(np.float64) / cfg.temperature))
     idx = np.argsort(-probs, axis=-1, kind="stable")
     sorted_p = np.take_along_axis(probs, idx, axis=-1)
     keep = np.cumsum(sorted_p, axis=-1) - sorted_p < cfg.top_p  # always keeps the most likely token

@@ -30,6 +30,7 @@ import numpy as np
 from llama_export import dtypes
 from llama_export.artifact import schema
 from llama_export.artifact.manifest import Manifest, resolve_inside
+from llama_export.config import Precision
 from llama_export.errors import ArtifactError, BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class OrtBackend:
                     "--device cuda with the ort backend needs onnxruntime-gpu (pip install onnxruntime-gpu); "
                     "this onnxruntime has only " + ", ".join(ort.get_available_providers()))
             providers = [("CUDAExecutionProvider", {"device_id": self._index}), *providers]
-        elif manifest.dtype.value == "bf16":
+        elif manifest.dtype is Precision.BF16:
             raise BackendUnavailableError("ONNX Runtime's CPU provider has no bf16 kernels; export fp32 or fp16")
         self.sessions = []
         self.output_names: list[list[str]] = []

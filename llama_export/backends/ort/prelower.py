@@ -17,12 +17,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import onnx_ir as ir
-
-from llama_export.artifact.manifest import MANIFEST_NAME, LoweredFiles, Manifest, resolve_inside, sha256_file
+from llama_export.artifact.manifest import MANIFEST_NAME, LoweredFiles, Manifest, resolve_inside
 from llama_export.backends.ort.lowering import lower_segment
 from llama_export.backends.ort.weight_only import DEFAULT_ACCURACY_LEVEL
-from llama_export.export.passes.weights import WriteWeightsPass
+from llama_export.export.exporter import write_segment
 
 SUFFIX = ".ort.onnx"
 
@@ -34,18 +32,13 @@ def write_lowered(root: Path, manifest: Manifest) -> Manifest:
     for r in manifest.ranks:
         segments = []
         for seg in r.segments:
-            path = resolve_inside(root, seg.file)
-            model = lower_segment(path, DEFAULT_ACCURACY_LEVEL)
-            out = path.with_name(path.name.removesuffix(".onnx") + SUFFIX)
-            data = WriteWeightsPass(out.with_name(out.name + ".data"))
-            data(model)  # the repacked (lazy) weights, one at a time; references to the canonical data stay
-            if not data.nbytes:
-                data.data_path.unlink()
-            out.write_bytes(ir.to_proto(model).SerializeToString())
-            rel = str(Path(seg.file).with_name(out.name).as_posix())
-            segments.append(dataclasses.replace(seg, ort=LoweredFiles(
-                file=rel, sha256=sha256_file(out),
-                data_file=f"{rel}.data" if data.nbytes else None, data_sha256=data.sha256 if data.nbytes else None)))
+            model = lower_segment(resolve_inside(root, seg.file), DEFAULT_ACCURACY_LEVEL)
+            rel = seg.file.removesuffix(".onnx") + SUFFIX
+            # as the exporter writes a segment: the repacked (lazy) weights one at a time into rel's data
+            # file, references to the canonical data file kept, the graph checked
+            sha, data_rel, data_sha = write_segment(model, Path(root), rel)
+            segments.append(dataclasses.replace(seg, ort=LoweredFiles(file=rel, sha256=sha, data_file=data_rel,
+                                                                      data_sha256=data_sha)))
         ranks.append(dataclasses.replace(r, segments=tuple(segments)))
     manifest = dataclasses.replace(manifest, ranks=tuple(ranks))
     (Path(root) / MANIFEST_NAME).write_text(manifest.to_json())
