@@ -279,7 +279,7 @@ class ModelConfig:
 
 class _FileSchema(BaseModel):
     # Checkpoint configs carry many fields this tool does not use (architectures, torch_dtype, ...).
-    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True, defer_build=True)
 
 
 class MetaParams(_FileSchema):
