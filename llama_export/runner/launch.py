@@ -116,10 +116,28 @@ def leave_rank(code: int) -> None:
         os._exit(code)
 
 
+def _cpu_sample() -> tuple[float, list, float]:
+    """(monotonic time, the machine's per-core CPU times, this process's CPU time)."""
+    return time.monotonic(), psutil.cpu_times(percpu=True), time.process_time()
+
+
+_STARTED = _cpu_sample()  # the window `rank_threads` looks at opens when this module is imported
+_MIN_WINDOW_S = 0.1
+
+
+def _busy(t) -> float:
+    """Seconds a core spent working (psutil's own definition: not idle, not waiting for I/O)."""
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
 def rank_threads(requested: int | None, world_size: int) -> int:
     """CPU threads for one rank: `requested`; in a rank started by `launch_local`, what the launcher
-    decided; otherwise the cores this process may run on that are not busy right now (sampled for
-    0.1 s), shared evenly by the ranks, at least 1.
+    decided; otherwise the cores this process may run on that other processes are not keeping busy,
+    shared evenly by the ranks, at least 1.
+
+    The load is measured since this module was imported (at least 0.1 s: it waits for the rest), with
+    this process's own CPU time (its start-up) taken out, so that a start on an idle machine waits for
+    nothing.
 
     Set explicitly in every rank, so that no library picks its own default: a thread pool as large as
     the machine stalls on every parallel region while another process holds one of its cores
@@ -133,8 +151,12 @@ def rank_threads(requested: int | None, world_size: int) -> int:
         cores = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = list(range(os.cpu_count() or 1))
-    usage = psutil.cpu_percent(interval=0.1, percpu=True)
-    free = sum(1 for c in cores if c >= len(usage) or usage[c] < 50.0)
+    start, before, own_before = _STARTED
+    time.sleep(max(0.0, _MIN_WINDOW_S - (time.monotonic() - start)))
+    end, after, own_after = _cpu_sample()
+    busy = sum(_busy(after[c]) - _busy(before[c]) for c in cores if c < min(len(before), len(after)))
+    others = max(0.0, busy - (own_after - own_before)) / (end - start)  # cores' worth kept busy by others
+    free = len(cores) - round(others)
     return max(1, max(1, free) // world_size)
 
 
