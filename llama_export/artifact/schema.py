@@ -43,7 +43,8 @@ Graph I/O of a rank (segments take and give subsets of these, plus boundary valu
 
 The capacity C is chosen by whoever allocates the cache (at most the model's max_seq_len, the rows of the
 RoPE tables); cache_lengths[b] + seq <= C. Steps are prefills (any seq, cache_lengths may be 0) or
-decodes (seq = 1); a ragged batch is one right-padded batch, not one batch per length.
+decodes (seq = 1); a ragged batch is one right-padded batch, not one batch per length (the runner may
+prefill groups of its rows in separate calls, each on a slice of the cache's rows).
 
 Weights are stored in external data files next to each graph (`artifact.manifest.Segment.data_file`),
 so a runtime can map them instead of copying them out of a protobuf.

@@ -3,7 +3,8 @@
 The parent process checks everything it can cheaply (config, TP degree, prompts, KV cache capacity),
 then either runs rank 0 itself (tp=1) or starts the rank processes (`launch.launch_local`). Each rank
 builds its step function for the chosen backend and runs the same generation loop; rank 0 reports.
-All prompts run as one right-padded batch (one forward per step), whatever their lengths.
+All prompts run as one batch (one forward per decode step), whatever their lengths; the prefill groups
+rows of similar length (`generate.prefill_groups`).
 """
 
 from __future__ import annotations

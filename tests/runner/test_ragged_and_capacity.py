@@ -1,5 +1,6 @@
-"""Ragged batches run as one right-padded batch and equal per-prompt runs (eager and ORT, TP=1 and TP=2);
-a run that does not fit the KV cache capacity is one clear error."""
+"""Ragged batches run as one batch and equal per-prompt runs (eager and ORT, TP=1 and TP=2), whether the
+prefill takes all rows in one call or each length in its own; a run that does not fit the KV cache
+capacity is one clear error."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from llama_export.errors import InputError
 from llama_export.export.exporter import ExportOptions, export
 from llama_export.model.checkpoint import build_model
 from llama_export.parallel.comm import ThreadGroup
-from llama_export.runner.generate import generate, pad_prompts
+from llama_export.runner import generate as generate_module
+from llama_export.runner.generate import generate, pad_prompts, prefill_groups
 from llama_export.runner.stitch import empty_cache, segmented_step
 from tests.helpers import random_meta_state, read_json, run_cli, tiny_config, write_meta
 
@@ -56,10 +58,20 @@ def _ort(path, rows):
     return ThreadGroup(manifest.tp).run(rank_fn)[0]
 
 
+def test_prefill_groups():
+    assert prefill_groups(np.array([7, 7, 7])) == [(0, 3)]  # equal lengths: one call
+    assert prefill_groups(np.array([16, 256])) == [(0, 1), (1, 2)]  # not 2 x 256 slots
+    # 8 short rows share a call; the long ones each get their own
+    assert prefill_groups(np.array([10] * 7 + [12, 200, 400])) == [(0, 8), (8, 9), (9, 10)]
+    assert prefill_groups(np.array([5])) == [(0, 1)]
+
+
 @pytest.mark.parametrize("backend", ["eager", "ort"])
 @pytest.mark.parametrize("tp", [1, 2])
-def test_ragged_batch_equals_per_prompt_runs(setup, backend, tp):
+@pytest.mark.parametrize("call_tokens", [10**6, 0], ids=["one-prefill-call", "a-call-per-length"])
+def test_ragged_batch_equals_per_prompt_runs(setup, backend, tp, call_tokens, monkeypatch):
     ckpt, exports = setup
+    monkeypatch.setattr(generate_module, "PREFILL_CALL_TOKENS", call_tokens)
     run = (lambda rows: _eager(ckpt, tp, rows)) if backend == "eager" else (lambda rows: _ort(exports[tp], rows))
     batch = run(ROWS)
     assert batch.new_tokens.shape == (len(ROWS), NEW)
