@@ -44,7 +44,8 @@ from llama_export.config import ModelConfig  # noqa: E402
 from llama_export.files import staged_dir  # noqa: E402
 from llama_export.model.checkpoint import expected_shapes  # noqa: E402
 from llama_export.model.hf_format import hf_name, interleaved_to_rotate_half  # noqa: E402
-from llama_export.model.meta_format import meta_split_dim, release_pages  # noqa: E402
+from llama_export.model.memory import release_pages  # noqa: E402
+from llama_export.model.meta_format import meta_split_dim  # noqa: E402
 
 HF_SHARD_BYTES = 5_000_000_000  # transformers' default max_shard_size="5GB"
 DTYPE = torch.bfloat16

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from llama_export.config import ModelConfig, WeightQuant, read_hf_config, read_meta_params
 from llama_export.errors import CheckpointError
+from llama_export.model.memory import HeapTrimmer
 from llama_export.model.quantize import quantize_model_
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.comm import Communicator
@@ -160,8 +161,13 @@ class RankWeights:
 
 def load_rank_state(path: Path, shape: RankShape, *, dtype: torch.dtype) -> dict[str, Tensor]:
     """This rank's model parameters (packed projections packed), cast to `dtype`."""
+    trimmer = HeapTrimmer()
+    state = {}
     with RankWeights(path, shape, dtype=dtype) as w:
-        return {name: w.get(name) for name in w.names()}
+        for name in w.names():
+            state[name] = t = w.get(name)
+            trimmer.loaded(t.numel() * t.element_size())
+    return state
 
 
 def checkpoint_state(model: Transformer) -> dict[str, Tensor]:

@@ -7,7 +7,6 @@ norms. The global tensor is the concatenation of the shards; any target slice is
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from llama_export import dtypes
 from llama_export.config import ModelConfig, RopeScaling
 from llama_export.errors import CheckpointError
 from llama_export.model import tensor_mismatch
+from llama_export.model.memory import release_pages
 from llama_export.parallel.plan import Slice
 
 log = logging.getLogger(__name__)
@@ -169,34 +169,6 @@ def copy_and_release(t: Tensor, dim: int | None = None, start: int = 0, stop: in
             out[r0:r1] = t[r0:r1].narrow(dim, start, stop - start)
         release_pages(t[r0:r1])
     return out
-
-
-def release_pages(block: Tensor) -> None:
-    """madvise(MADV_DONTNEED) on the whole pages under `block` (Linux; a no-op elsewhere)."""
-    if _LIBC is None or not block.is_contiguous():
-        return
-    page = _PAGE
-    begin = block.data_ptr()
-    end = begin + block.numel() * block.element_size()
-    a = -(-begin // page) * page
-    b = (end // page) * page
-    if b > a:
-        _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # 4 = MADV_DONTNEED
-
-
-def _load_libc():
-    if sys.platform != "linux":
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def to_meta_params(cfg: ModelConfig, *, multiple_of: int, ffn_dim_multiplier: float | None = None) -> dict:

@@ -1,0 +1,62 @@
+"""Giving memory back to the kernel while a checkpoint loads (Linux; no-ops elsewhere).
+
+- `release_pages`: the file pages under a block of a memory-mapped shard, once copied out
+  (`meta_format.copy_and_release`), so that a slice of a tensor does not leave the whole file resident.
+- `HeapTrimmer`: the C heap's free pages after every so many loaded bytes. A load frees temporaries
+  (the parts of a packed projection, a rotated copy) between the allocations that stay; glibc keeps
+  such holes, and where the heap cannot grow in place (address-space layout, chosen per process) it
+  keeps growing instead of reusing them: measured on the 134M benchmark model, the eager load's peak was
+  1.03x or 1.25x the weights from one start to the next (0.31-0.41 s); trimming every 64 MiB:
+  1.05-1.09x (0.35-0.43 s).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+from torch import Tensor
+
+
+def _load_libc():
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_LIBC = _load_libc()
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def release_pages(block: Tensor) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages under `block`."""
+    if _LIBC is None or not block.is_contiguous():
+        return
+    page = _PAGE
+    begin = block.data_ptr()
+    end = begin + block.numel() * block.element_size()
+    a = -(-begin // page) * page
+    b = (end // page) * page
+    if b > a:
+        _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # 4 = MADV_DONTNEED
+
+
+class HeapTrimmer:
+    """`loaded(n)` after each tensor of n bytes: every `every` bytes, glibc's free heap pages go back."""
+
+    def __init__(self, every: int = 64 << 20) -> None:
+        self.every = every
+        self.pending = 0
+
+    def loaded(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= self.every and _LIBC is not None:
+            _LIBC.malloc_trim(0)
+            self.pending = 0
