@@ -239,12 +239,17 @@ def generate_stream(
 
 def _prefill(step: StepFn, prompt: np.ndarray, lengths: np.ndarray, keys: list, values: list) -> np.ndarray:
     """Logits `[B, V]` of the prompts (rows in ascending length), one step call per `prefill_groups`
-    group on its rows' slice of the cache (written in place, as every step function does)."""
+    group on its rows' slice of the cache. The backends write that slice in place and return it; a step
+    function that returns new arrays instead has them copied into the slice."""
     parts = []
     for a, b in prefill_groups(lengths):
         width = int(lengths[b - 1])
-        logits, _, _ = step(np.ascontiguousarray(prompt[a:b, :width]), np.zeros(b - a, dtype=np.int64),
-                            lengths[a:b], [k[a:b] for k in keys], [v[a:b] for v in values])
+        sliced = [k[a:b] for k in keys], [v[a:b] for v in values]
+        logits, *written = step(np.ascontiguousarray(prompt[a:b, :width]), np.zeros(b - a, dtype=np.int64),
+                                lengths[a:b], *sliced)
+        for given, got in zip(sum(sliced, []), sum(written, [])):
+            if got is not given:
+                given[...] = got
         parts.append(host(logits))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
