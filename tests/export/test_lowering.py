@@ -72,6 +72,39 @@ def test_rms_norm_lowering_matches_decomposition_and_torch(dt, shape):
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float16])
+def test_residual_add_and_rms_norm_fuse_into_skip_norm(dt):
+    """h = a + b; y = RMSNorm(h); z = h + y (the next residual reads h): one SkipSimplifiedLayerNormalization
+    whose sum output feeds z, equal to the decomposition and to torch."""
+    t, d = _ONNX[dt], 64
+    nodes = [helper.make_node("Add", ["a", "b"], ["h"], name="/add"),
+             helper.make_node("RMSNorm", ["h", "w"], ["y"], domain=schema.DOMAIN, epsilon=1e-5, name="/n"),
+             helper.make_node("Add", ["h", "y"], ["z"], name="/next")]
+    io = [helper.make_tensor_value_info(n, t, ["b", "s", d]) for n in ("a", "b")]
+    g = helper.make_graph(nodes, "g", [*io, helper.make_tensor_value_info("w", t, [d])],
+                          [helper.make_tensor_value_info(n, t, ["b", "s", d]) for n in ("y", "z")],
+                          value_info=[helper.make_tensor_value_info("h", t, ["b", "s", d])])  # as exports type it
+    schema.register_onnx_schemas()
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(schema.DOMAIN, schema.VERSION)],
+                          ir_version=10)
+    lowered = lower_for_ort(m)
+    assert [n.op_type for n in lowered.graph.node] == ["SkipSimplifiedLayerNormalization", "Add"]
+    rng = np.random.default_rng(1)
+    feeds = {"a": rng.standard_normal((2, 3, d)).astype(dt), "b": rng.standard_normal((2, 3, d)).astype(dt),
+             "w": (1 + 0.1 * rng.standard_normal(d)).astype(dt)}
+
+    def run(model):
+        s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return [o.astype(np.float32) for o in s.run(["y", "z"], feeds)]
+
+    h = torch.from_numpy(feeds["a"]) + torch.from_numpy(feeds["b"])
+    y_ref = rms_norm_reference(h, torch.from_numpy(feeds["w"]), 1e-5)
+    torch_ref = [y_ref.float().numpy(), (h + y_ref).float().numpy()]
+    tol = 2 * TOL[dt]  # z adds a second rounding of values up to ~8
+    for got, ref, want in zip(run(lowered), run(decompose(m)), torch_ref):
+        assert np.abs(got - ref).max() <= tol and np.abs(ref - want).max() <= tol
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float16])
 @pytest.mark.parametrize("interleaved", [1, 0])
 @pytest.mark.parametrize("bshd", [(2, 3, 4, 16), (1, 1, 2, 64), (2, 7, 3, 128)])
 def test_rope_lowering_matches_decomposition_and_torch(dt, interleaved, bshd):

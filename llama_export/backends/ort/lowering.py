@@ -18,7 +18,15 @@ GQA's layout is the contract's: a right-padded batch, row b's cache in slots [0,
 `GroupQueryAttention` schema, "Right-padded query chunks"; measured equal to `ops.attention_in_place`
 to ~3e-7 in fp32). A left-padded cache would not work: GQA attends every slot below seqlens_k + 1. The
 fusion applies when the block has exactly that shape, RoPE uses the node's own `start` and full tables,
-and head_dim is a multiple of 16 (GQA's rotary requirement); otherwise the nodes are lowered one by one:
+and head_dim is a multiple of 16 (GQA's rotary requirement).
+
+A residual sum and the RMSNorm it feeds become one `com.microsoft.SkipSimplifiedLayerNormalization`
+(as in onnxruntime-genai's graphs; ONNX Runtime's own Add + norm fusion does not know the standard
+RMSNormalization), whose input_skip_bias_sum output carries the sum on to the next residual:
+
+    h = Add(a, b); y = RMSNorm(h, w)  ──►  y, _, _, h = SkipSimplifiedLayerNormalization(a, b, w, epsilon)
+
+Everything else is lowered one node at a time:
 
     RMSNorm(x, w, epsilon)           ──►  RMSNormalization(x, w, axis=-1, epsilon, stash_type=fp32)
     RoPE(x [B,S,H,D], cos, sin, start) ─►  Cast(Reshape(RotaryEmbedding(Reshape(Cast(x, fp32), [B, S, H*D]),
@@ -113,6 +121,11 @@ class OrtLoweringPass(Pass, ir.passes.InPlacePass):
             if block is not None:
                 replace(g, att, lambda node, op, block=block: _gqa(node, op, block, shared))
                 fused += 1
+        for norm in [n for n in g if n.domain == schema.DOMAIN and n.op_type == schema.RMS_NORM]:
+            add = _residual_add(norm)
+            if add is not None:
+                _fuse_skip_norm(g, add, norm)
+                fused += 1
         if fused:
             onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
             require_opsets(model, {MS_DOMAIN: 1})
@@ -123,6 +136,29 @@ class OrtLoweringPass(Pass, ir.passes.InPlacePass):
         left = sorted({n.op_type for n in model.graph if n.domain == schema.DOMAIN})
         if left:
             raise ArtifactError(f"custom nodes {left} cannot run on ONNX Runtime; the graph must be partitioned first")
+
+
+def _residual_add(norm: ir.Node) -> ir.Node | None:
+    """The residual `Add` of two equally shaped, equally typed values that feeds RMSNorm `norm`, or None."""
+    add = norm.inputs[0].producer()
+    if add is None or add.op_type != "Add" or add.domain != "" or len(add.inputs) != 2:
+        return None
+    a, b = add.inputs
+    if a.shape is None or a.shape != b.shape or a.dtype != b.dtype:
+        return None
+    return add
+
+
+def _fuse_skip_norm(g: ir.Graph, add: ir.Node, norm: ir.Node) -> None:
+    """`h = a + b; y = RMSNorm(h, w)` -> one SkipSimplifiedLayerNormalization(a, b, w) with outputs y and
+    h (its input_skip_bias_sum; mean and inv_std_var left out), in the Add's place."""
+    a, b = add.inputs
+    fused = ir.Node(MS_DOMAIN, "SkipSimplifiedLayerNormalization", [a, b, norm.inputs[1]],
+                    attributes=[ir.AttrFloat32("epsilon", attr(norm, "epsilon", 1e-5))], num_outputs=4,
+                    name=f"{norm.name or 'RMSNorm'}/SkipSimplifiedLayerNormalization")
+    y, mean, inv_std, h = fused.outputs
+    mean.name = inv_std.name = ""  # optional outputs not computed
+    ir.convenience.replace_nodes_and_values(g, add, [add, norm], [fused], [add.outputs[0], norm.outputs[0]], [h, y])
 
 
 def _gqa(att: ir.Node, op: Emit, block: _Block, shared: dict[str, ir.Value]):
