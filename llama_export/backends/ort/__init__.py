@@ -21,6 +21,7 @@ lazily, so that importing llama_export never needs it.
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 
 from typing import TYPE_CHECKING, Any
@@ -88,24 +89,29 @@ class OrtBackend:
                 names += more
             self.sessions.append(session)
             self.output_names.append(names)
+        # One IOBinding per session, kept across steps: a decode step rebinds only what moved (the ids and
+        # lengths), not the KV cache's 2 x n_layers buffers, which stay where they are for a whole run.
+        self._bindings = [(s.io_binding(), {}) for s in self.sessions]
         log.info("rank %d: %d ONNX Runtime sessions on %s (%s)", rank, len(self.sessions), providers[0],
                  "written lowering" if self.prelowered else "lowered in memory")
 
     def run_segment(self, index: int, feeds: dict[str, Any]) -> dict[str, Any]:
         """Run segment `index`; present_* outputs are written into their past_* feeds and returned as them."""
         session = self.sessions[index]
-        io = session.io_binding()
+        io, bound = self._bindings[index]
         feeds = {name: self._own(x) for name, x in feeds.items()}
         for name, x in feeds.items():
-            io.bind_input(name, self._kind, self._index, *_buffer(x))
+            if _rebind(bound, name, x):
+                io.bind_input(name, self._kind, self._index, *_buffer(x))
         out: dict[str, Any] = {}
         names = self.output_names[index]
         for name in names:
             buffer = feeds.get(self.in_place.get(name, ""))
             if buffer is not None:
-                io.bind_output(name, self._kind, self._index, *_buffer(buffer))
+                if _rebind(bound, (name, "out"), buffer):
+                    io.bind_output(name, self._kind, self._index, *_buffer(buffer))
                 out[name] = buffer
-            else:
+            else:  # allocated by ONNX Runtime, afresh each run (a kept one would have the last run's shape)
                 io.bind_output(name, self._kind)
         session.run_with_iobinding(io)
         for name, value in zip(names, io.get_outputs()):
@@ -130,6 +136,7 @@ class OrtBackend:
         return torch.as_tensor(x, device=self.device).contiguous()
 
     def close(self) -> None:
+        self._bindings.clear()
         self.sessions.clear()
 
     def __enter__(self) -> OrtBackend:
@@ -215,6 +222,16 @@ def _session_options(ort, threads: int | None):
     # counted in the process's peak RSS until then).
     opts.add_session_config_entry("session.prepack.enable_parallel", "1")
     return opts
+
+
+def _rebind(bound: dict, key: Any, x: Any) -> bool:
+    """Whether `x` must be bound under `key`: it is not the array bound there last time (the same live
+    object still has the same memory; a weak reference, so that a finished run's cache is not kept)."""
+    last = bound.get(key)
+    if last is not None and last() is x:
+        return False
+    bound[key] = weakref.ref(x)
+    return True
 
 
 def _buffer(x: Any) -> tuple[type, list[int], int]:
