@@ -89,6 +89,8 @@ class OrtBackend:
                 names += more
             self.sessions.append(session)
             self.output_names.append(names)
+        # The outputs this backend allocates (not written into a past_* buffer), by segment.
+        self._out_specs = [{o.name: o for o in seg.outputs if o.name not in self.in_place} for seg in self.segments]
         # One IOBinding per session, kept across steps: a decode step rebinds only what moved (the ids and
         # lengths), not the KV cache's 2 x n_layers buffers, which stay where they are for a whole run.
         self._bindings = [(s.io_binding(), {}) for s in self.sessions]
@@ -105,27 +107,39 @@ class OrtBackend:
                 io.bind_input(name, self._kind, self._index, *_buffer(x))
         out: dict[str, Any] = {}
         names = self.output_names[index]
+        dims = _dims(self.segments[index].inputs, feeds)
+        fetch = False
         for name in names:
             buffer = feeds.get(self.in_place.get(name, ""))
             if buffer is not None:
                 if _rebind(bound, (name, "out"), buffer):
                     io.bind_output(name, self._kind, self._index, *_buffer(buffer))
                 out[name] = buffer
+            elif (spec := self._out_specs[index].get(name)) is not None and \
+                    None not in (shape := [dims.get(d) if isinstance(d, str) else d for d in spec.shape]):
+                # a new array of this run's shape, written by ONNX Runtime (no copy out of its buffer)
+                out[name] = self._empty(tuple(shape), spec.dtype)
+                io.bind_output(name, self._kind, self._index, *_buffer(out[name]))
             else:  # allocated by ONNX Runtime, afresh each run (a kept one would have the last run's shape)
                 io.bind_output(name, self._kind)
+                fetch = True
         session.run_with_iobinding(io)
-        for name, value in zip(names, io.get_outputs()):
-            if name not in out:
-                # `numpy()` views ONNX Runtime's buffer without keeping it alive: copy before the binding goes.
-                out[name] = self._own(value.numpy().copy())
+        if fetch:
+            for name, value in zip(names, io.get_outputs()):
+                if name not in out:
+                    # `numpy()` views ONNX Runtime's buffer without keeping it alive: copy before the binding goes.
+                    out[name] = self._own(value.numpy().copy())
         return out
 
     def zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
+        return self._empty(shape, dtype, zeroed=True)
+
+    def _empty(self, shape: tuple[int, ...], dtype: str, *, zeroed: bool = False) -> Any:
         if self._kind == "cpu":
-            return np.zeros(shape, dtype=dtype)
+            return (np.zeros if zeroed else np.empty)(shape, dtype=dtype)
         import torch
 
-        return torch.zeros(shape, dtype=dtypes.by_name(dtype).torch, device=self.device)
+        return (torch.zeros if zeroed else torch.empty)(shape, dtype=dtypes.by_name(dtype).torch, device=self.device)
 
     def _own(self, x: Any) -> Any:
         """`x` as this backend's array: a contiguous numpy array on the CPU, a torch tensor on CUDA."""
@@ -222,6 +236,16 @@ def _session_options(ort, threads: int | None):
     # counted in the process's peak RSS until then).
     opts.add_session_config_entry("session.prepack.enable_parallel", "1")
     return opts
+
+
+def _dims(inputs, feeds: dict[str, Any]) -> dict[str, int]:
+    """The sizes this run gives the symbolic dimensions ("batch", "seq", ...) of a segment's inputs."""
+    dims: dict[str, int] = {}
+    for spec in inputs:
+        for d, n in zip(spec.shape, feeds[spec.name].shape):
+            if isinstance(d, str):
+                dims[d] = int(n)
+    return dims
 
 
 def _rebind(bound: dict, key: Any, x: Any) -> bool:
