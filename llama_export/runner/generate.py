@@ -191,7 +191,7 @@ def generate_stream(
 
     prompt: `[B, S]` ids (numpy, or anything `np.asarray` takes: a CPU tensor), right-padded when
     `prompt_lengths` says rows are shorter than S; cache: empty (`make_cache`) keys and values whose
-    capacity holds every row's prompt + max_new_tokens."""
+    capacity holds every row's prompt + max_new_tokens (its rows end up in prompt-length order)."""
     rng = np.random.default_rng(sampling.seed)
     prompt = np.ascontiguousarray(prompt, dtype=np.int64)
     bsz = prompt.shape[0]
@@ -244,10 +244,10 @@ def _prefill(step: StepFn, prompt: np.ndarray, lengths: np.ndarray, keys: list, 
     parts = []
     for a, b in prefill_groups(lengths):
         width = int(lengths[b - 1])
-        sliced = [k[a:b] for k in keys], [v[a:b] for v in values]
-        logits, *written = step(np.ascontiguousarray(prompt[a:b, :width]), np.zeros(b - a, dtype=np.int64),
-                                lengths[a:b], *sliced)
-        for given, got in zip(sum(sliced, []), sum(written, [])):
+        k_rows, v_rows = [k[a:b] for k in keys], [v[a:b] for v in values]
+        logits, k_out, v_out = step(np.ascontiguousarray(prompt[a:b, :width]), np.zeros(b - a, dtype=np.int64),
+                                    lengths[a:b], k_rows, v_rows)
+        for given, got in zip(k_rows + v_rows, list(k_out) + list(v_out)):
             if got is not given:
                 given[...] = got
         parts.append(host(logits))
