@@ -123,6 +123,7 @@ def _cpu_sample() -> tuple[float, list, float]:
 
 _STARTED = _cpu_sample()  # the window `rank_threads` looks at opens when this module is imported
 _MIN_WINDOW_S = 0.1
+_MAX_WINDOW_S = 2.0  # later than this (a long-lived process), the load is measured afresh
 
 
 def _busy(t) -> float:
@@ -137,7 +138,7 @@ def rank_threads(requested: int | None, world_size: int) -> int:
 
     The load is measured since this module was imported (at least 0.1 s: it waits for the rest), with
     this process's own CPU time (its start-up) taken out, so that a start on an idle machine waits for
-    nothing.
+    nothing; more than 2 s after the import, over a fresh 0.1 s.
 
     Set explicitly in every rank, so that no library picks its own default: a thread pool as large as
     the machine stalls on every parallel region while another process holds one of its cores
@@ -152,6 +153,8 @@ def rank_threads(requested: int | None, world_size: int) -> int:
     except AttributeError:  # not Linux
         cores = list(range(os.cpu_count() or 1))
     start, before, own_before = _STARTED
+    if time.monotonic() - start > _MAX_WINDOW_S:
+        start, before, own_before = _cpu_sample()
     time.sleep(max(0.0, _MIN_WINDOW_S - (time.monotonic() - start)))
     end, after, own_after = _cpu_sample()
     busy = sum(_busy(after[c]) - _busy(before[c]) for c in cores if c < min(len(before), len(after)))
