@@ -254,8 +254,9 @@ class _ConsoleReporter:
                 print(f"{prompt}{text}" if summary.echo_prompt else text)
                 print("-" * 40, flush=True)
         rows = f" in {len(summary.texts)} rows" if len(summary.texts) > 1 else ""
+        first = f"; first token {summary.first_token_s:.2f} s after start" if summary.first_token_s is not None else ""
         print(f"[{opts.source.backend.value} tp={opts.tp}] prefill {summary.prompt_tokens} tokens{rows}: "
-              f"{summary.prefill_tok_s:.1f} tok/s; decode: {summary.decode_tok_s:.1f} tok/s", file=sys.stderr)
+              f"{summary.prefill_tok_s:.1f} tok/s; decode: {summary.decode_tok_s:.1f} tok/s{first}", file=sys.stderr)
         if summary.context_limit is not None:
             print(f"[stopped at the context limit: {summary.context_limit}]", file=sys.stderr)
 

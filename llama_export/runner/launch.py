@@ -61,6 +61,7 @@ CAUSE_WAIT_S = 3.0
 _WORKER_FLAG = "LLAMA_EXPORT_WORKER"
 _RUN_DIR = "LLAMA_EXPORT_RUN_DIR"
 _THREADS = "LLAMA_EXPORT_THREADS"
+_STARTED_AT = "LLAMA_EXPORT_STARTED_AT"  # the launcher's start, seconds after boot (Linux)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,33 @@ def leave_rank(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _boot_clock() -> tuple[float, float] | None:
+    """(now, this process's start), both in seconds after boot (/proc, 10 ms resolution); None where
+    there is no /proc."""
+    try:
+        now = float(Path("/proc/uptime").read_text().split()[0])
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return now, int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: starttime, in ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def seconds_since_start() -> float | None:
+    """Seconds since the command started: this process, or the `launch_local` launcher that started
+    this rank; None where that cannot be read (no /proc)."""
+    clock = _boot_clock()
+    if clock is None:
+        return None
+    now, started = clock
+    launcher = os.environ.get(_STARTED_AT) if os.environ.get(_WORKER_FLAG) == "1" else None
+    if launcher is not None:
+        try:
+            started = float(launcher)
+        except ValueError:
+            pass
+    return now - started
 
 
 def _cpu_sample() -> tuple[float, list, float]:
@@ -298,6 +326,7 @@ def launch_local(argv: list[str], world_size: int, *, threads: int | None = None
     """Run `llama_export.cli argv` as `world_size` rank processes; return 0 or raise RankFailedError
     with one line naming the rank that failed, was killed, or stopped responding (see `_Watch`)."""
     port = _free_port()
+    clock = _boot_clock()
     run_dir = Path(tempfile.mkdtemp(prefix="llama_export-run-"))
     procs: list[subprocess.Popen] = []
     try:
@@ -314,6 +343,8 @@ def launch_local(argv: list[str], world_size: int, *, threads: int | None = None
             )
             if threads is not None:  # decided once, here, for every rank
                 env.update(OMP_NUM_THREADS=str(threads), **{_THREADS: str(threads)})
+            if clock is not None:
+                env[_STARTED_AT] = repr(clock[1])
             procs.append(subprocess.Popen([sys.executable, "-m", "llama_export.cli", *argv], env=env))
         watch = _Watch(procs, run_dir)
         while True:

@@ -28,7 +28,7 @@ from llama_export.runner.generate import (
     pad_prompts,
     validate_prompt,
 )
-from llama_export.runner.launch import RankEnv, on_ranks, rank_env
+from llama_export.runner.launch import RankEnv, on_ranks, rank_env, seconds_since_start
 from llama_export.runner.source import ModelSource
 from llama_export.text import TextStream, Tokenizer, single_turn
 
@@ -149,6 +149,7 @@ class RunSummary:
     streamed: bool  # the text of prompt 0 was already passed to `Reporter.text`
     echo_prompt: bool  # the output shows the prompt before the generated text (not for a chat)
     context_limit: str | None  # "max_seq_len=N" / "--cache-capacity N", when generation stopped there
+    first_token_s: float | None = None  # seconds from the command's start to the first new token (Linux)
 
 
 class Reporter(Protocol):
@@ -186,11 +187,14 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: str, t
     step(prompt[:1, :1], one - 1, one, *make_cache(1, 1))
     result = GenerationResult(prompt=prompt, prompt_lengths=lengths)
     stopped = False
+    first_token_s = None
     for rec, result in generate_stream(
         step, prompt, make_cache(len(rows), capacity), prompt_lengths=lengths, max_new_tokens=budget,
         sampling=opts.sampling, stop_ids=tok.stop_ids if tok is not None else (),
         keep_logits=opts.json_out is not None,
     ):
+        if len(result.steps) == 1:
+            first_token_s = seconds_since_start()
         if stream is not None and not stopped:
             token = int(rec.tokens[0])
             stopped = token in tok.stop_ids
@@ -202,7 +206,7 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: str, t
         else [""] * len(rows)
     n_new = len(result.steps)
     if env.rank == 0 and opts.json_out is not None:
-        _write_json(opts, result, rows)
+        _write_json(opts, result, rows, first_token_s)
     if env.rank == 0:
         prompt_tokens = int(lengths.sum())
         reporter.finish(opts, RunSummary(
@@ -213,15 +217,18 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: str, t
             streamed=stream is not None, echo_prompt=echo,
             context_limit=_limit_name(opts, cfg.max_seq_len) if budget < opts.max_new_tokens and n_new == budget
             else None,
+            first_token_s=first_token_s,
         ))
     return 0
 
 
-def _write_json(opts: RunOptions, result: GenerationResult, rows: list[list[int]]) -> None:
+def _write_json(opts: RunOptions, result: GenerationResult, rows: list[list[int]],
+                first_token_s: float | None) -> None:
     """The run's one batch (every prompt, in order; `prompt_ids` unpadded)."""
     payload = {
         "backend": opts.source.backend.value,
         "tp": opts.tp,
+        "first_token_s": first_token_s,
         "batches": [{
             "prompts": list(range(len(rows))),
             "prompt_ids": rows,

@@ -4,6 +4,8 @@ capacity is one clear error."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import numpy as np
 import torch
@@ -96,10 +98,14 @@ def test_cli_ragged_prompt_ids_on_ort_tp2(setup, tmp_path):
     """`--prompt-ids` rows of different lengths run as one batch in real rank processes."""
     _, exports = setup
     ids = ";".join(",".join(map(str, r)) for r in ROWS)
+    t0 = time.monotonic()
     r = run_cli("run", "--backend", "ort", "--artifacts", str(exports[2]), "--tp", "2", "--prompt-ids", ids,
                 "--max-new-tokens", str(NEW), "--json", str(tmp_path / "out.json"))
+    wall = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
-    (out,) = read_json(tmp_path / "out.json")["batches"]  # one batch, whatever the rows' lengths
+    data = read_json(tmp_path / "out.json")
+    assert 0 < data["first_token_s"] < wall, (data["first_token_s"], wall)  # from the launcher's start
+    (out,) = data["batches"]  # one batch, whatever the rows' lengths
     assert out["prompt_ids"] == ROWS and out["prompts"] == [0, 1, 2]
     assert out["tokens"] == _ort(exports[1], ROWS).new_tokens.tolist()
 
