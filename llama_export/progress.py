@@ -25,6 +25,8 @@ def _on(enabled: bool) -> bool:
 class _Hidden:
     """A bar that is not shown: what `tqdm(disable=True)` does, without importing tqdm."""
 
+    n = 0
+
     def update(self, n: float = 1) -> None:
         pass
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from llama_export.errors import InputError
 from llama_export.parallel.plan import check_tp
+from llama_export.progress import count_bar
 from llama_export.runner.generate import MakeCache, StepFn, host, log_softmax
 from llama_export.runner.launch import on_ranks, rank_env
 from llama_export.runner.source import ModelSource
@@ -170,8 +170,8 @@ def run_eval(opts: EvalOptions, argv: list[str], report: Callable[[Perplexity], 
         step, make_cache, cfg = opts.source.step(comm=comm, device=device, threads=threads)
         window, stride = _window(opts, cfg.max_seq_len)
         ids = _read_ids(opts)
-        bar = tqdm(total=len(plan_windows(ids.size, window, stride)), unit="window", desc="eval",
-                   disable=not opts.progress or env.rank != 0)
+        bar = count_bar(len(plan_windows(ids.size, window, stride)), "eval", unit="window",
+                        enabled=opts.progress and env.rank == 0)
         result = perplexity(step, make_cache, ids, window=window, stride=stride, batch=opts.batch,
                             progress=lambda done, total: bar.update(done - bar.n))
         bar.close()
