@@ -33,7 +33,7 @@ def segmented_step(manifest: Manifest, backend: RankBackend, *, comm: Communicat
 
     def step(tokens, cache_lengths, token_lengths, keys: list, values: list):
         env: dict[str, Any] = {schema.TOKENS: tokens, schema.CACHE_LENGTHS: cache_lengths,
-                                  schema.TOKEN_LENGTHS: token_lengths}
+                               schema.TOKEN_LENGTHS: token_lengths}
         env.update({schema.past_key(i): t for i, t in enumerate(keys)})
         env.update({schema.past_value(i): t for i, t in enumerate(values)})
         for k, seg in enumerate(segments):
