@@ -131,8 +131,9 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_rehash(p) -> None:
     p.add_argument("--rehash", action="store_true",
-                   help="ort: hash every file of the export, also those recorded as unchanged since they "
-                   "were verified (records: $LLAMA_EXPORT_CACHE_DIR, default ~/.cache/llama_export)")
+                   help="hash every file of the export (ort) or engine plan (trt), also those recorded as "
+                   "unchanged since they were verified (records: $LLAMA_EXPORT_CACHE_DIR, default "
+                   "~/.cache/llama_export)")
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:

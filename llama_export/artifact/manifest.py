@@ -271,11 +271,12 @@ def verify_rank(m: Manifest, root: Path, rank: int, *, on_bytes: Callable[[int],
 
 
 def verify_files(root: Path, files: list[tuple[str, str]], *, on_bytes: Callable[[int], None] | None = None,
-                 rehash: bool = False) -> None:
+                 rehash: bool = False, fix: str = "re-export") -> None:
     """Check each (relative path, sha256) of `files` under `root`, hashing it unless the records of
     `artifact.verified` (its trust model is there) say it has not changed since it hashed to that
     sha256; `rehash` hashes every file. Files that hash right are recorded. `on_bytes(n)`: n more bytes
-    verified (progress), as a file is read, or a whole file at once when its record vouches for it."""
+    verified (progress), as a file is read, or a whole file at once when its record vouches for it.
+    `fix`: what the error line tells the user to do about a missing or changed file."""
     records = VerifiedFiles(root)
     try:
         for rel, want in files:
@@ -285,7 +286,7 @@ def verify_files(root: Path, files: list[tuple[str, str]], *, on_bytes: Callable
                 stamp = Stamp.of(path.stat())
             except OSError as e:
                 raise ArtifactError(f"{rel} is listed in the manifest but cannot be read ({e.strerror}); "
-                                    "re-export") from None
+                                    f"{fix}") from None
             if not rehash and records.known(path, want, stamp):
                 log.debug("%s: unchanged since it was verified", rel)
                 if on_bytes is not None:
@@ -294,12 +295,12 @@ def verify_files(root: Path, files: list[tuple[str, str]], *, on_bytes: Callable
             got = sha256_file(path, on_bytes=on_bytes)
             if got != want:
                 records.forget(path)
-                raise _hash_error(rel, got, want)
+                raise _hash_error(rel, got, want, fix)
             records.add(path, want, stamp, seen_ns=seen_ns)
     finally:
         records.save()
 
 
-def _hash_error(rel: str, got: str, want: str | None) -> ArtifactError:
+def _hash_error(rel: str, got: str, want: str | None, fix: str = "re-export") -> ArtifactError:
     return ArtifactError(f"{rel} has sha256 {got[:12]}... but the manifest says {str(want)[:12]}...: "
-                         "the file was modified or truncated after export; re-export")
+                         f"the file was modified or truncated after it was written; {fix}")

@@ -35,14 +35,16 @@ def artifact_manifest(backend: Backend, root: Path, *, verify_hashes: bool = Tru
 
 
 def open_backend(backend: Backend, manifest: Manifest, root: Path, *, rank: int, device: str,
-                 threads: int | None = None, extra_outputs: tuple[str, ...] = (), exact: bool = False) -> RankBackend:
+                 threads: int | None = None, extra_outputs: tuple[str, ...] = (), exact: bool = False,
+                 rehash: bool = False) -> RankBackend:
     """The RankBackend of `backend` for one rank of an export (or engine) directory.
 
     `extra_outputs`: values inside the graphs to return as well where the backend can (ORT; used by
     `compare` to look inside a TP=1 graph). `exact`: compute quantized weights with the graph's own
     arithmetic rather than faster approximate kernels where the backend has both (ORT; used when
     checking an export against eager). `threads`: CPU threads of this rank (ORT sessions; None: the
-    library's default)."""
+    library's default). `rehash`: hash every engine plan, also those recorded unchanged since they were
+    verified (TensorRT; an export's files are verified by the caller, `verify_rank`)."""
     if backend is Backend.ORT:
         from llama_export.backends.ort import OrtBackend
 
@@ -53,5 +55,5 @@ def open_backend(backend: Backend, manifest: Manifest, root: Path, *, rank: int,
             from llama_export.backends.tensorrt.runner import TensorRTBackend
         except ImportError as e:
             raise BackendUnavailableError(f"the TensorRT backend is not available here ({e})") from None
-        return TensorRTBackend(root, rank=rank, device=device)
+        return TensorRTBackend(root, rank=rank, device=device, rehash=rehash)
     raise InputError(f"the {backend.value} backend runs no export; choose ort or trt")

@@ -34,7 +34,7 @@ class ModelSource:
     artifacts: Path | None = None  # ort: export directory; trt: engine directory
     dtype: Precision = Precision.FP32  # eager only: exports carry their own
     weights: WeightQuant | None = None  # eager only: run with these weights quantized and dequantized
-    rehash: bool = False  # ort: hash every file, also those recorded unchanged since they were verified
+    rehash: bool = False  # hash every file (ort) or plan (trt), also those recorded unchanged since verified
 
     def __post_init__(self) -> None:
         if self.backend is not Backend.EAGER and self.artifacts is None:
@@ -105,7 +105,8 @@ class ModelSource:
                         for rel, _ in rank_files(manifest, comm.rank))
             with byte_bar(total, f"rank {comm.rank}: verifying its files", enabled=progress) as bar:
                 verify_rank(manifest, self.artifacts, comm.rank, on_bytes=bar.update, rehash=self.rehash)
-        backend = open_backend(self.backend, manifest, self.artifacts, rank=comm.rank, device=device, threads=threads)
+        backend = open_backend(self.backend, manifest, self.artifacts, rank=comm.rank, device=device, threads=threads,
+                               rehash=self.rehash)
         step = segmented_step(manifest, backend, comm=comm)
 
         def make_cache(batch: int, capacity: int):

@@ -46,7 +46,7 @@ def test_hand_edited_onnx_is_detected(copy):
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="sha256 .* was modified or truncated after export; re-export"):
+    with pytest.raises(ArtifactError, match="sha256 .* was modified or truncated after it was written; re-export"):
         load_manifest(copy)
     _cli_error(copy, "was modified or truncated")
 

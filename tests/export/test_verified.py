@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -226,3 +227,24 @@ def test_rehash_flag_of_run_eval_and_compare(forged, tmp_path):
         r = run_cli(*args, "--rehash")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert f"{rel} has sha256" in r.stderr and "modified or truncated" in r.stderr, r.stderr
+
+
+def test_tensorrt_plans_are_hashed_once_and_a_changed_plan_says_rebuild(tmp_path, cache, hashed):
+    """The TensorRT runner reads its engines through the same records (`runner.read_plans`)."""
+    from llama_export.backends.tensorrt.runner import _EngineEntry, read_plans
+    from llama_export.parsing import parse_json
+
+    plans = {"rank0/layer0.plan": b"engine-0" * 64, "rank0/layer1.plan": b"engine-1" * 64}
+    files = _export(tmp_path / "engines", plans)
+    entries = [parse_json(json.dumps({"rank": 0, "plan": rel, "plan_sha256": sha, "io_names": {}, "profiles": []}),
+                          _EngineEntry, source="build_manifest.json", fix="rebuild") for rel, sha in files]
+    assert read_plans(tmp_path / "engines", entries) == list(plans.values())
+    assert hashed == ["layer0.plan", "layer1.plan"]
+    assert read_plans(tmp_path / "engines", entries) == list(plans.values())
+    assert hashed == ["layer0.plan", "layer1.plan"]  # unchanged: read, not hashed again
+    read_plans(tmp_path / "engines", entries, rehash=True)
+    assert hashed == ["layer0.plan", "layer1.plan"] * 2
+    (tmp_path / "engines" / "rank0/layer1.plan").write_bytes(b"engine-X" * 64)
+    with pytest.raises(ArtifactError, match=r"layer1.plan has sha256 .* modified or truncated after it was "
+                                            r"written; rebuild \(`llama-export build`\)"):
+        read_plans(tmp_path / "engines", entries)

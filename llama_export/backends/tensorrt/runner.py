@@ -34,7 +34,7 @@ from llama_export.backends.tensorrt import profiles
 from llama_export.backends.tensorrt.build import BUILD_FORMAT, BUILD_MANIFEST, EXPORT_MANIFEST
 from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
 from llama_export.errors import ArtifactError, BackendUnavailableError, InputError
-from llama_export.artifact.manifest import Manifest, Sha256, resolve_inside, sha256_file
+from llama_export.artifact.manifest import Manifest, Sha256, resolve_inside, verify_files
 from llama_export.parsing import parse_json_file, read_bytes
 
 if TYPE_CHECKING:  # annotations only: the API conformance check reads them (tests/tensorrt/conformance)
@@ -117,10 +117,20 @@ def load_export_manifest(build_dir: Path) -> Manifest:
     return Manifest.from_json(read_bytes(path, error=ArtifactError), source=str(path), fix="rebuild")
 
 
+def read_plans(build_dir: Path, entries: list[_EngineEntry], *, rehash: bool = False) -> list[bytes]:
+    """The serialized engines of `entries`, each checked against its sha256 in the build manifest. The
+    records of `artifact.verified` spare re-hashing plans unchanged since a start verified them (an 8B
+    fp16 rank's plans are ~16 GB: ~13 s of hashing on every start otherwise); `rehash` hashes them all."""
+    verify_files(build_dir, [(e.plan, e.plan_sha256) for e in entries], rehash=rehash,
+                 fix="rebuild (`llama-export build`)")
+    return [resolve_inside(build_dir, e.plan).read_bytes() for e in entries]
+
+
 class TensorRTBackend:
     """Runs rank `rank`'s engines from `build_dir` (written by `build_engines`) on CUDA `device`."""
 
-    def __init__(self, build_dir: Path, rank: int, device: torch.device | str = "cuda") -> None:
+    def __init__(self, build_dir: Path, rank: int, device: torch.device | str = "cuda", *,
+                 rehash: bool = False) -> None:
         self.trt = import_tensorrt()
         self.device = torch.device(device)
         if self.device.type != "cuda" or not torch.cuda.is_available():
@@ -148,11 +158,8 @@ class TensorRTBackend:
         self._empty = torch.empty(256, dtype=torch.uint8, device=self.device)  # address for empty tensors
         self._segments: list[_Segment] = []
         with torch.cuda.device(self.device):
-            for e in entries:
-                plan_path = resolve_inside(build_dir, e.plan)
-                if sha256_file(plan_path) != e.plan_sha256:
-                    raise ArtifactError(f"{e.plan} does not match its sha256 in {BUILD_MANIFEST}; rebuild")
-                self._segments.append(_Segment(self.trt, self._runtime, plan_path.read_bytes(), e))
+            for e, plan in zip(entries, read_plans(build_dir, entries, rehash=rehash)):
+                self._segments.append(_Segment(self.trt, self._runtime, plan, e))
         log.info("rank %d: loaded %d TensorRT engine(s) from %s", rank, len(self._segments), build_dir)
 
     def run_segment(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
