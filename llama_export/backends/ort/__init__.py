@@ -14,14 +14,13 @@ built from a serialized in-memory copy).
 Every run binds inputs and outputs to the arrays' memory (IOBinding): no per-step copies, and each
 `present_*` output is bound to the buffer of its `past_*` input, so the KV cache is written in place
 (GroupQueryAttention detects the shared buffer). On the CPU the arrays are numpy's and torch is never
-imported, and the cache's are made resident only where written (`small_page_zeros`); on CUDA (onnxruntime-gpu) they are torch tensors on the device. onnxruntime is imported
+imported; on CUDA (onnxruntime-gpu) they are torch tensors on the device. onnxruntime is imported
 lazily, so that importing llama_export never needs it.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import weakref
 from pathlib import Path
 
@@ -39,25 +38,6 @@ if TYPE_CHECKING:
     import onnx_ir as ir
 
 log = logging.getLogger(__name__)
-
-
-def small_page_zeros(shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """A zeroed numpy array on fresh anonymous memory in base-size pages (Linux: MADV_NOHUGEPAGE).
-
-    For the KV cache: numpy asks for transparent huge pages on arrays of 4 MiB and more, so the first
-    write anywhere in 2 MiB of the cache makes the kernel zero (and, with `defrag=madvise`, compact
-    memory for) all of it. A cache is written a few slots per head at a time: measured on the 134M
-    model, a 16-token prefill into a 2048-slot cache took 92 ms and 99 MiB of its 144 MiB with huge
-    pages, 24 ms and 2 MiB with base pages; decode over a filled cache runs at the same speed either
-    way. Where the hint is unavailable this is `np.zeros`."""
-    dt = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    advice = getattr(mmap, "MADV_NOHUGEPAGE", None)
-    if advice is None or nbytes == 0:
-        return np.zeros(shape, dtype=dt)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero-filled; unmapped with the array
-    buf.madvise(advice)
-    return np.frombuffer(buf, dtype=dt).reshape(shape)
 
 
 def _ort():
@@ -152,8 +132,6 @@ class OrtBackend:
         return out
 
     def zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
-        if self._kind == "cpu":
-            return small_page_zeros(shape, dtype)
         return self._empty(shape, dtype, zeroed=True)
 
     def _empty(self, shape: tuple[int, ...], dtype: str, *, zeroed: bool = False) -> Any:
