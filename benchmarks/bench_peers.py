@@ -15,6 +15,10 @@ Workloads (batch 1, --threads threads for everyone):
   ragged  8 prompts of 16..256 ids -> --ragged-new tokens each, run one after another (our ragged
           batching is a separate feature; this is the one-by-one baseline every system can run)
 
+--block-size N (default 32) sets the int8/int4 block size of our exports and onnxruntime-genai's
+(`--extra_options block_size=N`); llama.cpp's q8_0/q4_0 keep their blocks of 32, and the bound keeps
+ggml's bytes per weight.
+
 The peers are optional and never dependencies of llama_export; a system whose package is missing is
 skipped with the line to install it:
     pip install onnxruntime-genai==0.18.0 gguf==0.19.0
@@ -29,6 +33,7 @@ skipped with the line to install it:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -116,14 +121,15 @@ def write_placeholder_tokenizer(vocab: int, out: Path) -> None:
         "unk_token": "<unk>"}))
 
 
-def build_genai(hf: Path, out: Path, precision: str) -> float:
+def build_genai(hf: Path, out: Path, precision: str, block_size: int) -> float:
     """onnxruntime-genai's model builder on the HF folder (CPU target); returns its wall time."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
     with open(out.parent / f"{out.name}.log", "w") as logf:
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
-                        "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache")],
+                        "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache"),
+                        "--extra_options", f"block_size={block_size}"],
                        check=True, stdout=logf, stderr=subprocess.STDOUT)
     dt = time.perf_counter() - t0
     tmp.rename(out)
@@ -150,6 +156,8 @@ def prepare(args, cfg, work: Path, log) -> list[System]:
 
     for spelling in args.ours:
         dtype = ModelDType.parse(spelling)
+        if dtype.weights is not None:
+            dtype = dataclasses.replace(dtype, weights=dataclasses.replace(dtype.weights, block_size=args.block_size))
         opts = ExportOptions(checkpoint=hf, out=work / "graphs", tp=1, dtype=dtype.activations,
                              weights=dtype.weights, progress=False)
         path = work / "graphs" / "hf" / opts.variant
@@ -167,9 +175,9 @@ def prepare(args, cfg, work: Path, log) -> list[System]:
 
     if have("onnxruntime_genai"):
         for p in ("fp32", "int8", "int4"):
-            out = work / f"genai-{p}"
+            out = work / (f"genai-{p}" if p == "fp32" or args.block_size == 32 else f"genai-{p}-b{args.block_size}")
             if not out.is_dir():
-                log(f"onnxruntime-genai builder {p}: {build_genai(hf, out, p):.1f} s")
+                log(f"onnxruntime-genai builder {p}: {build_genai(hf, out, p, args.block_size):.1f} s")
             systems.append(System(f"onnxruntime-genai {p}", "genai", p, out))
     else:
         log(f"skipping onnxruntime-genai: {INSTALL['onnxruntime_genai']}")
@@ -218,6 +226,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workloads", nargs="+", default=["short"], choices=["short", "long", "ragged"])
     ap.add_argument("--ours", nargs="+", default=["fp32", "int8", "int4"], help="our export dtypes to run on ORT")
+    ap.add_argument("--block-size", type=int, default=32, help="int8/int4 block size of our exports and genai's "
+                    "(llama.cpp's q8_0/q4_0 blocks are 32 whatever this says)")
     ap.add_argument("--only", nargs="+", default=None, help="run only systems whose label contains one of these")
     ap.add_argument("--workdir", type=Path, default=None, help="keep models here between runs (default: a temp dir)")
     args = ap.parse_args()
@@ -235,7 +245,8 @@ def main() -> None:
 
     print(f"model: {cfg.num_parameters() / 1e6:.0f}M parameters (dim {cfg.dim} x {cfg.n_layers} layers, vocab "
           f"{cfg.vocab_size}), fp32 checkpoint; batch 1, {args.threads} threads, {os.cpu_count()} cores; "
-          f"{args.rounds} interleaved rounds, medians", flush=True)
+          f"{args.rounds} interleaved rounds, medians; int8/int4 blocks of {args.block_size} (ours, genai; "
+          f"llama.cpp q8_0/q4_0: 32)", flush=True)
     systems = prepare(args, cfg, work, log)
     if args.only:
         systems = [s for s in systems if any(o in s.label for o in args.only)]
