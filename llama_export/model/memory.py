@@ -25,13 +25,21 @@ def _load_libc():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
         return libc
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+    except (OSError, AttributeError):
         return None
 
 
+def _malloc_trim():
+    """glibc's malloc_trim, or None (not Linux, or a libc without it: musl)."""
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC is not None else None
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+    return trim
+
+
 _LIBC = _load_libc()
+_MALLOC_TRIM = _malloc_trim()
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -57,6 +65,6 @@ class HeapTrimmer:
 
     def loaded(self, nbytes: int) -> None:
         self.pending += nbytes
-        if self.pending >= self.every and _LIBC is not None:
-            _LIBC.malloc_trim(0)
+        if self.pending >= self.every and _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
             self.pending = 0
