@@ -217,6 +217,19 @@ def workloads(args, vocab: int) -> dict[str, dict]:
     return out
 
 
+def _block_size(text: str) -> int:
+    """--block-size as our exporter takes it (a power of two >= 16), or argparse's one-line error."""
+    from llama_export.config import WeightQuant
+    from llama_export.errors import ConfigError
+
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of input features (e.g. 32, 128)")
+    try:
+        return WeightQuant(bits=4, block_size=int(text)).block_size
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
@@ -226,7 +239,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workloads", nargs="+", default=["short"], choices=["short", "long", "ragged"])
     ap.add_argument("--ours", nargs="+", default=["fp32", "int8", "int4"], help="our export dtypes to run on ORT")
-    ap.add_argument("--block-size", type=int, default=32, help="int8/int4 block size of our exports and genai's "
+    ap.add_argument("--block-size", type=_block_size, default=32, help="int8/int4 block size of our exports and genai's "
                     "(llama.cpp's q8_0/q4_0 blocks are 32 whatever this says)")
     ap.add_argument("--only", nargs="+", default=None, help="run only systems whose label contains one of these")
     ap.add_argument("--workdir", type=Path, default=None, help="keep models here between runs (default: a temp dir)")
@@ -353,4 +366,10 @@ def targets(summary, loads) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from llama_export.errors import LlamaExportError
+
+    try:
+        main()
+    except LlamaExportError as e:  # e.g. a --block-size that does not divide the model's dimensions
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
