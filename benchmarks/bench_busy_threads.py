@@ -1,5 +1,5 @@
 """Decode speed on a busy machine: threads per rank = all cores (torch's default before --threads) vs
-fewer, and the default (`runner.launch.rank_threads`: the cores not busy at start), with another process
+fewer, and the default (`runner.threads.rank_threads`: the cores not busy at start), with another process
 spinning on one core, and without it.
 
 One invocation builds a synthetic fp32 checkpoint, then runs `llama-export run --backend eager --tp 1`

@@ -59,7 +59,7 @@ def worker_ours(kind: str, path: Path, spawned: float, vocab: int) -> dict:
 
     from llama_export.config import Backend
     from llama_export.parallel.comm import LocalComm
-    from llama_export.runner.generate import generate, generate_stream, pad_prompts
+    from llama_export.engine.generate import generate, generate_stream, pad_prompts
     from llama_export.runner.source import ModelSource
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "2"))

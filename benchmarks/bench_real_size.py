@@ -112,7 +112,7 @@ def _ort_rank(args: dict) -> dict:
 
 
 def _validate(args: dict) -> dict:
-    from llama_export.runner.compare import VALIDATION, validate_export
+    from llama_export.validate.compare import VALIDATION, validate_export
 
     assert VALIDATION.steps == 8  # prefill + 8 greedy decode steps
     cmp = validate_export(Path(args["path"]), Path(args["ckpt"]))

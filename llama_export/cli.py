@@ -156,8 +156,8 @@ def _enum_arg(parser: argparse.ArgumentParser, flag: str, enum_type, **kwargs) -
 
 
 def _add_run_parser(sub) -> None:
-    from llama_export.runner.generate import MAX_TEMPERATURE
-    from llama_export.runner.run import RunOptions
+    from llama_export.engine.generate import MAX_TEMPERATURE
+    from llama_export.commands.run import RunOptions
 
     p = sub.add_parser(
         "run",
@@ -188,7 +188,7 @@ def _add_run_parser(sub) -> None:
 
 def _add_eval_parser(sub) -> None:
     from llama_export.config import Backend
-    from llama_export.runner.evaluate import EvalOptions
+    from llama_export.commands.evaluate import EvalOptions
     from llama_export.runner.source import ModelSource
 
     d = EvalOptions(source=ModelSource(Backend.EAGER), text=Path("."))
@@ -216,7 +216,7 @@ def _cmd_eval(args, argv: list[str]) -> int:
     import json
 
     from llama_export.files import check_output_file, write_atomic
-    from llama_export.runner.evaluate import EvalOptions, run_eval
+    from llama_export.commands.evaluate import EvalOptions, run_eval
 
     if args.json_out is not None:
         check_output_file(args.json_out, what="--json")
@@ -272,8 +272,8 @@ def _source(args) -> ModelSource:
 
 
 def _cmd_run(args, argv: list[str]) -> int:
-    from llama_export.runner.generate import SamplingConfig
-    from llama_export.runner.run import RunOptions, parse_prompt_ids, run
+    from llama_export.engine.generate import SamplingConfig
+    from llama_export.commands.run import RunOptions, parse_prompt_ids, run
 
     if args.system is not None and args.chat is None:
         raise InputError("--system goes with --chat; add --chat TEXT")
@@ -329,7 +329,7 @@ def _add_export_parser(sub) -> None:
 def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
     from llama_export.artifact.manifest import MAX_BATCH
     from llama_export.config import ModelDType, WeightQuant
-    from llama_export.runner.compare import VALIDATION
+    from llama_export.validate.compare import VALIDATION
 
     p.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (default: the built-in demo model)")
     p.add_argument("--tp", type=int_in(1, MAX_TP), nargs="+", default=None,
@@ -363,8 +363,8 @@ def _cmd_export(args, argv: list[str]) -> int:
     from llama_export.config import WeightQuant
     from llama_export.export.exporter import ExportOptions
     from llama_export.job import format_table, run_job
-    from llama_export.runner.compare import VALIDATION
-    from llama_export.runner.launch import set_process_threads
+    from llama_export.validate.compare import VALIDATION
+    from llama_export.runner.threads import set_process_threads
     from llama_export.runner.source import default_checkpoint
 
     set_process_threads(args.threads)
@@ -488,7 +488,7 @@ def _cmd_build(args, argv: list[str]) -> int:
 
 def _add_compare_parser(sub) -> None:
     from llama_export.config import Backend
-    from llama_export.runner.compare import CompareSettings
+    from llama_export.validate.compare import CompareSettings
 
     p = sub.add_parser(
         "compare",
@@ -519,8 +519,8 @@ def _add_compare_parser(sub) -> None:
 
 def _cmd_compare(args, argv: list[str]) -> int:
     from llama_export.files import check_output_dir, check_output_file
-    from llama_export.runner.compare import CompareSettings, Mode, compare, format_report, plot_report, write_json
-    from llama_export.runner.launch import set_process_threads
+    from llama_export.validate.compare import CompareSettings, Mode, compare, format_report, plot_report, write_json
+    from llama_export.runner.threads import set_process_threads
 
     set_process_threads(args.threads)
     plot = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
@@ -624,7 +624,7 @@ def _os_error_line(e: OSError) -> str:
 
 def _failure(e: BaseException) -> tuple[str, str, int]:
     """(one line, kind, exit code) for an exception that ends a command (kind: a
-    `runner.launch.FailureKind` value); re-raises a bug's exception."""
+    `runner.env.FailureKind` value); re-raises a bug's exception."""
     if _received or isinstance(e, KeyboardInterrupt):
         # torch sometimes wraps an interrupt that arrives during tracing in its own error: the signal
         # decides, not the exception's type.
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
 def _say(message: str, kind: str, code: int) -> None:
     """Print the one line, or in a rank started by the launcher hand it to the launcher (which prints
     one line for the whole run); then leave a rank process without gloo's teardown."""
-    from llama_export.runner.launch import FailureKind, leave_rank, rank_env, report_failure
+    from llama_export.runner.env import FailureKind, leave_rank, rank_env, report_failure
 
     if not report_failure(message, FailureKind(kind)):
         try:

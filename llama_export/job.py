@@ -1,6 +1,6 @@
 """The main job: export one or more variants of a checkpoint, validate each on ONNX Runtime, report.
 
-It sits above both the exporter and the comparison engine (`runner.compare`, validation mode), and owns
+It sits above both the exporter and the comparison engine (`validate.compare`, validation mode), and owns
 the order that keeps earlier results safe: check everything, export into a staging folder, write its
 ONNX Runtime lowering (`backends.ort.prelower`), validate the staged export, and only then swap it into
 place (`files.staging`).
@@ -27,8 +27,8 @@ from llama_export.config import ModelDType, Precision
 from llama_export.export.exporter import ExportOptions, check_export, export_into
 from llama_export.export.passes.check import custom_node_counts
 from llama_export.files import staging
-from llama_export.runner.compare import VALIDATION, CompareSettings, check_settings, validate_export
-from llama_export.runner.diff import Comparison
+from llama_export.validate.compare import VALIDATION, CompareSettings, check_settings, validate_export
+from llama_export.validate.diff import Comparison
 
 log = logging.getLogger(__name__)
 

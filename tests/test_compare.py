@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from llama_export.config import Backend
 from llama_export.export.exporter import ExportOptions, export
 from llama_export.artifact.manifest import load_manifest, sha256_file
-from llama_export.runner.compare import CompareSettings, Mode, compare
+from llama_export.validate.compare import CompareSettings, Mode, compare
 from tests.helpers import random_meta_state, run_cli, tiny_config, write_meta
 
 

@@ -1,4 +1,4 @@
-"""Perplexity (`runner.evaluate`): the streamed sliding-window NLL equals one computed from full-sequence
+"""Perplexity (`commands.evaluate`): the streamed sliding-window NLL equals one computed from full-sequence
 logits of the transformers model with the same weights (an independent implementation)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from llama_export.errors import InputError
 from llama_export.model.transformer import Transformer
-from llama_export.runner.evaluate import perplexity, plan_windows
+from llama_export.commands.evaluate import perplexity, plan_windows
 from tests.helpers import hf_model_from_meta, packed_state, random_meta_state, tiny_config
 
 

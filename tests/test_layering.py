@@ -1,7 +1,7 @@
 """The package's layering, read from the source: no import cycles, dependencies point one way.
 
-    errors, parsing, config, dtypes, files, progress, demo → artifact → text → parallel → model → export → backends
-        → runner → job → cli
+    errors, parsing, config, dtypes, tolerances, files, progress, demo → artifact → text → parallel → model
+        → export → backends → runner → engine → validate → commands, job → cli
 
 Every `import` and `from ... import` of a `llama_export` module counts, also the ones inside functions
 (a lazy import is still a dependency).
@@ -19,7 +19,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "llama_export"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("__init__", "errors", "parsing", "config", "dtypes", "files", "progress", "demo"),
+    ("__init__", "errors", "parsing", "config", "dtypes", "tolerances", "files", "progress", "demo"),
     ("artifact",),
     ("text",),
     ("parallel",),
@@ -27,7 +27,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("export",),
     ("backends",),
     ("runner",),
-    ("job",),
+    ("engine",),
+    ("validate",),
+    ("commands", "job"),
     ("cli",),
 )
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
@@ -130,7 +132,7 @@ def test_the_checker_catches_a_cycle_and_an_upward_import():
     assert LAYER_OF["runner"] > LAYER_OF["export"]  # so `export` importing `runner` is reported
 
 
-@pytest.mark.parametrize("module", ["llama_export.cli", "llama_export.job", "llama_export.runner.run"])
+@pytest.mark.parametrize("module", ["llama_export.cli", "llama_export.job", "llama_export.commands.run"])
 def test_importing_never_imports_onnxruntime_or_tensorrt(module):
     code = f"import sys, {module}; print([m for m in ('onnxruntime', 'tensorrt', 'triton') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

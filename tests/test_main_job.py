@@ -38,7 +38,7 @@ def test_a_variant_that_fails_validation_replaces_nothing(tmp_path, monkeypatch)
     from llama_export import job
     from llama_export.config import ModelDType, Precision
     from llama_export.export.exporter import ExportOptions
-    from llama_export.runner.compare import VALIDATION
+    from llama_export.validate.compare import VALIDATION
 
     cfg = tiny_config("mha")
     ckpt = write_meta(tmp_path / "tiny", cfg, random_meta_state(cfg, seed=5))

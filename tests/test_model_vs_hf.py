@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llama_export.model.checkpoint import build_model, load_config
-from llama_export.runner.generate import pad_prompts
+from llama_export.engine.generate import pad_prompts
 from tests.helpers import hf_model_from_meta, lengths, random_meta_state, tiny_config, write_hf, write_meta
 
 ATOL_FP32 = 1e-4

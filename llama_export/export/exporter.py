@@ -12,11 +12,9 @@ export is replaced whole or not at all.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 
 from llama_export import __version__, dtypes
 from llama_export.artifact import schema
+from llama_export.artifact.segments import write_segment
 from llama_export.artifact.manifest import (
     MANIFEST_NAME,
     MAX_BATCH,
@@ -47,7 +46,7 @@ from llama_export.export.passes.naming import NameGraphPass
 from llama_export.export.passes.partition import partition
 from llama_export.export.passes.quantize import QuantizeWeightsPass
 from llama_export.export.passes.repeat import TRACED_LAYERS, NotRepeatable, RepeatLayersPass
-from llama_export.export.passes.weights import AttachWeightsPass, WriteWeightsPass, lazy_bytes
+from llama_export.export.passes.weights import AttachWeightsPass, lazy_bytes
 from llama_export.export.trace import trace_rank
 from llama_export.files import check_output_dir, staged_dir
 from llama_export.model.checkpoint import RankWeights, load_config
@@ -107,26 +106,6 @@ def _specs(values) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(name=v.name, dtype=dtypes.by_onnx(int(v.dtype)).name,
                             shape=tuple(d if isinstance(d, int) else d.value for d in v.shape))
                  for v in values)
-
-
-def write_segment(model: ir.Model, root: Path, rel: str, *,
-                  on_bytes: Callable[[int], None] = lambda n: None) -> tuple[str, str | None, str | None]:
-    """Stream one segment's lazy weights to `rel + DATA_SUFFIX` (`on_bytes(n)` after each tensor), then
-    write its graph to `rel` and check both. Returns (sha256 of the .onnx, the relative data file or None
-    when there were no lazy weights, its sha256); both hashes are computed while writing, not by reading
-    the files back. Used for the canonical segments and for backend lowerings written beside them."""
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data_rel = rel + schema.DATA_SUFFIX
-    writer = WriteWeightsPass(root / data_rel, on_bytes=on_bytes)
-    writer(model)
-    graph = ir.to_proto(model).SerializeToString()  # external tensors are referenced, not read
-    path.write_bytes(graph)
-    schema.check_model(path)  # by path: the checker resolves the external data next to the graph
-    if writer.nbytes == 0:
-        (root / data_rel).unlink()
-        return hashlib.sha256(graph).hexdigest(), None, None
-    return hashlib.sha256(graph).hexdigest(), data_rel, writer.sha256
 
 
 def rank_graph(cfg: ModelConfig, *, tp: int, dtype: Precision, max_batch: int, rank: int = 0,

@@ -54,7 +54,7 @@ class Transformer(nn.Module):
 
     def step(self, tokens, cache_lengths, token_lengths, keys: list[Tensor],
              values: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """`forward` as the runner's step function (`runner.generate`): ids and lengths arrive as host
+        """`forward` as the runner's step function (`engine.generate`): ids and lengths arrive as host
         arrays (numpy, or tensors) and are moved to this model's device; runs without autograd."""
         device = self.rope_cos.device
         with torch.inference_mode():

@@ -16,7 +16,7 @@ from llama_export.config import Backend, ModelConfig, Precision, WeightQuant
 from llama_export.errors import InputError
 from llama_export.parallel.comm import Communicator
 from llama_export.progress import byte_bar
-from llama_export.runner.generate import MakeCache, StepFn
+from llama_export.runner.step import MakeCache, StepFn
 from llama_export.text import Tokenizer, load_tokenizer, text_files_in
 from llama_export.text.files import TOKENIZER_FILES
 

@@ -19,7 +19,7 @@ from llama_export.artifact.manifest import Manifest
 from llama_export.backends.base import RankBackend
 from llama_export.config import Backend
 from llama_export.parallel.comm import Communicator
-from llama_export.runner.generate import StepFn
+from llama_export.runner.step import StepFn
 
 # Called after every segment with (segment index, the environment so far).
 SegmentHook = Callable[[int, dict[str, Any]], None]

@@ -19,8 +19,8 @@ from llama_export.artifact.manifest import load_manifest, resolve_inside, sha256
 from llama_export.config import ModelDType, Precision
 from llama_export.export.exporter import ExportOptions, export
 from llama_export.export.passes.check import DECOMPOSITION_OPS
-from llama_export.runner.compare import VALIDATION, validate_export
-from llama_export.runner.diff import TOLERANCES
+from llama_export.validate.compare import VALIDATION, validate_export
+from llama_export.tolerances import TOLERANCES
 from tests.helpers import random_meta_state, read_json, run_cli, tiny_config, write_meta
 
 

@@ -24,8 +24,8 @@ from llama_export.model.meta_format import save_meta_checkpoint, to_meta_params
 from llama_export.model.quantize import fake_quantize, quantize_blocks
 from llama_export.parallel.comm import LocalComm, ThreadGroup
 from llama_export.parallel.plan import RankShape
-from llama_export.runner.compare import validate_export
-from llama_export.runner.diff import TOLERANCES
+from llama_export.validate.compare import validate_export
+from llama_export.tolerances import TOLERANCES
 from llama_export.runner.stitch import empty_cache, segmented_step
 from tests.helpers import random_meta_state
 
@@ -186,7 +186,7 @@ def test_block_size_that_would_straddle_ranks_is_refused(ckpt, tmp_path, capsys)
 def test_perplexity_through_ort_equals_dequantized_eager(exports, ckpt):
     """`eval` on a quantized export (exact arithmetic) = `eval` on the eager dequantized reference."""
     from llama_export.model.checkpoint import build_model
-    from llama_export.runner.evaluate import perplexity
+    from llama_export.commands.evaluate import perplexity
 
     path = exports(4, 1)
     manifest = load_manifest(path)

@@ -22,8 +22,8 @@ from llama_export.export.passes import Pipeline
 from llama_export.export.passes.cleanup import CleanupPass
 from llama_export.export.passes.partition import partition
 from llama_export.export.passes.repeat import TRACED_LAYERS, NotRepeatable, RepeatLayersPass
-from llama_export.runner.compare import validate_export
-from llama_export.runner.diff import TOLERANCES
+from llama_export.validate.compare import validate_export
+from llama_export.tolerances import TOLERANCES
 from tests.helpers import random_meta_state, tiny_config, write_meta
 
 _FX_NAME = re.compile(r"\b[a-z_]+_\d+(?=[:'])")  # `linear_12: aten.linear`, `'rope_6'` in scope metadata

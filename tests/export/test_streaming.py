@@ -14,14 +14,14 @@ import onnx
 import pytest
 import torch
 
-from llama_export.artifact import schema
+from llama_export.artifact import schema, segments
 from llama_export.artifact.manifest import load_manifest, resolve_inside
 from llama_export.config import Precision
 from llama_export.export import exporter
 from llama_export.export.exporter import ExportOptions, export, rank_graph
 from llama_export.model.checkpoint import RankWeights
 from llama_export.parallel.plan import RankShape
-from llama_export.runner.compare import validate_export
+from llama_export.validate.compare import validate_export
 from tests.helpers import random_meta_state, tiny_config, write_meta
 
 
@@ -36,10 +36,11 @@ def streamed(tmp_path_factory):
     mp.setattr(schema, "DATA_ALIGN", 4096)
     sizes, current = [], {}
 
-    class Writer(exporter.WriteWeightsPass):
-        def call(self, model):
-            current["path"] = self.data_path
-            return super().call(model)
+    write_external_data = segments.write_external_data
+
+    def writer(model, data_path, **kwargs):
+        current["path"] = data_path
+        return write_external_data(model, data_path, **kwargs)
 
     class Watched(exporter.AttachWeightsPass):
         def __init__(self, fetch):
@@ -49,7 +50,7 @@ def streamed(tmp_path_factory):
                 return fetch(name)
             super().__init__(fetch_and_look)
 
-    mp.setattr(exporter, "WriteWeightsPass", Writer)
+    mp.setattr(segments, "write_external_data", writer)
     mp.setattr(exporter, "AttachWeightsPass", Watched)
     try:
         paths = {tp: export(ExportOptions(checkpoint=ckpt, out=root / "g", tp=tp, progress=False)) for tp in (1, 2)}

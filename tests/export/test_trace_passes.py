@@ -8,13 +8,14 @@ import onnx_ir as ir
 import pytest
 import torch
 
+from llama_export.artifact.segments import write_external_data
 from llama_export.errors import ArtifactError
 from llama_export.export.passes import Pipeline
 from llama_export.export.passes.check import CheckRankGraphPass
 from llama_export.export.passes.cleanup import CleanupPass
 from llama_export.export.passes.naming import NameGraphPass
 from llama_export.export.passes.placeholders import is_placeholder, placeholder_names
-from llama_export.export.passes.weights import AttachWeightsPass, WriteWeightsPass
+from llama_export.export.passes.weights import AttachWeightsPass
 from llama_export.export.trace import trace_rank
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.comm import ExportComm
@@ -84,7 +85,7 @@ def test_attach_weights_folds_transposes(traced, tmp_path):
 
     AttachWeightsPass(fetch)(named)
     assert placeholder_names(named) == [] and fetched == []  # attached lazily: nothing read yet
-    WriteWeightsPass(tmp_path / "w.data")(named)
+    write_external_data(named, tmp_path / "w.data")
     assert sorted(fetched) == sorted(set(shapes) - {n for n in shapes if n.startswith("/model/")})  # each read once
     after = Counter(n.op_type for n in named.graph)["Transpose"]
     linear = 4 * cfg.n_layers + 1  # wqkv, wo, w13, w2 per layer, and the output projection
@@ -98,8 +99,8 @@ def test_wrong_weight_shape_is_a_user_error_naming_the_weight(traced, tmp_path):
     _, model = traced
     again = _copy(model)
     with pytest.raises(ArtifactError, match=r"weight .* has shape \(1,\) but the graph expects"):
-        Pipeline(CleanupPass(), NameGraphPass(), AttachWeightsPass(lambda name: torch.zeros(1)),
-                 WriteWeightsPass(tmp_path / "w.data"))(again)
+        Pipeline(CleanupPass(), NameGraphPass(), AttachWeightsPass(lambda name: torch.zeros(1)))(again)
+        write_external_data(again, tmp_path / "w.data")
 
 
 def test_pipeline_failure_names_the_passes_that_ran(traced):

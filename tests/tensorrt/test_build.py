@@ -227,7 +227,7 @@ def test_demo_model_engines_match_eager_fp16(tmp_path: Path, tp: int) -> None:
     from llama_export.config import Backend, Precision
     from llama_export.demo import DEMO_DIR
     from llama_export.export.exporter import ExportOptions, export
-    from llama_export.runner.compare import CompareSettings, Mode, compare, format_report
+    from llama_export.validate.compare import CompareSettings, Mode, compare, format_report
 
     path = export(ExportOptions(checkpoint=DEMO_DIR, out=tmp_path / "g", tp=tp, dtype=Precision.FP16, progress=False))
     out = build.build_engines(path, tmp_path / "engines")

@@ -26,8 +26,8 @@ from llama_export.export.exporter import ExportOptions, export
 from llama_export.export.reference import DecomposePass
 from llama_export.model.checkpoint import build_model
 from llama_export.parallel.comm import ThreadGroup
-from llama_export.runner.diff import TOLERANCES
-from llama_export.runner.generate import generate, pad_prompts
+from llama_export.tolerances import TOLERANCES
+from llama_export.engine.generate import generate, pad_prompts
 from llama_export.runner.stitch import empty_cache, segmented_step
 from tests.helpers import random_meta_state, tiny_config, write_meta
 from tests.tensorrt.graphs import attention_like_segment
@@ -250,7 +250,7 @@ def _generate(step_for_rank, tp: int, manifest: Manifest | None):
 @pytest.mark.parametrize("which", ["fp32", "fp16"])
 def test_lowered_export_on_ort_matches_eager_on_a_ragged_batch(exported, which) -> None:
     """Prefill of a right-padded ragged batch and decode steps: logits and greedy tokens against eager
-    (TP=1, same dtype); tolerances of runner/diff.py (fp32 1e-4, fp16 5e-2)."""
+    (TP=1, same dtype); tolerances of llama_export/tolerances.py (fp32 1e-4, fp16 5e-2)."""
     path, ckpt = exported[which], exported["ckpt"]
     manifest = load_manifest(path)
     dtype = manifest.dtype

@@ -227,7 +227,7 @@ _HANDED_OVER = "handed-over-in-memory"  # a location no file has: ONNX Runtime r
 def _session_options(ort, threads: int | None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:  # the rank decided its thread count (runner.launch.rank_threads)
+    if threads is not None:  # the rank decided its thread count (runner.threads.rank_threads)
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     # Weights are repacked for the kernels (MLAS) on the session's threads instead of one by one: 0.46 ->

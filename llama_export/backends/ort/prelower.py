@@ -20,7 +20,7 @@ from pathlib import Path
 from llama_export.artifact.manifest import MANIFEST_NAME, LoweredFiles, Manifest, resolve_inside
 from llama_export.backends.ort.lowering import lower_segment
 from llama_export.backends.ort.weight_only import DEFAULT_ACCURACY_LEVEL
-from llama_export.export.exporter import write_segment
+from llama_export.artifact.segments import write_segment
 
 SUFFIX = ".ort.onnx"
 

@@ -106,7 +106,7 @@ class WeightOnlyLoweringPass(Pass, ir.passes.InPlacePass):
 
 def _initializer(g: ir.Graph, name: str, make, dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
     """A new initializer whose array `make()` computes when its bytes are first asked for (an
-    `ir.LazyTensor`): the session's hand-over at run time or `WriteWeightsPass` at export time, one
+    `ir.LazyTensor`): the session's hand-over at run time or `artifact.segments` at export time, one
     weight at a time."""
     lazy = ir.LazyTensor(lambda: ir.tensor(make()), dtype=dtype, shape=ir.Shape(shape), name=name)
     v = ir.Value(name=name, const_value=lazy, shape=ir.Shape(shape), type=ir.TensorType(dtype))

@@ -138,7 +138,7 @@ def parse_onnx(trt: Any, builder: trt.Builder, logger: trt.ILogger, onnx_path: P
 
 def polygraphy_network(onnx_path: str, *, aot_plugins: bool = True) -> Callable[[], tuple[Any, Any, Any]]:
     """`load_network` for a Polygraphy network script: (builder, network, parser) of a lowered segment,
-    parsed with the llama_export plugins registered (see runner/polygraphy_data.py)."""
+    parsed with the llama_export plugins registered (see validate/polygraphy_data.py)."""
 
     def load_network() -> tuple[Any, Any, Any]:
         trt = import_tensorrt()

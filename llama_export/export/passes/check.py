@@ -1,7 +1,7 @@
 """Pass: structural checks of a rank graph (no rewriting).
 
 "Check" in this project always means structure, never numbers (numbers are *validated* against the
-eager model by the comparison engine, `runner/compare.py`):
+eager model by the comparison engine, `validate/compare.py`):
 
 - `CheckRankGraphPass`: the full rank graph (before partitioning) holds exactly the custom nodes the
   model implies: one RMSNorm per norm (2L + 1), one RoPE per q and k (2L), one Attention per layer (L),

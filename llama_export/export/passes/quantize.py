@@ -13,7 +13,7 @@ weight-only GEMMs consume as is; the ONNX Runtime lowering rewrites the pairs in
 `W` a segment has (after `AttachWeightsPass`, W is the transposed parameter `<param>_t`), so it does
 not depend on how projections are packed. It runs per rank on the rank's slices, so no block straddles
 ranks. It rewrites the graph at once but quantizes lazily: the int and scale tensors are computed when
-`WriteWeightsPass` reads them, one weight at a time, and the float values are dropped right after. The numbers come
+`artifact.segments.write_segment` reads them, one weight at a time, and the float values are dropped right after. The numbers come
 from `model.quantize`, which the eager reference uses too.
 """
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from llama_export.artifact import schema
 from llama_export.artifact.manifest import Manifest, Segment, resolve_inside
-from llama_export.runner.diff import TOLERANCES
+from llama_export.tolerances import TOLERANCES
 
 log = logging.getLogger(__name__)
 _polygraphy_lock = threading.Lock()

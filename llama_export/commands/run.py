@@ -21,14 +21,16 @@ from llama_export.errors import InputError
 from llama_export.files import check_output_file, write_atomic
 from llama_export.parallel.comm import Communicator
 from llama_export.parallel.plan import check_tp
-from llama_export.runner.generate import (
+from llama_export.engine.generate import (
     GenerationResult,
     SamplingConfig,
     generate_stream,
     pad_prompts,
     validate_prompt,
 )
-from llama_export.runner.launch import RankEnv, on_ranks, rank_env, seconds_since_start
+from llama_export.runner.clock import seconds_since_start
+from llama_export.runner.env import RankEnv, rank_env
+from llama_export.runner.launch import on_ranks
 from llama_export.runner.source import ModelSource
 from llama_export.text import TextStream, Tokenizer, single_turn
 

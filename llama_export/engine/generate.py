@@ -1,43 +1,26 @@
 """Generation loop shared by every backend: prefill, then one token at a time with the KV cache.
 
-A *step function* maps `(tokens [B, S], cache_lengths [B], token_lengths [B], keys, values)` to
-`(logits [B, vocab] fp32, keys, values)` (`artifact/schema.py`: right-padded rows, a preallocated cache
-written in place at per-row positions; a backend may return the same cache tensors). The eager model's
-`Transformer.step` is one; a stitched sequence of exported segments is another (`runner.stitch`). Prompts of different lengths
-run as one batch: the prefill takes rows of similar length together (`prefill_groups`: each call computes
-its longest row's length for every row, so rows of 16 and 256 tokens are not padded to 512), then one
-token per row per step for the whole batch. Every rank runs this
-same loop on identical (all-gathered) logits, so greedy and seeded sampling pick the same token
-everywhere without extra communication.
+The step function is the rank's model (`runner.step`). Prompts of different lengths run as one batch: the
+prefill takes rows of similar length together (`prefill_groups`: each call computes its longest row's
+length for every row, so rows of 16 and 256 tokens are not padded to 512), then one token per row per
+step for the whole batch. Every rank runs this same loop on identical (all-gathered) logits, so greedy and
+seeded sampling pick the same token everywhere without extra communication.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from llama_export.errors import InputError
+from llama_export.runner.step import StepFn, host
 
 log = logging.getLogger(__name__)
-
-# The loop is host-side numpy (ids, lengths, logits, sampling) and imports no torch, so that a run on ONNX
-# Runtime never loads it. A step function takes host int64 arrays and returns logits as a numpy array or
-# a torch tensor (`host`); the cache is whatever its backend allocated (numpy, torch, on any device).
-StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, list, list], tuple[Any, list, list]]
-# make_cache(batch, capacity) -> (keys, values): zeroed, shaped and typed as the step function wants
-MakeCache = Callable[[int, int], tuple[list, list]]
-
-
-def host(x: Any) -> np.ndarray:
-    """A step's output as a host numpy array (a torch tensor on any device is copied over)."""
-    if isinstance(x, np.ndarray):
-        return x
-    return x.detach().cpu().numpy()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

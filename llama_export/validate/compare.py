@@ -51,9 +51,11 @@ from llama_export.files import staged_dir, write_atomic
 from llama_export.model.checkpoint import build_model, load_config
 from llama_export.parallel.comm import ThreadGroup
 from llama_export.progress import activity, count_bar
-from llama_export.runner import polygraphy_data
-from llama_export.runner.diff import TOLERANCES, Comparison, TensorDiff
-from llama_export.runner.generate import generate, host, validate_prompt
+from llama_export.validate import polygraphy_data
+from llama_export.tolerances import TOLERANCES
+from llama_export.validate.diff import Comparison, TensorDiff
+from llama_export.engine.generate import generate, validate_prompt
+from llama_export.runner.step import host
 from llama_export.runner.stitch import backend_capacity, empty_cache, segmented_step
 
 log = logging.getLogger(__name__)

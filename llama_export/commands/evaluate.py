@@ -27,8 +27,10 @@ import numpy as np
 from llama_export.errors import InputError
 from llama_export.parallel.plan import check_tp
 from llama_export.progress import count_bar
-from llama_export.runner.generate import MakeCache, StepFn, host, log_softmax
-from llama_export.runner.launch import on_ranks, rank_env
+from llama_export.engine.generate import log_softmax
+from llama_export.runner.step import MakeCache, StepFn, host
+from llama_export.runner.env import rank_env
+from llama_export.runner.launch import on_ranks
 from llama_export.runner.source import ModelSource
 
 
@@ -130,7 +132,7 @@ class EvalOptions:
     batch: int = 8
     device: str = "cpu"
     progress: bool = True
-    threads: int | None = None  # CPU threads per rank (None: `launch.rank_threads` decides)
+    threads: int | None = None  # CPU threads per rank (None: `runner.threads.rank_threads` decides)
 
 
 def _read_ids(opts: EvalOptions) -> np.ndarray:

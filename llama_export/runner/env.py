@@ -1,0 +1,164 @@
+"""The rank side of a run: the only code that reads RANK / WORLD_SIZE, the process group, and the
+channel through which a rank started by the launcher (`runner.launch`) reports.
+
+One line per failure, across processes: the launcher makes a run folder; each rank touches
+`rank<r>.beat` every second (`join_launcher`) and, when it fails, writes its one-line error to
+`rank<r>.json` (`report_failure`) and exits without printing. The launcher then prints one line naming
+the rank that caused the failure, not the peers whose collectives broke because of it.
+
+    launcher ──RANK, WORLD_SIZE, LLAMA_EXPORT_RUN_DIR──► rank 0 … rank N-1
+        ▲                                                     │
+        └── rank<r>.beat (mtime), rank<r>.json {message, kind} ┘
+
+torch is imported only inside the functions that need it: the CLI reports a failure through this
+module even when it happens while torch is still being imported (Ctrl-C during start-up).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from llama_export.errors import InputError
+from llama_export.files import write_atomic
+
+# How long a collective may wait for a peer before the process group gives up.
+COLLECTIVE_TIMEOUT = timedelta(seconds=45)
+# A rank shows signs of life every HEARTBEAT_S (the launcher's watch decides what silence means).
+HEARTBEAT_S = 1.0
+# What the launcher sets in a rank's environment beside torchrun's variables.
+WORKER_FLAG = "LLAMA_EXPORT_WORKER"  # "1": started by `runner.launch.launch_local`
+RUN_DIR = "LLAMA_EXPORT_RUN_DIR"  # the run folder of heartbeats and failure reports
+THREADS = "LLAMA_EXPORT_THREADS"  # the thread count the launcher decided for every rank
+STARTED_AT = "LLAMA_EXPORT_STARTED_AT"  # the launcher's start, seconds after boot (Linux)
+
+
+def started_by_launcher() -> bool:
+    """True in a rank process that `runner.launch.launch_local` started."""
+    return os.environ.get(WORKER_FLAG) == "1"
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def rank_env() -> RankEnv | None:
+    """This process's rank, when started by `launch_local` or `torchrun`; None for a plain process."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    values = {}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = os.environ.get(key, os.environ["RANK"])
+        if not text.isdigit():
+            raise InputError(f"the environment sets {key}={text!r}; it must be a non-negative integer "
+                             "(set by torchrun or llama-export itself)")
+        values[key] = int(text)
+    if not values["RANK"] < values["WORLD_SIZE"]:
+        raise InputError(f"RANK={values['RANK']} is not below WORLD_SIZE={values['WORLD_SIZE']}")
+    return RankEnv(rank=values["RANK"], world_size=values["WORLD_SIZE"], local_rank=values["LOCAL_RANK"])
+
+
+def die_with_launcher() -> None:
+    """In a rank started by `launch_local`: exit when the launcher dies, so no rank is ever orphaned
+    (Linux PR_SET_PDEATHSIG; elsewhere the launcher's own cleanup is the only guard)."""
+    if not started_by_launcher() or sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher is already gone
+        sys.exit(1)
+
+
+def leave_rank(code: int) -> None:
+    """End a rank process that joined a process group, without gloo's teardown.
+
+    gloo's teardown (destroy_process_group, or interpreter exit with the group alive) sometimes aborts
+    a rank ("terminate called without an active exception", SIGABRT) after all work is done, turning a
+    finished run into a failed one, and after a failure it adds its own noise. Such a rank therefore
+    leaves without running C++ destructors; its output is flushed first. A no-op elsewhere."""
+    dist = sys.modules.get("torch.distributed")  # not imported yet: no process group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def init_process_group(env: RankEnv, device: str) -> None:
+    """NCCL for CUDA devices, gloo for CPU; bounded timeouts so a dead peer cannot hang us."""
+    import torch
+    import torch.distributed as dist
+
+    from llama_export.parallel.comm import peer_errors
+
+    cuda = device.startswith("cuda")
+    kwargs = {"device_id": torch.device(device)} if cuda else {}
+    with peer_errors("joining the process group"):
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo", rank=env.rank, world_size=env.world_size,
+            timeout=COLLECTIVE_TIMEOUT, **kwargs
+        )
+
+
+
+# ---- the rank side of the channel to the launcher ------------------------------------------------
+
+class FailureKind(str, enum.Enum):
+    OWN = "own"  # this rank's own error (bad input, a file, memory...)
+    PEER = "peer"  # a collective failed because of another rank (`PeerLostError`)
+    INTERRUPTED = "interrupted"  # SIGINT / SIGTERM
+
+
+def join_launcher() -> None:
+    """In a rank started by `launch_local`: exit when the launcher dies, and show signs of life (a
+    heartbeat file the launcher watches, so that a stopped or hung rank is told apart from the healthy
+    rank that times out waiting for it)."""
+    die_with_launcher()
+    beat = _channel_file("beat")
+    if beat is None:
+        return
+
+    def run() -> None:
+        while True:
+            try:
+                beat.touch()
+            except OSError:
+                return  # the launcher removed the run folder: it is finishing
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=run, name="llama_export-heartbeat", daemon=True).start()
+
+
+def report_failure(message: str, kind: FailureKind) -> bool:
+    """In a rank started by `launch_local`: hand the one-line error to the launcher, which prints one
+    line for the whole run. False where there is no launcher (the caller prints it)."""
+    path = _channel_file("json")
+    if path is None:
+        return False
+    try:
+        write_atomic(path, json.dumps({"message": message, "kind": kind.value}))
+    except OSError:
+        return False
+    return True
+
+
+def _channel_file(suffix: str) -> Path | None:
+    folder, env = os.environ.get(RUN_DIR), rank_env()
+    if not folder or env is None or not started_by_launcher():
+        return None
+    return Path(folder) / f"rank{env.rank}.{suffix}"
