@@ -472,6 +472,8 @@ CASES: tuple[Case, ...] = (
               "--no-progress", "--no-validate"), "No space left on device", needs="full"),
     Case("export-busy", LOST, "two exports to one target: the second is refused, not raced", _busy_target,
          "is being written by another llama-export process"),
+    # -- what a newcomer hit on a fresh clone: the command line (argv, output, help, environment) --
+    # -- what a newcomer hit on a fresh clone: the model, its inputs and its outputs --
 )
 
 
