@@ -490,6 +490,8 @@ def _normalize(line: str, w: Workspace, scratch: Path) -> str:
 
 
 _RESULTS: dict[str, tuple[int, str]] = {}
+_WRITING = os.environ.get("LLAMA_EXPORT_WRITE_ERROR_TABLE") == "1"
+_FAULTS_MARKER = "\n## Faults"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -514,6 +516,10 @@ def test_case(case: Case, ws: Workspace, cli: CliProcesses, tmp_path: Path):
     assert case.expect in line, line
     assert _snapshot(ws.root) == before, "the workspace changed"
     _RESULTS[case.id] = (r.returncode, _normalize(line, ws, tmp_path))
+    if not _WRITING:  # this case's row of the committed table is what it printed
+        assert _committed_rows()[case.id] == _row(case, *_RESULTS[case.id]), (
+            f"docs/errors.md is out of date for {case.id}: LLAMA_EXPORT_WRITE_ERROR_TABLE=1 pytest "
+            "tests/test_error_table.py")
 
 
 def test_there_are_enough_cases_of_every_kind():
@@ -532,31 +538,41 @@ def render_table(results: dict[str, tuple[int, str]]) -> str:
             "workspace, `<scratch>` the case's own folder.", "",
             "Signals and dying ranks are covered by `tests/test_faults.py` (see the end of this page).", "",
             "| before | case | exit | message |", "| --- | --- | --- | --- |"]
-    rows = []
-    for c in CASES:
-        code, line = results.get(c.id, (None, None))
-        if line is None:
-            line, code = "(skipped here: needs a tmpfs mount)", "-"
-        rows.append(f"| {c.kind} | {c.what} | {code} | `{line.replace('|', '/')}` |")
-    return "\n".join(head + rows) + "\n"
+    return "\n".join(head + [_row(c, *results.get(c.id, (None, None))) for c in CASES]) + "\n"
+
+
+def _row(case: Case, code: int | None, line: str | None) -> str:
+    """The case's row of the table (`line` None: the case could not run here)."""
+    if line is None:
+        line, code = "(skipped here: needs a tmpfs mount)", "-"
+    return f"| {case.kind} | {case.what} | {code} | `{line.replace('|', '/')}` |"
+
+
+def _table_rows() -> list[str]:
+    """The case rows of the committed docs/errors.md, in order."""
+    head = (TABLE.read_text() if TABLE.is_file() else "").partition(_FAULTS_MARKER)[0]
+    return [ln for ln in head.splitlines() if ln.startswith("| ") and not ln.startswith(("| before", "| ---"))]
+
+
+def _committed_rows() -> dict[str, str]:
+    """Case id -> its row in the committed docs/errors.md (rows are in CASES order, one per case)."""
+    return dict(zip([c.id for c in CASES], _table_rows()))
 
 
 def test_table_is_current():
-    """Runs after the cases (file order): the committed table holds exactly what they produced (rows
-    of cases skipped here, for want of a tmpfs mount or because torch has CUDA, are not compared)."""
-    if not _RESULTS:
-        pytest.skip("run the whole module to compare the table")
-    marker = "\n## Faults"
+    """The committed table has one row per case, in CASES order, each for that case (each case checks
+    that its row holds what it printed). With LLAMA_EXPORT_WRITE_ERROR_TABLE=1 it is rewritten from a
+    run of the whole module instead."""
     committed = TABLE.read_text() if TABLE.is_file() else ""
-    head, _, tail = committed.partition(marker)
-    if os.environ.get("LLAMA_EXPORT_WRITE_ERROR_TABLE") == "1":
+    if _WRITING:
         if len(_RESULTS) < len(CASES):
-            pytest.fail("write the table from a run where every case ran (as root, without CUDA)")
-        TABLE.write_text(render_table(_RESULTS) + (marker + tail if tail else ""))
+            pytest.fail("write the table from a run of the whole module where every case ran (as root, without CUDA)")
+        tail = committed.partition(_FAULTS_MARKER)[2]
+        TABLE.write_text(render_table(_RESULTS) + (_FAULTS_MARKER + tail if tail else ""))
         return
-    want = {c.id: line for c, line in zip(CASES, render_table(_RESULTS).splitlines()[-len(CASES):])
-            if c.id in _RESULTS}
-    have = dict(zip([c.id for c in CASES], head.strip().splitlines()[-len(CASES):]))
-    stale = [cid for cid, line in want.items() if have.get(cid) != line]
+    assert len(_table_rows()) == len(CASES), \
+        "docs/errors.md needs a row per case: LLAMA_EXPORT_WRITE_ERROR_TABLE=1 pytest tests/test_error_table.py"
+    rows = _committed_rows()
+    stale = [c.id for c in CASES if not rows[c.id].startswith(f"| {c.kind} | {c.what} | ")]
     assert not stale, (f"docs/errors.md is out of date for {stale}: "
                        "LLAMA_EXPORT_WRITE_ERROR_TABLE=1 pytest tests/test_error_table.py")
