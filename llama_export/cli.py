@@ -32,9 +32,7 @@ from llama_export.errors import InputError, LlamaExportError, PeerLostError
 if TYPE_CHECKING:
     from llama_export.runner.source import ModelSource
 
-MAX_TP = 1024
 MAX_THREADS = 4096
-MAX_TOKENS = 1 << 24  # the largest context a config may declare (config.ContextLength)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,6 +111,7 @@ def _dtype_arg(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
 
 def _add_source_arguments(p: argparse.ArgumentParser) -> None:
     """Where the model comes from and how many ranks run it (`run`, `eval`)."""
+    from llama_export.config import MAX_TP
     from llama_export.config import Backend, ModelDType, Precision
 
     src = p.add_argument_group("model source")
@@ -156,6 +155,7 @@ def _enum_arg(parser: argparse.ArgumentParser, flag: str, enum_type, **kwargs) -
 
 
 def _add_run_parser(sub) -> None:
+    from llama_export.config import MAX_CONTEXT
     from llama_export.engine.generate import MAX_TEMPERATURE
     from llama_export.commands.run import RunOptions
 
@@ -173,11 +173,11 @@ def _add_run_parser(sub) -> None:
                         "run as one batch, whatever their lengths")
     prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3 (batch rows separated by ';', any lengths)")
     p.add_argument("--system", help="system message of --chat")
-    p.add_argument("--max-new-tokens", type=int_in(0, MAX_TOKENS), default=RunOptions.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int_in(0, MAX_CONTEXT), default=RunOptions.max_new_tokens)
     p.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=1.0)
     p.add_argument("--seed", type=int_in(0, (1 << 63) - 1), default=0)
-    p.add_argument("--cache-capacity", type=int_in(1, MAX_TOKENS), default=None,
+    p.add_argument("--cache-capacity", type=int_in(1, MAX_CONTEXT), default=None,
                    help="KV cache tokens per row (default: the longest prompt + --max-new-tokens; at most the "
                    "model's max_seq_len)")
     p.add_argument("--json", type=Path, dest="json_out",
@@ -187,6 +187,7 @@ def _add_run_parser(sub) -> None:
 
 
 def _add_eval_parser(sub) -> None:
+    from llama_export.config import MAX_CONTEXT
     from llama_export.config import Backend
     from llama_export.commands.evaluate import EvalOptions
     from llama_export.runner.source import ModelSource
@@ -202,9 +203,9 @@ def _add_eval_parser(sub) -> None:
     )
     p.add_argument("--text", type=Path, required=True, help="UTF-8 text file")
     _add_source_arguments(p)
-    p.add_argument("--window", type=int_in(2, MAX_TOKENS), default=None,
+    p.add_argument("--window", type=int_in(2, MAX_CONTEXT), default=None,
                    help="tokens per window (default: the model's max_seq_len)")
-    p.add_argument("--stride", type=int_in(1, MAX_TOKENS), default=None,
+    p.add_argument("--stride", type=int_in(1, MAX_CONTEXT), default=None,
                    help="tokens the window moves by (default: window / 2)")
     p.add_argument("--batch", type=int_in(1, 1 << 16), default=d.batch, help=f"windows run as one batch (default: {d.batch})")
     p.add_argument("--json", type=Path, dest="json_out", help="write the result as JSON")
@@ -328,7 +329,7 @@ def _add_export_parser(sub) -> None:
 
 def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
     from llama_export.artifact.manifest import MAX_BATCH
-    from llama_export.config import ModelDType, WeightQuant
+    from llama_export.config import MAX_CONTEXT, MAX_TP, ModelDType, WeightQuant
     from llama_export.validate.compare import VALIDATION
 
     p.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (default: the built-in demo model)")
@@ -348,9 +349,9 @@ def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--out", type=Path, default=d.out, help="output root; writes OUT/<name>/tp<N>-<dtype>/")
     p.add_argument("--name", help="model name in the output path (default: the checkpoint folder's name)")
     p.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=d.max_batch, help="largest batch the graphs accept")
-    p.add_argument("--max-seq-len", type=int_in(2, MAX_TOKENS), default=None,
+    p.add_argument("--max-seq-len", type=int_in(2, MAX_CONTEXT), default=None,
                    help="context limit (default: the checkpoint's)")
-    p.add_argument("--steps", type=int_in(1, MAX_TOKENS), default=VALIDATION.steps,
+    p.add_argument("--steps", type=int_in(1, MAX_CONTEXT), default=VALIDATION.steps,
                    help="greedy decode steps checked after the prefill")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime check")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -389,6 +390,7 @@ def _cmd_export(args, argv: list[str]) -> int:
 
 
 def _add_plan_parser(sub) -> None:
+    from llama_export.config import MAX_CONTEXT, MAX_TP
     from llama_export.config import Precision
 
     p = sub.add_parser(
@@ -403,23 +405,20 @@ def _add_plan_parser(sub) -> None:
     src.add_argument("--config", type=Path, help="a params.json (Meta) or config.json (HF) on its own")
     p.add_argument("--tp", type=int_in(1, MAX_TP), default=1, help="tensor-parallel degree")
     _enum_arg(p, "--dtype", Precision, default=Precision.FP16, help="graph dtype (default: fp16)")
-    p.add_argument("--max-seq-len", type=int_in(2, MAX_TOKENS), default=None, help="context limit (default: the config's)")
+    p.add_argument("--max-seq-len", type=int_in(2, MAX_CONTEXT), default=None, help="context limit (default: the config's)")
     p.add_argument("--memory-limit", type=_parse_bytes, help="refuse when a rank needs more, e.g. 80GiB or 24GB")
     p.add_argument("--no-progress", action="store_true", help="no progress line while tracing")
     p.set_defaults(func=_cmd_plan)
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 def _parse_bytes(text: str) -> int:
-    import re
+    """argparse type: a size such as 80GiB, 24GB or 512MiB (pydantic's `ByteSize` grammar)."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError
 
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 80GiB, 24GB or 512MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 80GiB, 24GB or 512MiB") from None
 
 
 def _cmd_plan(args, argv: list[str]) -> int:
@@ -440,6 +439,7 @@ def _cmd_plan(args, argv: list[str]) -> int:
 
 
 def _add_build_parser(sub) -> None:
+    from llama_export.config import MAX_TP
     from llama_export.backends.tensorrt.build import BuildOptions
 
     d = BuildOptions()
@@ -487,6 +487,7 @@ def _cmd_build(args, argv: list[str]) -> int:
 
 
 def _add_compare_parser(sub) -> None:
+    from llama_export.config import MAX_CONTEXT
     from llama_export.config import Backend
     from llama_export.validate.compare import CompareSettings
 
@@ -502,7 +503,7 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--artifacts", type=Path, required=True, help="export directory (trt: engine directory)")
     _enum_arg(p, "--backend", Backend, default=Backend.ORT, help="ort or trt (default: ort)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint the export came from (default: the demo model)")
-    p.add_argument("--steps", type=int_in(1, MAX_TOKENS), default=d.steps, help="decode steps after the prefill")
+    p.add_argument("--steps", type=int_in(1, MAX_CONTEXT), default=d.steps, help="decode steps after the prefill")
     p.add_argument("--prompt", help=f"text prompt (default: {d.prompt_len} random token ids, seeded)")
     p.add_argument("--seed", type=int_in(0, (1 << 63) - 1), default=d.seed, help="seed of the random prompt")
     p.add_argument("--device", type=device_arg, default="cpu",

@@ -128,7 +128,9 @@ LayerCount = Annotated[int, Field(ge=1, le=1024)]
 HeadCount = Annotated[int, Field(ge=1, le=4096)]
 HeadDim = Annotated[int, Field(ge=2, le=4096)]
 VocabSize = Annotated[int, Field(ge=1, le=1 << 24)]
-ContextLength = Annotated[int, Field(ge=2, le=1 << 24)]  # room for a prompt token and a new one
+MAX_CONTEXT = 1 << 24  # the largest context (tokens) a config may declare
+MAX_TP = 1024  # the largest tensor-parallel degree
+ContextLength = Annotated[int, Field(ge=2, le=MAX_CONTEXT)]  # room for a prompt token and a new one
 NormEps = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 RopeTheta = Annotated[float, Field(gt=1, allow_inf_nan=False)]  # base**(-2i/d): <= 1 is no RoPE
 ScaleFactor = Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)]

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama_export.clock import process_start
 from llama_export.errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,9 @@ _OWNED = re.compile(r"^\.(?P<name>.+?)(?:\.(?:partial|old)-|\.)(?P<pid>\d+)-(?P<
 
 
 def _start_ticks(pid: int) -> int | None:
-    """The process's start time in 1/100 s (psutil's create_time), None if it is not running."""
-    import psutil  # lazily: ~15 ms of imports that a run which writes nothing does not need
-
-    try:
-        return round(psutil.Process(pid).create_time() * 100)
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return None
+    """The process's start time in 1/100 s (`clock.process_start`), None if it is not running."""
+    start = process_start(pid)
+    return None if start is None else round(start * 100)
 
 
 _OWNER = ""

@@ -28,8 +28,7 @@ from llama_export.engine.generate import (
     pad_prompts,
     validate_prompt,
 )
-from llama_export.runner.clock import seconds_since_start
-from llama_export.runner.env import RankEnv, rank_env
+from llama_export.runner.env import RankEnv, rank_env, seconds_since_start
 from llama_export.runner.launch import on_ranks
 from llama_export.runner.source import ModelSource
 from llama_export.text import TextStream, Tokenizer, single_turn

@@ -168,6 +168,8 @@ def _kv_bytes_per_layer_token(model: ir.Model) -> int:
 
 
 def fmt_bytes(n: float) -> str:
+    """`n` bytes in binary units with two decimals ("16.43 GiB"), the precision `plan`'s table needs
+    (pydantic's `ByteSize.human_readable`, which parses `--memory-limit`, prints one)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"

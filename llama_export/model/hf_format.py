@@ -27,6 +27,7 @@ from llama_export import dtypes
 from llama_export.config import ModelConfig
 from llama_export.errors import CheckpointError
 from llama_export.model import tensor_mismatch
+from llama_export.model.memory import COPY_BLOCK_BYTES
 from llama_export.parsing import parse_json_file
 from llama_export.parallel.plan import Slice
 
@@ -165,9 +166,6 @@ class HFReader:
         return t
 
 
-_BLOCK_BYTES = 8 << 20
-
-
 class RawSafetensors:
     """Slices of one safetensors file read with `pread`, never through a memory map.
 
@@ -202,7 +200,7 @@ class RawSafetensors:
                 _pread_into(fd, out, begin + lo * row)
                 return out
             out = torch.empty([shape[0], min(sl.stop, shape[1]) - sl.start, *shape[2:]], dtype=dtype)
-            step = max(1, _BLOCK_BYTES // row)
+            step = max(1, COPY_BLOCK_BYTES // row)
             for r0 in range(0, shape[0], step):
                 r1 = min(shape[0], r0 + step)
                 block = torch.empty([r1 - r0, *shape[1:]], dtype=dtype)

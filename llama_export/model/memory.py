@@ -18,6 +18,10 @@ import sys
 
 from torch import Tensor
 
+# A checkpoint reader copies a weight (or its slice) out of its file this many bytes of rows at a time, so
+# that the pages it copied from can be released as it goes and no whole-tensor temporary is made.
+COPY_BLOCK_BYTES = 8 << 20
+
 
 def _load_libc():
     if sys.platform != "linux":

@@ -21,7 +21,7 @@ from llama_export import dtypes
 from llama_export.config import ModelConfig, RopeScaling
 from llama_export.errors import CheckpointError
 from llama_export.model import tensor_mismatch
-from llama_export.model.memory import release_pages
+from llama_export.model.memory import COPY_BLOCK_BYTES, release_pages
 from llama_export.parallel.plan import Slice
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,6 @@ def check_weight_dtype(name: str, t: object, file: Path) -> None:
         )
 
 
-_BLOCK_BYTES = 8 << 20
-
-
 def copy_and_release(t: Tensor, dim: int | None = None, start: int = 0, stop: int = 0) -> Tensor:
     """Copy `t` (or `t.narrow(dim, start, stop - start)`) out of a memory-mapped shard, block by block,
     telling the kernel after each block that the mapped file pages are no longer needed.
@@ -158,7 +155,7 @@ def copy_and_release(t: Tensor, dim: int | None = None, start: int = 0, stop: in
     out = torch.empty(*t.shape[:dim], stop - start, *t.shape[dim + 1 :], dtype=t.dtype)
     rows = t.shape[0]
     row_bytes = max(1, t[0].numel() * t.element_size()) if rows else 1
-    step = max(1, _BLOCK_BYTES // row_bytes)
+    step = max(1, COPY_BLOCK_BYTES // row_bytes)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         if dim == 0:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from llama_export.clock import now as clock_now
+from llama_export.clock import process_start
 from llama_export.errors import InputError
 from llama_export.files import write_atomic
 
@@ -38,12 +40,25 @@ HEARTBEAT_S = 1.0
 WORKER_FLAG = "LLAMA_EXPORT_WORKER"  # "1": started by `runner.launch.launch_local`
 RUN_DIR = "LLAMA_EXPORT_RUN_DIR"  # the run folder of heartbeats and failure reports
 THREADS = "LLAMA_EXPORT_THREADS"  # the thread count the launcher decided for every rank
-STARTED_AT = "LLAMA_EXPORT_STARTED_AT"  # the launcher's start, seconds after boot (Linux)
+STARTED_AT = "LLAMA_EXPORT_STARTED_AT"  # the launcher's start (`clock.process_start`)
 
 
 def started_by_launcher() -> bool:
     """True in a rank process that `runner.launch.launch_local` started."""
     return os.environ.get(WORKER_FLAG) == "1"
+
+
+def seconds_since_start() -> float | None:
+    """Seconds since the command started: this process, or the `launch_local` launcher that started
+    this rank (`clock`: 10 ms resolution on Linux); None where that cannot be read."""
+    started = process_start(os.getpid())
+    launcher = os.environ.get(STARTED_AT) if started_by_launcher() else None
+    if launcher is not None:
+        try:
+            started = float(launcher)
+        except ValueError:
+            pass
+    return None if started is None else clock_now() - started
 
 
 @dataclass(frozen=True)

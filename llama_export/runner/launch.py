@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from llama_export.clock import process_start
 from llama_export.errors import InputError, RankFailedError
-from llama_export.runner.clock import boot_clock
 from llama_export.runner.env import (
     RUN_DIR,
     STARTED_AT,
@@ -112,7 +112,7 @@ def launch_local(argv: list[str], world_size: int, *, threads: int | None = None
     """Run `llama_export.cli argv` as `world_size` rank processes; return 0 or raise RankFailedError
     with one line naming the rank that failed, was killed, or stopped responding (see `_Watch`)."""
     port = _free_port()
-    clock = boot_clock()
+    started = process_start(os.getpid())
     run_dir = Path(tempfile.mkdtemp(prefix="llama_export-run-"))
     procs: list[subprocess.Popen] = []
     try:
@@ -129,8 +129,8 @@ def launch_local(argv: list[str], world_size: int, *, threads: int | None = None
             )
             if threads is not None:  # decided once, here, for every rank
                 env.update(OMP_NUM_THREADS=str(threads), **{THREADS: str(threads)})
-            if clock is not None:
-                env[STARTED_AT] = repr(clock[1])
+            if started is not None:
+                env[STARTED_AT] = repr(started)
             procs.append(subprocess.Popen([sys.executable, "-m", "llama_export.cli", *argv], env=env))
         watch = _Watch(procs, run_dir)
         while True:
