@@ -23,19 +23,16 @@ a run: it only means hashing (logged at debug level).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from filelock import FileLock, Timeout
 
 from llama_export.errors import ArtifactError
 from llama_export.files import write_atomic
@@ -123,13 +120,13 @@ class VerifiedFiles:
             return
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with self._locked():
+            with self._lock():
                 merged = {**self._read(), **self._new}
                 records = {p: r for p, r in merged.items() if r is not None}
                 data = _RecordFile(FORMAT, 1, self._root, records)
                 write_atomic(self._path, json.dumps(dataclasses.asdict(data)))
             self._records, self._new = records, {}
-        except OSError as e:
+        except (OSError, Timeout) as e:
             log.debug("cannot write verified-file records %s (%s); the next start hashes again", self._path, e)
 
     def _read(self) -> dict[str, _Record]:
@@ -151,21 +148,8 @@ class VerifiedFiles:
             return {}
         return dict(data.files)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """An exclusive flock on a lock file beside the record file (kept: removing it would race)."""
+    def _lock(self) -> FileLock:
+        """An exclusive lock on a file beside the record file (kept: removing it would race), waited for
+        at most _LOCK_WAIT_S (then `save` gives up: no records, only hashing next time)."""
         assert self._path is not None
-        fd = os.open(self._path.with_name(f".{self._path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            deadline = time.monotonic() + _LOCK_WAIT_S
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise OSError(errno.ETIMEDOUT, "locked by another process") from None
-                    time.sleep(0.01)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+        return FileLock(self._path.with_name(f".{self._path.name}.lock"), timeout=_LOCK_WAIT_S, mode=0o600)

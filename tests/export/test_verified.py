@@ -171,6 +171,34 @@ def test_ranks_writing_at_once_keep_each_others_records(tmp_path, cache, hashed)
     assert hashed == []
 
 
+
+def test_records_locked_by_another_process_are_given_up_not_waited_for(tmp_path, cache, monkeypatch):
+    """A writer holding the record lock longer than the wait: `save` gives up (nothing recorded, no error)
+    after `_LOCK_WAIT_S`, and saves once the lock is free."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(verified, "_LOCK_WAIT_S", 0.2)
+    files = _export(tmp_path / "x", {"rank0/a": b"a" * 10})
+    rec = VerifiedFiles(tmp_path / "x")
+    path = (tmp_path / "x" / files[0][0]).resolve()
+    rec.add(path, files[0][1], Stamp.of(path.stat()), seen_ns=time.time_ns())
+    lock = rec._lock().lock_file
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, filelock; l = filelock.FileLock(sys.argv[1]); "
+                               "l.acquire(); print('held', flush=True); sys.stdin.read()", lock],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        rec.save()
+        assert time.monotonic() - t0 < 5
+        assert VerifiedFiles(tmp_path / "x")._read() == {}
+    finally:
+        holder.communicate("")
+    rec.save()
+    assert set(VerifiedFiles(tmp_path / "x")._read()) == {str(path)}
+
+
 # ---- through the commands: a record is used by rank processes and by compare; --rehash ignores it ----------
 
 @pytest.fixture(scope="module")
