@@ -100,15 +100,15 @@ def _as_torch(x: Any):
 
 
 @contextmanager
-def peer_errors(what: str) -> Iterator[None]:
+def peer_errors(what: str, *, cause: str = "another rank died, stopped or timed out") -> Iterator[None]:
     """A collective library's error (gloo/NCCL: connection closed, timeout) as one `PeerLostError`
-    line instead of its C++ traceback: the cause is another rank, which the launcher names."""
+    line instead of its C++ traceback: the cause is another rank, which the launcher names (`cause`
+    says what else it may be where there is no launcher)."""
     try:
         yield
     except RuntimeError as e:  # torch.distributed.DistBackendError is a RuntimeError
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise PeerLostError(f"{what} with the other ranks failed ({first[:160]}); "
-                            "another rank died, stopped or timed out") from None
+        raise PeerLostError(f"{what} with the other ranks failed ({first[:160]}); {cause}") from None
 
 
 # ---- export markers ------------------------------------------------------------------------------

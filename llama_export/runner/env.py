@@ -68,10 +68,21 @@ class RankEnv:
     local_rank: int
 
 
+# What torchrun and `launch_local` always set beside RANK / WORLD_SIZE: where the ranks meet.
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT")
+_STALE_HINT = "unset RANK and WORLD_SIZE (left over from another job?), or start every rank with torchrun"
+
+
 def rank_env() -> RankEnv | None:
-    """This process's rank, when started by `launch_local` or `torchrun`; None for a plain process."""
+    """This process's rank, when started by `launch_local` or `torchrun`; None for a plain process.
+
+    RANK / WORLD_SIZE without MASTER_ADDR / MASTER_PORT are refused: no launcher started this
+    process, and waiting for peers that will never come would only time out."""
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return None
+    if missing := [k for k in RENDEZVOUS if not os.environ.get(k)]:
+        raise InputError(f"the environment sets RANK={os.environ['RANK']} and WORLD_SIZE={os.environ['WORLD_SIZE']} "
+                         f"but not {' or '.join(missing)}, so no launcher started this process; {_STALE_HINT}")
     values = {}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         text = os.environ.get(key, os.environ["RANK"])
@@ -123,12 +134,17 @@ def init_process_group(env: RankEnv, device: str) -> None:
 
     cuda = device.startswith("cuda")
     kwargs = {"device_id": torch.device(device)} if cuda else {}
-    with peer_errors("joining the process group"):
+    if started_by_launcher():  # the launcher knows its ranks: it names the one that did not come
+        joining = peer_errors("joining the process group")
+    else:  # torchrun, or a shell's stale variables: there may be no other rank at all
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        joining = peer_errors(f"joining the process group at {where}",
+                              cause=f"if no other ranks were started, {_STALE_HINT}")
+    with joining:
         dist.init_process_group(
             backend="nccl" if cuda else "gloo", rank=env.rank, world_size=env.world_size,
             timeout=COLLECTIVE_TIMEOUT, **kwargs
         )
-
 
 
 # ---- the rank side of the channel to the launcher ------------------------------------------------
@@ -173,7 +189,11 @@ def report_failure(message: str, kind: FailureKind) -> bool:
 
 
 def _channel_file(suffix: str) -> Path | None:
-    folder, env = os.environ.get(RUN_DIR), rank_env()
-    if not folder or env is None or not started_by_launcher():
+    folder = os.environ.get(RUN_DIR)
+    if not folder or not started_by_launcher():
         return None
-    return Path(folder) / f"rank{env.rank}.{suffix}"
+    try:
+        env = rank_env()
+    except InputError:
+        return None  # a rank environment that is not one: the caller prints its error itself
+    return None if env is None else Path(folder) / f"rank{env.rank}.{suffix}"
