@@ -7,6 +7,9 @@
                                       signal-raised interrupt it is deleted, and `final` is left untouched.
     staged_dir(final)                 the same, yielding the path only.
 
+Folders and files are created with the modes the process's umask gives (0777 / 0666 & ~umask), as
+`mkdir` and `open` would, not the private 0700 / 0600 of `mkdtemp` / `mkstemp`: an export may be shared.
+
 `<owner>` is the writing process's pid and start time. A staging folder or temporary file whose owner is
 no longer running (the process was killed with SIGKILL, or the machine went down) is stale: the next
 `staging`/`write_atomic` in that folder removes it. Only names in these formats are ever removed, and
@@ -30,7 +33,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +92,20 @@ def sweep_stale(folder: Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    """This process's umask (Linux: read from /proc, which leaves it untouched for other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write `data` to `path` through a temporary file in the same folder and a rename."""
     path = Path(path)
@@ -97,6 +114,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent)
     try:
         with _naming(path), os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # not mkstemp's 0600: as `open` would create it
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
@@ -199,6 +217,7 @@ def staging(final: Path) -> Iterator[Stage]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL_MARKER}{_owner()}-", dir=final.parent))
         stage = Stage(tmp, final)
         try:
+            tmp.chmod(0o777 & ~_umask())  # not mkdtemp's 0700: as `mkdir` would create it
             with _naming(final):
                 yield stage
             replace_dir(tmp, stage.target)
@@ -236,15 +255,35 @@ def _writable_folder(path: Path, label: str) -> None:
     os.unlink(probe)
 
 
-def check_output_dir(path: Path, *, what: str, shown: Path | None = None) -> None:
-    """`path` is, or can be created as, a writable folder; `what` names the option and `shown` its
-    value (default: `path`) for the message."""
-    _writable_folder(Path(path), f"{what} {shown if shown is not None else path}")
+def _not_an_input(path: Path, label: str, inputs: Iterable[Path | None]) -> None:
+    """`path` is none of the files in `inputs` and lies inside none of its folders (the command reads
+    them: writing there would overwrite what it reads, or change an export under its manifest)."""
+    out = Path(os.path.realpath(path))
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(os.path.realpath(given))
+        if src.is_dir():
+            if out.is_relative_to(src):
+                raise OutputError(f"{label} lies inside {given}, which this command reads; write it elsewhere")
+        elif out == src or (out.exists() and src.exists() and os.path.samefile(out, src)):
+            raise OutputError(f"{label} is {given}, which this command reads; write it elsewhere")
 
 
-def check_output_file(path: Path, *, what: str) -> None:
-    """`path` can be written as a file: not a folder, in a folder that exists or can be made, writable."""
+def check_output_dir(path: Path, *, what: str, shown: Path | None = None, inputs: Iterable[Path | None] = ()) -> None:
+    """`path` is, or can be created as, a writable folder outside every one of `inputs` (files and
+    folders the command reads); `what` names the option and `shown` its value (default: `path`) for
+    the message."""
+    label = f"{what} {shown if shown is not None else path}"
+    _not_an_input(Path(path), label, inputs)
+    _writable_folder(Path(path), label)
+
+
+def check_output_file(path: Path, *, what: str, inputs: Iterable[Path | None] = ()) -> None:
+    """`path` can be written as a file: not a folder, in a folder that exists or can be made, writable,
+    and neither one of `inputs` (files and folders the command reads) nor inside one of them."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what} {path} is a folder; give a file name")
+    _not_an_input(path, f"{what} {path}", inputs)
     _writable_folder(path.parent, f"{what} {path}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,48 @@ def test_destinations_are_checked(tmp_path, kind):
             files.check_output_file(tmp_path, what="--json")
     files.check_output_file(tmp_path / "new" / "r.json", what="--json")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask-022", "umask-077"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_staged_folders_and_atomic_files_honour_the_umask(tmp_path, umask):
+    """An export may be shared: its folder gets 0777 & ~umask and a written file 0666 & ~umask, as mkdir
+    and open give, not mkdtemp's 0700 / mkstemp's 0600."""
+    with files.staged_dir(tmp_path / "export") as stage:
+        (stage / "rank0").mkdir()
+        files.write_atomic(stage / "manifest.json", "{}")
+    files.write_atomic(tmp_path / "r.json", "{}")
+    assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "export" / "rank0").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "export" / "manifest.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_an_output_is_never_one_of_the_inputs(tmp_path):
+    """--json onto a file the command reads, or into a folder it reads, is refused before any work."""
+    from llama_export.errors import OutputError
+
+    export, text = tmp_path / "export", tmp_path / "held.txt"
+    export.mkdir()
+    (export / "manifest.json").write_text("{}")
+    text.write_text("hi")
+    (tmp_path / "link").symlink_to(export)
+    inputs = (export, text, None)
+    for out in (export / "manifest.json", export / "new.json", tmp_path / "link" / "x.json",
+                export / "rank0" / "r.json"):
+        with pytest.raises(OutputError, match=r"lies inside .*export, which this command reads; write it elsewhere"):
+            files.check_output_file(out, what="--json", inputs=inputs)
+    os.link(text, tmp_path / "hard.txt")
+    for out in (text, tmp_path / "." / "held.txt", tmp_path / "hard.txt"):
+        with pytest.raises(OutputError, match=r"held.txt, which this command reads"):
+            files.check_output_file(out, what="--json", inputs=inputs)
+    with pytest.raises(OutputError, match="lies inside"):
+        files.check_output_dir(export / "pg", what="--polygraphy", inputs=inputs)
+    files.check_output_file(tmp_path / "r.json", what="--json", inputs=inputs)
+    files.check_output_file(tmp_path / "export.json", what="--json", inputs=inputs)  # a sibling, not inside
+    assert (export / "manifest.json").read_text() == "{}" and text.read_text() == "hi"
