@@ -60,6 +60,7 @@ class ExportPlan:
     dtype: Precision
     segments: tuple[SegmentSize, ...]
     kv_bytes_per_token: int  # K and V of every layer, this rank's KV heads, one sequence
+    max_batch: int  # what the plan was traced for (the same for a plan at another tp)
 
     @property
     def rank_bytes(self) -> int:
@@ -91,21 +92,40 @@ class ExportPlan:
         """The export's memory target for one rank: 2 GiB + 2x the largest weight tensor."""
         return EXPORT_BASE_BYTES + 2 * self.largest_tensor.nbytes
 
+    @property
+    def need_bytes(self) -> int:
+        """The most one rank needs: to run one sequence at the context limit, or to be exported."""
+        return max(self.run_bytes, self.export_target_bytes)
+
+    @property
+    def _run_bound(self) -> bool:
+        """The KV cache and graphs, not the export, decide the need (a shorter context would help)."""
+        return self.run_bytes >= self.export_target_bytes
+
     def check_fits(self, limit: int) -> None:
         """Raise ConfigError (one line, with the way out) when a rank needs more than `limit` bytes
-        to run one sequence at the context limit, or to be exported."""
-        if max(self.run_bytes, self.export_target_bytes) <= limit:
+        to run one sequence at the context limit, or to be exported. The way out names only the
+        larger TP degrees whose plans fit (each is planned), or says that none does."""
+        if self.need_bytes <= limit:
             return
-        larger = ", ".join(str(t) for t in valid_tp_degrees(self.cfg) if t > self.tp) or "none"
-        if self.run_bytes >= self.export_target_bytes:
+        if self._run_bound:
             need = (f"a rank at tp={self.tp} needs {fmt_bytes(self.run_bytes)} (graphs "
                     f"{fmt_bytes(self.rank_bytes)} + KV cache {fmt_bytes(self.kv_bytes_at_limit)} at "
                     f"{self.cfg.max_seq_len} tokens)")
-            way_out = f"use a larger --tp (valid: {larger}) or a shorter --max-seq-len"
         else:
             need = (f"exporting a rank at tp={self.tp} needs up to {fmt_bytes(self.export_target_bytes)} "
                     f"(2 GiB + 2x its largest tensor, {self.largest_tensor.name})")
-            way_out = f"use a larger --tp (valid: {larger})"
+        larger = [plan_export(self.cfg, tp=t, dtype=self.dtype, max_batch=self.max_batch)
+                  for t in valid_tp_degrees(self.cfg) if t > self.tp]
+        fit = [p.tp for p in larger if p.need_bytes <= limit]
+        shorter = " or a shorter --max-seq-len" if self._run_bound else ""
+        if fit:
+            way_out = f"use a --tp that fits it ({', '.join(map(str, fit))}){shorter}"
+        else:
+            least = min([self, *larger], key=lambda p: p.need_bytes)
+            way_out = (f"no valid --tp fits (the least a rank needs is {fmt_bytes(least.need_bytes)}, at "
+                       f"tp={least.tp}); use a machine with more memory"
+                       + (" or a shorter --max-seq-len" if least._run_bound else ""))
         raise ConfigError(f"{need} but --memory-limit is {fmt_bytes(limit)}; {way_out}")
 
 
@@ -127,7 +147,7 @@ def plan_export(cfg: ModelConfig, *, tp: int, dtype: Precision, max_batch: int =
             _reindex(last[kind], traced - 1, i) for i in range(cfg.n_layers) for kind in ("attention", "ffn")
         ) + tuple(sized[-2:])
     kv = _kv_bytes_per_layer_token(graph) * cfg.n_layers
-    return ExportPlan(cfg=cfg, tp=tp, dtype=dtype, segments=segments, kv_bytes_per_token=kv)
+    return ExportPlan(cfg=cfg, tp=tp, dtype=dtype, segments=segments, kv_bytes_per_token=kv, max_batch=max_batch)
 
 
 def _tensors(model: ir.Model) -> tuple[TensorSize, ...]:

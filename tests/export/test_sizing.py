@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -11,7 +12,7 @@ from llama_export.config import ModelConfig, Precision, RopeScaling
 from llama_export.errors import ConfigError
 from llama_export.export.exporter import rank_graph
 from llama_export.export.passes.partition import partition
-from llama_export.export.sizing import plan_export
+from llama_export.export.sizing import fmt_bytes, plan_export
 from tests.helpers import run_cli
 
 # GQA with n_kv_heads=2 (replicated at tp=4), an odd vocabulary (padded per rank), 3 layers.
@@ -42,7 +43,8 @@ def arithmetic(cfg: ModelConfig, tp: int, esize: int) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def plans():
     return {(tp, d): plan_export(CFG, tp=tp, dtype=d) for tp, d in [(1, Precision.FP32), (2, Precision.FP16),
-                                                                    (4, Precision.FP16)]}
+                                                                    (4, Precision.FP16), (2, Precision.FP32),
+                                                                    (4, Precision.FP32)]}
 
 
 @pytest.mark.parametrize("tp,dtype", [(1, Precision.FP32), (2, Precision.FP16), (4, Precision.FP16)])
@@ -72,8 +74,10 @@ def test_two_layer_trace_extends_to_the_full_depth_trace(plans) -> None:
 def test_check_fits_refuses_with_the_numbers(plans) -> None:
     plan = plans[1, Precision.FP32]
     plan.check_fits(plan.export_target_bytes)
+    least = plans[4, Precision.FP32].need_bytes
     with pytest.raises(ConfigError, match=r"exporting a rank at tp=1 needs up to 2\.\d\d GiB .* --memory-limit is "
-                                          r"1\.00 GiB; use a larger --tp \(valid: 2, 4\)"):
+                                          r"1\.00 GiB; no valid --tp fits \(the least a rank needs is "
+                                          + re.escape(fmt_bytes(least)) + r", at tp=4\); use a machine with more memory$"):
         plan.check_fits(2**30)
     # 2**24 tokens: the longest context ModelConfig admits
     long = dataclasses.replace(plans[2, Precision.FP16], cfg=dataclasses.replace(CFG, max_seq_len=2**24))
@@ -81,6 +85,16 @@ def test_check_fits_refuses_with_the_numbers(plans) -> None:
     with pytest.raises(ConfigError, match=r"a rank at tp=2 needs 3\.\d\d GiB \(graphs .* \+ KV cache 3\.00 GiB at "
                                           r"16777216 tokens\) .* or a shorter --max-seq-len"):
         long.check_fits(5 * 2**29)
+
+
+def test_the_way_out_names_only_the_degrees_that_fit(plans) -> None:
+    """Between tp=2's need and tp=4's: only tp=4 is offered (each degree is planned, not assumed)."""
+    need = {tp: plans[tp, Precision.FP32].need_bytes for tp in (1, 2, 4)}
+    assert need[1] > need[2] > need[4]
+    with pytest.raises(ConfigError, match=r"; use a --tp that fits it \(4\)$"):
+        plans[1, Precision.FP32].check_fits(need[4])
+    with pytest.raises(ConfigError, match=r"; use a --tp that fits it \(2, 4\)$"):
+        plans[1, Precision.FP32].check_fits(need[2])
 
 
 def test_plan_cli(tmp_path) -> None:
