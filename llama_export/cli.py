@@ -7,19 +7,29 @@ Every failure ends in one line on stderr and a fixed exit code; nothing is left 
     exit 1    a variant or comparison missed its tolerance (the table/report says which)
     exit 130  SIGINT (Ctrl-C), 143 SIGTERM: `interrupted (SIGINT)`; staging folders are removed
               (the signal is raised as an exception, so every cleanup runs as for an error)
+    exit 141  stdout was closed by its reader (`llama-export run ... | head`): no message, as a shell
+              tool killed by SIGPIPE (128 + 13); the reader left, the user's paths are fine
 
-Argument values are range-checked by their argparse types, before anything is loaded. Anything else
-that escapes is a bug and keeps its traceback. This module imports the rest of the package (and so
-torch) only inside functions, after `main` has taken over SIGINT/SIGTERM: Ctrl-C during start-up is one
-line too.
+Text that the terminal's encoding cannot show (PYTHONIOENCODING=ascii, LANG=C) is printed with
+backslash escapes instead of failing; files (--json) are always exact. Every option's help states its
+default, read from the dataclass that defines it.
+
+Argument values are range-checked by their argparse types, before anything is loaded: the parsers
+import only modules without torch (option dataclasses, config), so a bad argument costs no torch
+import. Anything else that escapes is a bug and keeps its traceback. This module imports the rest of
+the package (and so torch) only inside functions, after `main` has taken over SIGINT/SIGTERM: Ctrl-C
+during start-up is one line too.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import io
 import logging
 import math
+import os
+import select
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -32,14 +42,63 @@ from llama_export.errors import InputError, LlamaExportError, PeerLostError
 if TYPE_CHECKING:
     from llama_export.runner.source import ModelSource
 
-MAX_THREADS = 4096
+# `export` without --tp: both degrees of the built-in demo model, one rank for a --checkpoint
+DEMO_TPS, CHECKPOINT_TPS = (1, 2), (1,)
+
+
+def _shown(value) -> str:
+    """A default as the user would type it: enums by value, lists space-separated."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_shown(v) for v in value)
+    return str(getattr(value, "value", value))
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (the value argparse really uses), unless the help
+    already says what the default is (`default: the checkpoint's`); flags and None defaults are left
+    alone."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None
+                or isinstance(action.default, bool) or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {_shown(action.default).replace('%', '%%')})".lstrip()
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block): `error: argument --tp: ...; see --help`."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # noqa: D102 (argparse's hook)
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def utf8_text(text: str) -> str:
+    """argparse type: text that is valid UTF-8 (argv bytes that are not arrive as surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start].encode("utf-8", "surrogateescape")
+        raise argparse.ArgumentTypeError(
+            f"is not valid UTF-8 (byte 0x{raw.hex()} at character {e.start}); pass UTF-8 text (check the "
+            "encoding of your terminal or script)") from None
+    return text
+
+
+def threads_arg(text: str) -> int:
+    """argparse type: a thread count from 1 to the cores this process may run on."""
+    from llama_export.runner.threads import allowed_cores
+
+    cores = len(allowed_cores())
+    value = int_in(1, 1 << 31)(text)
+    if value > cores:
+        raise argparse.ArgumentTypeError(
+            f"{value} is more than the {cores} cores this process may use; use at most {cores}")
+    return value
 
 
 def int_in(lo: int, hi: int) -> Callable[[str], int]:
@@ -118,11 +177,11 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (eager; default: the built-in demo model)")
     src.add_argument("--artifacts", type=Path, help="export directory with manifest.json (ort; for trt the engines directory)")
     _enum_arg(src, "--backend", Backend, default=Backend.EAGER,
-              help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines) (default: eager)")
+              help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines)")
     src.add_argument("--tp", type=int_in(1, MAX_TP), default=1, help="tensor-parallel degree = number of rank processes")
     _dtype_arg(src, "--dtype", default=ModelDType(Precision.FP32),
                help="eager dtype; int8/int4 run the weights quantized and dequantized (block 32), the "
-               "reference of a quantized export (exports carry their own) (default: fp32)")
+               "reference of a quantized export (exports carry their own)")
     src.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (ort/eager: cpu in CI)")
     _add_rehash(src)
     _add_threads(p)
@@ -136,7 +195,7 @@ def _add_rehash(p) -> None:
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
+    p.add_argument("--threads", type=threads_arg, default=None,
                    help="CPU threads per rank (default: the cores this process may use / tp). On a busy "
                    "machine, fewer threads than cores avoids waiting on descheduled threads")
 
@@ -156,9 +215,10 @@ def _enum_arg(parser: argparse.ArgumentParser, flag: str, enum_type, **kwargs) -
 
 def _add_run_parser(sub) -> None:
     from llama_export.config import MAX_CONTEXT
-    from llama_export.engine.generate import MAX_TEMPERATURE
+    from llama_export.engine.generate import MAX_TEMPERATURE, SamplingConfig
     from llama_export.commands.run import RunOptions
 
+    sampling = SamplingConfig()
     p = sub.add_parser(
         "run",
         help=_HELP["run"],
@@ -166,17 +226,20 @@ def _add_run_parser(sub) -> None:
     )
     _add_source_arguments(p)
     prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="text prompt (tokenized with the checkpoint's or export's tokenizer: "
+    prompt.add_argument("--prompt", type=utf8_text, help="text prompt (tokenized with the checkpoint's or export's tokenizer: "
                         "sentencepiece or Meta Llama 3 tokenizer.model, or Hugging Face tokenizer.json)")
-    prompt.add_argument("--chat", help="a user message: formatted with the model's chat template, prints only the reply")
+    prompt.add_argument("--chat", type=utf8_text, help="a user message: formatted with the model's chat template, prints only the reply")
     prompt.add_argument("--batch", type=Path, help="file with one prompt per line (\\n for a newline); all prompts "
                         "run as one batch, whatever their lengths")
     prompt.add_argument("--prompt-ids", help="token ids, e.g. 1,2,3 (batch rows separated by ';', any lengths)")
-    p.add_argument("--system", help="system message of --chat")
-    p.add_argument("--max-new-tokens", type=int_in(0, MAX_CONTEXT), default=RunOptions.max_new_tokens)
-    p.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=1.0)
-    p.add_argument("--seed", type=int_in(0, (1 << 63) - 1), default=0)
+    p.add_argument("--system", type=utf8_text, help="system message of --chat")
+    p.add_argument("--max-new-tokens", type=int_in(0, MAX_CONTEXT), default=RunOptions.max_new_tokens,
+                   help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=sampling.temperature,
+                   help="0 = greedy")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=sampling.top_p,
+                   help="nucleus sampling: the smallest set of tokens with this much probability")
+    p.add_argument("--seed", type=int_in(0, (1 << 63) - 1), default=sampling.seed, help="seed of the sampling")
     p.add_argument("--cache-capacity", type=int_in(1, MAX_CONTEXT), default=None,
                    help="KV cache tokens per row (default: the longest prompt + --max-new-tokens; at most the "
                    "model's max_seq_len)")
@@ -207,7 +270,7 @@ def _add_eval_parser(sub) -> None:
                    help="tokens per window (default: the model's max_seq_len)")
     p.add_argument("--stride", type=int_in(1, MAX_CONTEXT), default=None,
                    help="tokens the window moves by (default: window / 2)")
-    p.add_argument("--batch", type=int_in(1, 1 << 16), default=d.batch, help=f"windows run as one batch (default: {d.batch})")
+    p.add_argument("--batch", type=int_in(1, 1 << 16), default=d.batch, help="windows run as one batch")
     p.add_argument("--json", type=Path, dest="json_out", help="write the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
@@ -219,9 +282,9 @@ def _cmd_eval(args, argv: list[str]) -> int:
     from llama_export.files import check_output_file, write_atomic
     from llama_export.commands.evaluate import EvalOptions, run_eval
 
-    if args.json_out is not None:
-        check_output_file(args.json_out, what="--json")
     source = _source(args)
+    if args.json_out is not None:
+        check_output_file(args.json_out, what="--json", inputs=(args.text, *source.inputs))
     opts = EvalOptions(source=source, text=args.text, tp=args.tp, window=args.window, stride=args.stride,
                        batch=args.batch, device=args.device, progress=not args.no_progress, threads=args.threads)
     what = (str(args.artifacts) if args.artifacts else f"{source.checkpoint_dir} {args.dtype}")
@@ -247,9 +310,11 @@ class _ConsoleReporter:
         sys.stdout.flush()
 
     def finish(self, opts, summary) -> None:
-        if summary.prompts is None:
-            return  # --prompt-ids runs are for machines: their output is the --json file
-        if summary.streamed:
+        if summary.prompts is None:  # --prompt-ids: the generated ids, a row a line, as --prompt-ids takes them
+            for row in summary.tokens:
+                print(",".join(str(t) for t in row))
+            sys.stdout.flush()
+        elif summary.streamed:
             print(flush=True)
         else:
             for prompt, text in zip(summary.prompts, summary.texts):
@@ -275,9 +340,13 @@ def _source(args) -> ModelSource:
 def _cmd_run(args, argv: list[str]) -> int:
     from llama_export.engine.generate import SamplingConfig
     from llama_export.commands.run import RunOptions, parse_prompt_ids, run
+    from llama_export.files import check_output_file
 
     if args.system is not None and args.chat is None:
         raise InputError("--system goes with --chat; add --chat TEXT")
+    source = _source(args)
+    if args.json_out is not None:
+        check_output_file(args.json_out, what="--json", inputs=(args.batch, *source.inputs))
     prompts = None
     if args.prompt is not None:
         prompts = (args.prompt,)
@@ -285,7 +354,7 @@ def _cmd_run(args, argv: list[str]) -> int:
         prompts = tuple(line.replace("\\n", "\n") for line in _read_text(args.batch, "--batch").splitlines()
                         if line.strip())
     opts = RunOptions(
-        source=_source(args),
+        source=source,
         tp=args.tp,
         max_new_tokens=args.max_new_tokens,
         prompt_ids=parse_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None,
@@ -312,7 +381,7 @@ def _read_text(path: Path, what: str) -> str:
 
 
 def _add_export_parser(sub) -> None:
-    from llama_export.export.exporter import ExportOptions
+    from llama_export.export.options import ExportOptions
 
     d = ExportOptions(checkpoint=Path("."))
     p = sub.add_parser(
@@ -330,18 +399,19 @@ def _add_export_parser(sub) -> None:
 def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
     from llama_export.artifact.manifest import MAX_BATCH
     from llama_export.config import MAX_CONTEXT, MAX_TP, ModelDType, WeightQuant
-    from llama_export.validate.compare import VALIDATION
+    from llama_export.validate.settings import VALIDATION
 
     p.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (default: the built-in demo model)")
     p.add_argument("--tp", type=int_in(1, MAX_TP), nargs="+", default=None,
-                   help="tensor-parallel degree(s) (default: 1 2)")
+                   help=f"tensor-parallel degree(s) (default: {_shown(DEMO_TPS)} for the built-in demo model, "
+                   f"{_shown(CHECKPOINT_TPS)} for a --checkpoint)")
     _dtype_arg(p, "--dtype", nargs="+", default=[ModelDType(d.dtype)],
                help="graph dtype(s): fp32, fp16, bf16 (bf16 graphs are for GPU backends, not run on ORT CPU); "
                "int8, int4 = weight-only quantized weights with fp32 activations, int8-fp16, int4-fp16 "
-               "with fp16 ones (default: fp32)")
+               "with fp16 ones")
     q = WeightQuant(bits=4)
     p.add_argument("--block-size", type=int_in(16, 1 << 16), default=q.block_size,
-                   help=f"int8/int4: input features per quantization block (default: {q.block_size})")
+                   help="int8/int4: input features per quantization block")
     p.add_argument("--quantize-embedding", action="store_true", default=q.embedding,
                    help="int8/int4: quantize the embedding table too (default: kept in the activation dtype)")
     p.add_argument("--no-quantize-output", dest="quantize_output", action="store_false", default=q.output,
@@ -362,9 +432,9 @@ def _cmd_export(args, argv: list[str]) -> int:
     import dataclasses
 
     from llama_export.config import WeightQuant
-    from llama_export.export.exporter import ExportOptions
+    from llama_export.export.options import ExportOptions
     from llama_export.job import format_table, run_job
-    from llama_export.validate.compare import VALIDATION
+    from llama_export.validate.settings import VALIDATION
     from llama_export.runner.threads import set_process_threads
     from llama_export.runner.source import default_checkpoint
 
@@ -372,10 +442,11 @@ def _cmd_export(args, argv: list[str]) -> int:
     base = ExportOptions(checkpoint=args.checkpoint or default_checkpoint(), out=args.out,
                          model_name=args.name, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                          progress=not args.no_progress)
-    tps = args.tp or ([1, 2] if args.checkpoint is None else [1])
-    dtypes = [d if d.weights is None else dataclasses.replace(d, weights=WeightQuant(
+    # each variant once, in the order asked (`--tp 1 1 --dtype fp32 fp32` is one export, not four)
+    tps = list(dict.fromkeys(args.tp or (DEMO_TPS if args.checkpoint is None else CHECKPOINT_TPS)))
+    dtypes = list(dict.fromkeys(d if d.weights is None else dataclasses.replace(d, weights=WeightQuant(
         d.weights.bits, args.block_size, output=args.quantize_output, embedding=args.quantize_embedding))
-        for d in args.dtype]
+        for d in args.dtype))
     reports = run_job(base, tps, dtypes, validate=not args.no_validate,
                       settings=dataclasses.replace(VALIDATION, steps=args.steps))
     print(format_table(reports))
@@ -404,7 +475,7 @@ def _add_plan_parser(sub) -> None:
     src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder")
     src.add_argument("--config", type=Path, help="a params.json (Meta) or config.json (HF) on its own")
     p.add_argument("--tp", type=int_in(1, MAX_TP), default=1, help="tensor-parallel degree")
-    _enum_arg(p, "--dtype", Precision, default=Precision.FP16, help="graph dtype (default: fp16)")
+    _enum_arg(p, "--dtype", Precision, default=Precision.FP16, help="graph dtype")
     p.add_argument("--max-seq-len", type=int_in(2, MAX_CONTEXT), default=None, help="context limit (default: the config's)")
     p.add_argument("--memory-limit", type=_parse_bytes, help="refuse when a rank needs more, e.g. 80GiB or 24GB")
     p.add_argument("--no-progress", action="store_true", help="no progress line while tracing")
@@ -433,7 +504,8 @@ def _cmd_plan(args, argv: list[str]) -> int:
         plan = plan_export(cfg, tp=args.tp, dtype=args.dtype)
     print(format_plan(plan))
     if args.memory_limit is not None:
-        plan.check_fits(args.memory_limit)
+        with activity("checking which --tp fits --memory-limit", enabled=not args.no_progress):
+            plan.check_fits(args.memory_limit)
         print(f"every rank fits --memory-limit {fmt_bytes(args.memory_limit)}")
     return 0
 
@@ -489,7 +561,7 @@ def _cmd_build(args, argv: list[str]) -> int:
 def _add_compare_parser(sub) -> None:
     from llama_export.config import MAX_CONTEXT
     from llama_export.config import Backend
-    from llama_export.validate.compare import CompareSettings
+    from llama_export.validate.settings import CompareSettings
 
     p = sub.add_parser(
         "compare",
@@ -501,10 +573,10 @@ def _add_compare_parser(sub) -> None:
     )
     d = CompareSettings()
     p.add_argument("--artifacts", type=Path, required=True, help="export directory (trt: engine directory)")
-    _enum_arg(p, "--backend", Backend, default=Backend.ORT, help="ort or trt (default: ort)")
+    _enum_arg(p, "--backend", Backend, default=Backend.ORT, help="ort or trt")
     p.add_argument("--checkpoint", type=Path, help="checkpoint the export came from (default: the demo model)")
     p.add_argument("--steps", type=int_in(1, MAX_CONTEXT), default=d.steps, help="decode steps after the prefill")
-    p.add_argument("--prompt", help=f"text prompt (default: {d.prompt_len} random token ids, seeded)")
+    p.add_argument("--prompt", type=utf8_text, help=f"text prompt (default: {d.prompt_len} random token ids, seeded)")
     p.add_argument("--seed", type=int_in(0, (1 << 63) - 1), default=d.seed, help="seed of the random prompt")
     p.add_argument("--device", type=device_arg, default="cpu",
                    help="device of the backend (trt: cuda); eager runs on the CPU")
@@ -523,14 +595,14 @@ def _cmd_compare(args, argv: list[str]) -> int:
     from llama_export.validate.compare import CompareSettings, Mode, compare, format_report, plot_report, write_json
     from llama_export.runner.threads import set_process_threads
 
-    set_process_threads(args.threads)
+    source = _source(args)
     plot = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
     for path, what in ((args.json_out, "--json"), (plot, "--plot")):
         if path is not None:
-            check_output_file(path, what=what)
+            check_output_file(path, what=what, inputs=source.inputs)
     if args.polygraphy is not None:
-        check_output_dir(args.polygraphy, what="--polygraphy")
-    source = _source(args)
+        check_output_dir(args.polygraphy, what="--polygraphy", inputs=source.inputs)
+    set_process_threads(args.threads)
     manifest = source.manifest()
     prompt = None
     if args.prompt:
@@ -644,19 +716,62 @@ def _failure(e: BaseException) -> tuple[str, str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _escape_unprintable(sys.stdout)
     with _signals_as_exceptions():
         try:
             command = next((a for a in argv if not a.startswith("-")), None)
             args = build_parser(command if command in _HELP else None).parse_args(argv)
             logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                                 format="%(levelname)s %(name)s: %(message)s")
-            return args.func(args, argv)
+            code = args.func(args, argv)
+            sys.stdout.flush()  # a reader that left shows here, not in the interpreter's exit
+            return code
         except BaseException as e:
-            if isinstance(e, SystemExit) and not _received:
-                raise  # --help, or argparse's one-line error
+            if _reader_left(e):
+                return _leave_quietly()
+            if isinstance(e, SystemExit) and not _received:  # --help, or argparse's one-line error
+                try:
+                    sys.stdout.flush()  # --help into a closed pipe: argparse itself ignores the error
+                except OSError as closed:
+                    if _reader_left(closed):
+                        return _leave_quietly()
+                    raise
+                raise
             message, kind, code = _failure(e)
     _say(message, kind, code)
     return code
+
+
+def _escape_unprintable(stream) -> None:
+    """Text the stream's encoding cannot hold (PYTHONIOENCODING=ascii) is written as backslash escapes
+    instead of raising UnicodeEncodeError halfway through the output."""
+    if isinstance(stream, io.TextIOWrapper):
+        stream.reconfigure(errors="backslashreplace")
+
+
+def _reader_left(e: BaseException) -> bool:
+    """`e` is EPIPE and stdout is a pipe whose reader has closed it (`| head`)."""
+    if not isinstance(e, OSError) or e.errno != errno.EPIPE:
+        return False
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _leave_quietly() -> int:
+    """Exit as a shell tool whose reader left (SIGPIPE): no message, 128 + SIGPIPE. Whatever is still
+    buffered for stdout goes to /dev/null, so the interpreter's exit does not report the closed pipe
+    ("Exception ignored ... BrokenPipeError"; see the `signal` module's note on SIGPIPE)."""
+    from llama_export.runner.env import CLOSED_OUTPUT_EXIT, leave_rank
+
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+    leave_rank(CLOSED_OUTPUT_EXIT)
+    return CLOSED_OUTPUT_EXIT
 
 
 def _say(message: str, kind: str, code: int) -> None:

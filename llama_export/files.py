@@ -267,7 +267,7 @@ def _not_an_input(path: Path, label: str, inputs: Iterable[Path | None]) -> None
             if out.is_relative_to(src):
                 raise OutputError(f"{label} lies inside {given}, which this command reads; write it elsewhere")
         elif out == src or (out.exists() and src.exists() and os.path.samefile(out, src)):
-            raise OutputError(f"{label} is {given}, which this command reads; write it elsewhere")
+            raise OutputError(f"{label} would overwrite {given}, which this command reads; write it elsewhere")
 
 
 def check_output_dir(path: Path, *, what: str, shown: Path | None = None, inputs: Iterable[Path | None] = ()) -> None:

@@ -311,6 +311,7 @@ class Case:
     expect: str  # part of the one error line
     fsize: int | None = None  # RLIMIT_FSIZE for the process (bytes)
     needs: str | None = None  # "full" / "ro": a mounted tmpfs; "no-cuda": torch without CUDA
+    env: dict[str, str] | None = None  # set in the process's environment
 
 
 CASES: tuple[Case, ...] = (
@@ -473,6 +474,36 @@ CASES: tuple[Case, ...] = (
     Case("export-busy", LOST, "two exports to one target: the second is refused, not raced", _busy_target,
          "is being written by another llama-export process"),
     # -- what a newcomer hit on a fresh clone: the command line (argv, output, help, environment) --
+    Case("prompt-not-utf8", TRACE, "`--prompt` with bytes that are not UTF-8",
+         argv("run", "--checkpoint", "{meta}", "--prompt", "def \udcff"), "argument --prompt: is not valid UTF-8"),
+    Case("chat-not-utf8", TRACE, "`--chat` with bytes that are not UTF-8",
+         argv("run", "--checkpoint", "{meta}", "--chat", "\udce9t\udce9"), "argument --chat: is not valid UTF-8"),
+    Case("system-not-utf8", TRACE, "`--system` with bytes that are not UTF-8",
+         argv("run", "--checkpoint", "{meta}", "--chat", "hi", "--system", "\udcc3"), "argument --system: is not valid UTF-8"),
+    Case("threads-above-cores", WRONG, "`--threads 100000`, more than this process's cores (ran 50x slower)",
+         argv(*_run(Path("{meta}")), "--threads", "100000"), "cores this process may use; use at most"),
+    Case("stale-rank-env", WRONG, "`RANK=1 WORLD_SIZE=2` left in the shell (waited 46 s, blamed another rank)",
+         argv(*_run(Path("{meta}"))), "unset RANK and WORLD_SIZE", env={"RANK": "1", "WORLD_SIZE": "2"}),
+    Case("plan-no-tp-fits", WRONG, "`plan --memory-limit` below what any TP degree needs (suggested a larger --tp)",
+         argv("plan", "--config", "{hf}/config.json", "--memory-limit", "1GiB", "--no-progress"), "no valid --tp fits"),
+    Case("json-onto-manifest", LOST, "`--json` onto the export's manifest.json",
+         argv(*_run_ort(Path("{export}")), "--json", "{export}/manifest.json"), "which this command reads"),
+    Case("json-onto-config", LOST, "`--json` onto the checkpoint's config.json",
+         argv(*_run(Path("{hf}")), "--json", "{hf}/config.json"), "which this command reads"),
+    Case("json-onto-params", LOST, "`--json` onto the checkpoint's params.json",
+         argv(*_run(Path("{meta}")), "--json", "{meta}/params.json"), "which this command reads"),
+    Case("json-in-export", LOST, "`--json` into the export folder being run",
+         argv(*_run_ort(Path("{export}")), "--json", "{export}/run.json"), "lies inside"),
+    Case("json-onto-batch", LOST, "`--json` onto the `--batch` prompts file",
+         then(_write("p.txt", "def \n"), argv("run", "--checkpoint", "{meta}", "--batch", "{scratch}/p.txt", "--json",
+                                             "{scratch}/p.txt")), "p.txt, which this command reads"),
+    Case("eval-json-onto-text", LOST, "`eval --json` onto the `--text` file",
+         then(_write("t.txt", "def f(x):\n    return x\n"), argv("eval", "--checkpoint", "{meta}", "--text",
+                                                                  "{scratch}/t.txt", "--json", "{scratch}/t.txt")),
+         "t.txt, which this command reads"),
+    Case("compare-json-in-export", LOST, "`compare --json` into the export being compared",
+         argv("compare", "--artifacts", "{export}", "--checkpoint", "{meta}", "--json", "{export}/cmp.json"),
+         "lies inside"),
     # -- what a newcomer hit on a fresh clone: the model, its inputs and its outputs --
 )
 
@@ -486,6 +517,8 @@ def _one_line(stderr: str) -> str:
 def _normalize(line: str, w: Workspace, scratch: Path) -> str:
     line = line.replace(str(scratch), "<scratch>").replace(str(w.root), "<ws>")
     line = re.sub(r"pid \d+", "pid <n>", line)
+    line = re.sub(r"the \d+ cores this process may use; use at most \d+", "the <n> cores this process may use; "
+                  "use at most <n>", line)
     return re.sub(r"rank \d+ of (\d+): ", r"rank <r> of \1: ", line)  # ranks failing alike: either is named
 
 
@@ -503,7 +536,7 @@ def test_case(case: Case, ws: Workspace, cli: CliProcesses, tmp_path: Path):
     before = _snapshot(ws.root)
     try:
         args = case.make(ws, tmp_path)
-        r = cli.run(*args, fsize=case.fsize)
+        r = cli.run(*args, fsize=case.fsize, env=case.env)
     finally:
         holder = ws.state.pop("cleanup", None)
         if holder is not None:

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from llama_export.errors import InputError
-from llama_export.files import check_output_file, write_atomic
+from llama_export.files import write_atomic
 from llama_export.parallel.comm import Communicator
 from llama_export.parallel.plan import check_tp
 from llama_export.engine.generate import (
@@ -114,8 +114,6 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
         cfg = opts.source.config()
         check_tp(cfg, opts.tp)
         _check_prompts(opts, _prompt_rows(opts, opts.source.tokenizer() if opts.is_text else None), cfg)
-        if opts.json_out is not None:
-            check_output_file(opts.json_out, what="--json")
     return on_ranks(opts.tp, opts.device, argv,
                     lambda env, comm, device, threads: _run_rank(opts, env, comm, device, threads,
                                                                  reporter or _Silent()),
@@ -143,6 +141,7 @@ class RunSummary:
 
     prompts: tuple[str, ...] | None  # text prompts (a chat: its user message), or None for --prompt-ids runs
     texts: tuple[str, ...]  # generated text per prompt, up to its stop token ("" for --prompt-ids runs)
+    tokens: tuple[tuple[int, ...], ...]  # generated token ids per prompt (all of them, stop tokens included)
     prompt_tokens: int  # all prompts together
     new_tokens: int  # decode steps + 1
     prefill_tok_s: float
@@ -212,6 +211,7 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: str, t
         prompt_tokens = int(lengths.sum())
         reporter.finish(opts, RunSummary(
             prompts=opts.prompts if opts.chat is None else (opts.chat,), texts=tuple(texts),
+            tokens=tuple(tuple(row) for row in result.new_tokens.tolist()),
             prompt_tokens=prompt_tokens, new_tokens=n_new,
             prefill_tok_s=prompt_tokens / result.prefill_s if result.prefill_s else 0.0,
             decode_tok_s=len(rows) * max(0, n_new - 1) / result.decode_s if result.decode_s else 0.0,

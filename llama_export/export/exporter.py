@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
@@ -37,8 +36,9 @@ from llama_export.artifact.manifest import (
     load_manifest,
     sha256_file,
 )
-from llama_export.config import ModelConfig, ModelDType, Precision, WeightQuant
+from llama_export.config import ModelConfig, Precision
 from llama_export.errors import ArtifactError, InputError, OutputError
+from llama_export.export.options import ExportOptions
 from llama_export.export.passes import Pipeline
 from llama_export.export.passes.check import CheckRankGraphPass
 from llama_export.export.passes.cleanup import CleanupPass
@@ -60,33 +60,6 @@ from llama_export.text import load_tokenizer, text_files_in
 from llama_export.text.files import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    checkpoint: Path
-    out: Path = Path("graphs")
-    tp: int = 1
-    dtype: Precision = Precision.FP32  # activations (and weights, unless `weights` quantizes them)
-    weights: WeightQuant | None = None
-    model_name: str | None = None  # default: the checkpoint folder's name
-    max_batch: int = 8
-    max_seq_len: int | None = None  # default: the checkpoint's
-    progress: bool = True
-
-    @property
-    def variant(self) -> str:
-        return f"tp{self.tp}-{ModelDType(self.dtype, self.weights)}"
-
-    @property
-    def name(self) -> str:
-        """The model's folder name under `out`."""
-        return self.model_name or Path(self.checkpoint).resolve().name
-
-    @property
-    def target(self) -> Path:
-        """Where the export goes: `<out>/<name>/<variant>`."""
-        return Path(self.out) / self.name / self.variant
 
 
 def segment_kinds(n_segments: int, n_layers: int) -> list[tuple[str, int | None]]:

@@ -32,6 +32,9 @@ from llama_export.clock import process_start
 from llama_export.errors import InputError
 from llama_export.files import write_atomic
 
+# A process whose stdout reader left (`| head`) exits quietly with this code, as if killed by SIGPIPE;
+# the launcher passes it on rather than blaming the rank.
+CLOSED_OUTPUT_EXIT = 128 + signal.SIGPIPE
 # How long a collective may wait for a peer before the process group gives up.
 COLLECTIVE_TIMEOUT = timedelta(seconds=45)
 # A rank shows signs of life every HEARTBEAT_S (the launcher's watch decides what silence means).

@@ -8,6 +8,7 @@ rank, starting the ranks first where needed. The rank side of the protocol is `r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import psutil
 from llama_export.clock import process_start
 from llama_export.errors import InputError, RankFailedError
 from llama_export.runner.env import (
+    CLOSED_OUTPUT_EXIT,
     RUN_DIR,
     STARTED_AT,
     THREADS,
@@ -136,6 +138,9 @@ def launch_local(argv: list[str], world_size: int, *, threads: int | None = None
         while True:
             if all(p.poll() == 0 for p in procs):
                 return 0
+            if any(p.poll() == CLOSED_OUTPUT_EXIT for p in procs):  # the output's reader left: not a failure
+                _terminate(procs, grace_s)
+                raise BrokenPipeError(errno.EPIPE, "the standard output's reader closed it")
             verdict = watch.verdict(time.monotonic())
             if verdict is not None:
                 _terminate(procs, grace_s)

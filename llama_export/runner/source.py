@@ -44,6 +44,11 @@ class ModelSource:
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint) if self.checkpoint is not None else default_checkpoint()
 
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """The folders a command reads from this source (no output may go inside them)."""
+        return (self.checkpoint_dir,) if self.artifacts is None else (Path(self.artifacts), self.checkpoint_dir)
+
     def manifest(self, *, verify_hashes: bool = True) -> Manifest:
         """The export manifest (not for eager)."""
         return artifact_manifest(self.backend, self.artifacts, verify_hashes=verify_hashes, rehash=self.rehash)

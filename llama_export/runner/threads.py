@@ -26,6 +26,14 @@ def _busy(t) -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
 
 
+def allowed_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity; elsewhere than Linux, all of them)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
 def rank_threads(requested: int | None, world_size: int) -> int:
     """CPU threads for one rank: `requested`; in a rank started by `launch_local`, what the launcher
     decided; otherwise the cores this process may run on that other processes are not keeping busy,
@@ -43,10 +51,7 @@ def rank_threads(requested: int | None, world_size: int) -> int:
     decided = os.environ.get(THREADS) if started_by_launcher() else None
     if decided is not None and decided.isdigit() and int(decided) >= 1:
         return int(decided)
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = list(range(os.cpu_count() or 1))
+    cores = allowed_cores()
     start, before, own_before = _STARTED
     if time.monotonic() - start > _MAX_WINDOW_S:
         start, before, own_before = _cpu_sample()

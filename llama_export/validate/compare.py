@@ -53,6 +53,7 @@ from llama_export.parallel.comm import ThreadGroup
 from llama_export.progress import activity, count_bar
 from llama_export.validate import polygraphy_data
 from llama_export.tolerances import TOLERANCES
+from llama_export.validate.settings import VALIDATION, CompareSettings
 from llama_export.validate.diff import Comparison, TensorDiff
 from llama_export.engine.generate import generate, validate_prompt
 from llama_export.runner.step import host
@@ -66,27 +67,6 @@ class Mode(enum.Enum):
     LOCATE = "locate"
 
 
-@dataclass(frozen=True)
-class CompareSettings:
-    """The prompt and length of a comparison (the CLI's defaults come from here)."""
-
-    steps: int = 8  # greedy decode steps after the prefill
-    batch: int = 1  # rows of the random prompt
-    prompt_len: int = 8  # tokens of the random prompt
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch", "prompt_len"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name}={getattr(self, name)} must be >= 1")
-
-    def random_prompt(self, vocab_size: int) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed)
-        return torch.randint(0, vocab_size, (self.batch, self.prompt_len), generator=g)
-
-
-# Export validation: two rows of five tokens (batch and sequence dimensions both exercised).
-VALIDATION = CompareSettings(batch=2, prompt_len=5)
 
 
 def check_settings(settings: CompareSettings, cfg: ModelConfig, *, prompt_len: int | None = None) -> None:
