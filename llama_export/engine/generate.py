@@ -220,20 +220,27 @@ def generate_stream(
         tokens = np.ascontiguousarray(nxt[order][:, None])
 
 
+def run_rows(step: StepFn, tokens: np.ndarray, cache_lengths: np.ndarray, token_lengths: np.ndarray,
+             keys: list, values: list, rows: slice) -> Any:
+    """One step on the cache rows `rows` (a slice of every layer's keys and values); returns the
+    logits. The backends write that slice in place and return it; a step function that returns new
+    arrays instead has them copied into the slice."""
+    k_rows, v_rows = [k[rows] for k in keys], [v[rows] for v in values]
+    logits, k_out, v_out = step(np.ascontiguousarray(tokens), cache_lengths, token_lengths, k_rows, v_rows)
+    for given, got in zip(k_rows + v_rows, list(k_out) + list(v_out)):
+        if got is not given:
+            given[...] = got
+    return logits
+
+
 def _prefill(step: StepFn, prompt: np.ndarray, lengths: np.ndarray, keys: list, values: list) -> np.ndarray:
     """Logits `[B, V]` of the prompts (rows in ascending length), one step call per `prefill_groups`
-    group on its rows' slice of the cache. The backends write that slice in place and return it; a step
-    function that returns new arrays instead has them copied into the slice."""
+    group on its rows' slice of the cache."""
     parts = []
     for a, b in prefill_groups(lengths):
         width = int(lengths[b - 1])
-        k_rows, v_rows = [k[a:b] for k in keys], [v[a:b] for v in values]
-        logits, k_out, v_out = step(np.ascontiguousarray(prompt[a:b, :width]), np.zeros(b - a, dtype=np.int64),
-                                    lengths[a:b], k_rows, v_rows)
-        for given, got in zip(k_rows + v_rows, list(k_out) + list(v_out)):
-            if got is not given:
-                given[...] = got
-        parts.append(host(logits))
+        parts.append(host(run_rows(step, prompt[a:b, :width], np.zeros(b - a, dtype=np.int64), lengths[a:b],
+                                   keys, values, slice(a, b))))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 

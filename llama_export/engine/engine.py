@@ -1,0 +1,404 @@
+"""A long-lived engine: opened once, it keeps the model's ranks and a KV cache of row slots, and serves
+requests submitted at any time from any thread, batched step by step (continuous batching).
+
+    submit() ──► waiting ──► slot (admitted when one is free)
+                              │ prefill: the prompt in chunks, at most `prefill_tokens` per step
+                              ▼
+                             decode: one token per active row per step, every active row in one call
+                              │ max_tokens, a stop id or a stop string
+                              ▼
+                             finished (the slot is free for the next request)
+
+Each step of the loop: admit waiting requests into free slots; prefill chunks of admitted prompts (each
+on its slot's row of the cache); then one decode call for the slots that are generating. The cache is
+`[slots, kv_heads, capacity, head_dim]` per layer and rank, allocated once; a slot's row is written in
+place at that row's own positions (`artifact/schema.py`), so requests of any length share it.
+
+A request draws its tokens from its own generator (seeded by its `seed`) from its own row's logits, so
+what it generates does not depend on what else is in the batch; greedy requests give the ids of a run
+of that prompt alone (`engine.generate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llama_export.engine.generate import SamplingConfig, run_rows, sample, validate_prompt
+from llama_export.errors import InputError, LlamaExportError
+from llama_export.runner.step import MakeCache, StepFn, host
+
+log = logging.getLogger(__name__)
+
+STOP = "stop"  # finish reasons, as OpenAI's API names them
+LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: prompt ids, how many tokens at most, how to sample, when to stop."""
+
+    prompt: tuple[int, ...]
+    max_tokens: int = 16
+    sampling: SamplingConfig = SamplingConfig()
+    stop_ids: frozenset[int] = frozenset()
+    stop: tuple[str, ...] = ()  # stop strings (need the model's tokenizer); the text ends before them
+
+
+@dataclass
+class Completion:
+    """What a request produced: the ids (a stop id included, as `run --json` records it), the text
+    (without the stop id or stop string; None without a tokenizer) and why it ended."""
+
+    prompt: tuple[int, ...]
+    tokens: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: str = LENGTH
+
+
+class Handle:
+    """A submitted request: iterate it for its tokens as they come (`(id, text delta)`), or wait for
+    its `result()`."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self._events: queue.Queue = queue.Queue()
+        self._done: Completion | None = None
+        self._error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        while self._done is None and self._error is None:
+            kind, value = self._events.get()
+            if kind == "token":
+                yield value
+            elif kind == "done":
+                self._done = value
+            else:
+                self._error = value
+        if self._error is not None:
+            raise self._error
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """The completion, once finished; raises what ended the engine, or TimeoutError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._done is None and self._error is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                kind, value = self._events.get(timeout=left)
+            except queue.Empty:
+                raise TimeoutError(f"the request did not finish within {timeout} s") from None
+            if kind == "done":
+                self._done = value
+            elif kind == "error":
+                self._error = value
+        if self._error is not None:
+            raise self._error
+        return self._done
+
+
+class Ranks:
+    """The model's ranks in this process, each with its step function and its own slot cache; a call
+    runs every rank's step on the same inputs (in threads when there are several: their collectives
+    meet in a `ThreadGroup`) and returns the logits, which every rank holds alike."""
+
+    def __init__(self, steps: Sequence[StepFn], make_caches: Sequence[MakeCache], *, slots: int,
+                 capacity: int, group=None) -> None:
+        if len(steps) > 1 and group is None:
+            raise ValueError("several ranks need the ThreadGroup their communicators belong to")
+        self.steps = list(steps)
+        self.caches = [make(slots, capacity) for make in make_caches]
+        self.group = group
+
+    def __call__(self, tokens: np.ndarray, cached: np.ndarray, lengths: np.ndarray, rows: slice) -> np.ndarray:
+        def one(rank: int, _comm=None):
+            keys, values = self.caches[rank]
+            return run_rows(self.steps[rank], tokens, cached, lengths, keys, values, rows)
+
+        if self.group is None:
+            return host(one(0))
+        return host(self.group.run(one)[0])
+
+
+@dataclass
+class _Live:
+    """A request in a slot."""
+
+    handle: Handle
+    slot: int
+    rng: np.random.Generator
+    prefilled: int = 0  # prompt tokens in the cache
+    out: list[int] = field(default_factory=list)
+    stream: object | None = None  # TextStream, with a tokenizer
+    text: str = ""
+
+    @property
+    def request(self) -> Request:
+        return self.handle.request
+
+    @property
+    def decoding(self) -> bool:
+        return bool(self.out)
+
+    @property
+    def cached(self) -> int:
+        """Tokens in this row's cache: the prompt and every generated token but the last."""
+        return self.prefilled + max(0, len(self.out) - 1)
+
+
+class Engine:
+    """Serves requests on one model, batched step by step (see the module docstring).
+
+    `ranks`: the model (`Ranks`); `vocab_size` and `max_seq_len` from its config; `slots` rows of KV
+    cache of `capacity` tokens each (a request's prompt + max_tokens must fit one); `prefill_tokens`:
+    prompt tokens prefilled per step at most, so that running requests keep getting tokens while long
+    prompts come in; `tokenizer`: for text prompts, text output and stop strings (optional)."""
+
+    def __init__(self, ranks: Ranks, *, vocab_size: int, slots: int, capacity: int, prefill_tokens: int = 256,
+                 tokenizer=None, on_error: Callable[[BaseException], None] | None = None) -> None:
+        if slots < 1 or capacity < 2 or prefill_tokens < 1:
+            raise InputError(f"slots={slots}, capacity={capacity}, prefill_tokens={prefill_tokens}: need at "
+                             "least 1 slot, 2 tokens of capacity and 1 prefill token per step")
+        self.ranks = ranks
+        self.vocab_size = vocab_size
+        self.slots = slots
+        self.capacity = capacity
+        self.prefill_tokens = prefill_tokens
+        self.tokenizer = tokenizer
+        self._on_error = on_error
+        self._waiting: list[Handle] = []
+        self._live: dict[int, _Live] = {}
+        self._cond = threading.Condition()
+        self._closing = False
+        self._failed: BaseException | None = None
+        self.steps = 0  # loop iterations that ran a forward (for tests and metrics)
+        self._thread = threading.Thread(target=self._loop, name="llama_export-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the API ----------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Handle:
+        """Queue `request` (thread-safe); refused at once if it can never run (one clear error)."""
+        validate_prompt(np.asarray([request.prompt], dtype=np.int64), vocab_size=self.vocab_size,
+                        max_seq_len=self.capacity, max_new_tokens=request.max_tokens,
+                        limit_name=f"the engine's slot capacity of {self.capacity} tokens")
+        if request.stop and self.tokenizer is None:
+            raise InputError("stop strings need the model's tokenizer; pass stop ids instead")
+        handle = Handle(request)
+        with self._cond:
+            if self._failed is not None:
+                raise LlamaExportError(f"the engine stopped after an error: {self._failed}")
+            if self._closing:
+                raise InputError("the engine is closed")
+            self._waiting.append(handle)
+            self._cond.notify()
+        return handle
+
+    def generate(self, prompts: Sequence[Sequence[int] | str], *, max_tokens: int = 16,
+                 sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
+                 stop_ids: Sequence[int] | None = None) -> list[Completion]:
+        """Completions of `prompts` (ids, or text with a tokenizer), all submitted at once."""
+        handles = [self.submit(self.request(p, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                                            stop_ids=stop_ids)) for p in prompts]
+        return [h.result() for h in handles]
+
+    def stream(self, prompt: Sequence[int] | str, *, max_tokens: int = 16,
+               sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
+               stop_ids: Sequence[int] | None = None) -> Iterator[tuple[int, str]]:
+        """`(token id, text delta)` as each token is generated (the delta is "" without a tokenizer)."""
+        yield from self.submit(self.request(prompt, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                                            stop_ids=stop_ids))
+
+    def chat(self, messages, *, max_tokens: int = 16, sampling: SamplingConfig = SamplingConfig(),
+             stop: Sequence[str] = ()) -> Completion:
+        """The assistant's reply to `messages` (`[{"role", "content"}]`, the model's chat template)."""
+        if self.tokenizer is None:
+            raise InputError("chat needs the model's tokenizer and chat template")
+        return self.submit(self.request(self.tokenizer.chat(messages), max_tokens=max_tokens, sampling=sampling,
+                                        stop=stop)).result()
+
+    def request(self, prompt: Sequence[int] | str, *, max_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None) -> Request:
+        """A `Request` of `prompt` (text is tokenized; stop ids default to the tokenizer's)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("a text prompt needs the model's tokenizer; pass token ids")
+            prompt = self.tokenizer.encode(prompt)
+        if stop_ids is None:
+            stop_ids = self.tokenizer.stop_ids if self.tokenizer is not None else ()
+        return Request(prompt=tuple(int(t) for t in prompt), max_tokens=max_tokens, sampling=sampling,
+                       stop_ids=frozenset(int(t) for t in stop_ids), stop=tuple(stop))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting requests, finish the ones submitted, and stop the loop."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def active(self) -> int:
+        """Requests in slots now."""
+        return len(self._live)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._waiting)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._waiting and not self._live and not self._closing:
+                        self._cond.wait()
+                    if self._closing and not self._waiting and not self._live:
+                        return
+                    self._admit()
+                self._step()
+        except BaseException as e:  # noqa: BLE001 - handed to every caller waiting on the engine
+            self._fail(e)
+
+    def _admit(self) -> None:
+        free = [s for s in range(self.slots) if s not in self._live]
+        while free and self._waiting:
+            handle = self._waiting.pop(0)
+            slot = free.pop(0)  # the lowest free slot: active rows stay packed at the front
+            live = _Live(handle, slot, np.random.default_rng(handle.request.sampling.seed))
+            if self.tokenizer is not None:
+                from llama_export.text import TextStream
+
+                live.stream = TextStream(self.tokenizer.decode)
+            self._live[slot] = live
+
+    def _step(self) -> None:
+        budget = self.prefill_tokens
+        for live in sorted(self._live.values(), key=lambda x: x.slot):
+            if not live.decoding and budget > 0:
+                budget -= self._prefill_chunk(live, budget)
+        decoding = sorted((x for x in self._live.values() if x.decoding), key=lambda x: x.slot)
+        if decoding:
+            self._decode(decoding)
+        self.steps += 1
+
+    def _prefill_chunk(self, live: _Live, budget: int) -> int:
+        """Prefill the next chunk of `live`'s prompt (at most `budget` tokens) into its row; the chunk
+        that ends the prompt samples the first token. Returns the tokens prefilled."""
+        prompt = live.request.prompt
+        chunk = prompt[live.prefilled:live.prefilled + budget]
+        logits = self.ranks(np.asarray([chunk], dtype=np.int64), np.asarray([live.prefilled], dtype=np.int64),
+                            np.asarray([len(chunk)], dtype=np.int64), slice(live.slot, live.slot + 1))
+        live.prefilled += len(chunk)
+        if live.prefilled == len(prompt):
+            self._emit(live, logits[0])
+        return len(chunk)
+
+    def _decode(self, decoding: list[_Live]) -> None:
+        """One token for every decoding row, in one call over the slots from the first decoding row to
+        the last; a row in between that is not decoding is computed on a dummy token written where it
+        does no harm (a free row's position 0; a prefilling row's next position, which its next chunk
+        overwrites)."""
+        lo, hi = decoding[0].slot, decoding[-1].slot + 1
+        n = hi - lo
+        tokens = np.zeros((n, 1), dtype=np.int64)
+        cached = np.zeros(n, dtype=np.int64)
+        for s in range(lo, hi):
+            live = self._live.get(s)
+            if live is not None:
+                cached[s - lo] = live.cached if live.decoding else live.prefilled
+                tokens[s - lo, 0] = live.out[-1] if live.decoding else 0
+        logits = self.ranks(tokens, cached, np.ones(n, dtype=np.int64), slice(lo, hi))
+        for live in decoding:
+            self._emit(live, logits[live.slot - lo])
+
+    def _emit(self, live: _Live, logits: np.ndarray) -> None:
+        """Sample `live`'s next token from its row's logits, hand it over, and end it if it is done."""
+        if not np.isfinite(logits).all():
+            raise LlamaExportError(
+                f"the model produced non-finite logits (NaN or Inf) after {live.prefilled + len(live.out)} "
+                "tokens; its weights hold NaN/Inf, or fp16 overflowed (try fp32)")
+        token = int(sample(logits[None, :], live.request.sampling, live.rng)[0])
+        live.out.append(token)
+        req = live.request
+        finished = STOP if token in req.stop_ids else None
+        shown = len(live.text)
+        if live.stream is not None and finished is None:
+            live.text += live.stream.push([token])
+            cut = _first_stop(live.text, req.stop) if req.stop else None
+            if cut is not None:
+                live.text = live.text[:cut]
+                finished = STOP
+        live.handle._events.put(("token", (token, live.text[shown:])))
+        if finished is None and len(live.out) >= req.max_tokens:
+            finished = LENGTH
+        if finished is None and live.cached >= self.capacity:
+            finished = LENGTH  # the row is full (cannot happen for a request that passed `submit`)
+        if finished is not None:
+            self._finish(live, finished)
+
+    def _finish(self, live: _Live, reason: str) -> None:
+        if live.stream is not None and reason == LENGTH:
+            live.text += live.stream.finish()
+        done = Completion(prompt=live.request.prompt, tokens=list(live.out),
+                          text=live.text if live.stream is not None else None, finish_reason=reason)
+        with self._cond:
+            del self._live[live.slot]
+        live.handle._events.put(("done", done))
+
+    def _fail(self, error: BaseException) -> None:
+        log.error("the engine stopped: %s", error)
+        with self._cond:
+            self._failed = error
+            handles = [x.handle for x in self._live.values()] + self._waiting
+            self._live.clear()
+            self._waiting.clear()
+        for h in handles:
+            h._events.put(("error", error))
+        if self._on_error is not None:
+            self._on_error(error)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first of `stops` begins in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def open_engine(source, *, tp: int = 1, slots: int = 8, capacity: int | None = None, prefill_tokens: int = 256,
+                device: str = "cpu", threads: int | None = None) -> Engine:
+    """An engine on `source` (a `runner.source.ModelSource`: a checkpoint, an export or engines) at TP
+    `tp`, its ranks as threads of this process (their collectives in a `ThreadGroup`); `capacity`
+    tokens per slot (default the model's max_seq_len), `threads` CPU threads (default: the cores other
+    processes leave free). The tokenizer comes along where the model has one."""
+    from llama_export.parallel.comm import LocalComm, ThreadGroup
+    from llama_export.parallel.plan import check_tp
+    from llama_export.runner.threads import rank_threads
+
+    cfg = source.config()
+    source.check_tp(tp)
+    check_tp(cfg, tp)
+    capacity = min(cfg.max_seq_len, capacity or cfg.max_seq_len)
+    threads = rank_threads(threads, 1)
+    group = ThreadGroup(tp) if tp > 1 else None
+    built = [source.step(comm=group.comm(r) if group else LocalComm(), device=device, threads=threads)
+             for r in range(tp)]
+    ranks = Ranks([b[0] for b in built], [b[1] for b in built], slots=slots, capacity=capacity, group=group)
+    try:
+        tokenizer = source.tokenizer()
+    except InputError:  # no tokenizer files: ids in, ids out
+        tokenizer = None
+    return Engine(ranks, vocab_size=cfg.vocab_size, slots=slots, capacity=capacity, prefill_tokens=prefill_tokens,
+                  tokenizer=tokenizer)
