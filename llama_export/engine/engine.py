@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STOP = "stop"  # finish reasons, as OpenAI's API names them
 LENGTH = "length"
+CANCELLED = "cancelled"  # `Engine.cancel`: the caller went away (a client that disconnected)
 
 
 @dataclass(frozen=True)
@@ -63,16 +64,17 @@ class Completion:
 
 
 class Handle:
-    """A submitted request: iterate it for its tokens as they come (`(id, text delta)`), or wait for
-    its `result()`."""
+    """A submitted request: iterate it for its tokens as they come, `(id, text delta)` (the last item
+    may be `(None, text)`: text held back until the end), or wait for its `result()`."""
 
     def __init__(self, request: Request) -> None:
         self.request = request
         self._events: queue.Queue = queue.Queue()
         self._done: Completion | None = None
         self._error: BaseException | None = None
+        self.cancelled = False  # set by `Engine.cancel`
 
-    def __iter__(self) -> Iterator[tuple[int, str]]:
+    def __iter__(self) -> Iterator[tuple[int | None, str]]:
         while self._done is None and self._error is None:
             kind, value = self._events.get()
             if kind == "token":
@@ -209,8 +211,9 @@ class Engine:
 
     def stream(self, prompt: Sequence[int] | str, *, max_tokens: int = 16,
                sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
-               stop_ids: Sequence[int] | None = None) -> Iterator[tuple[int, str]]:
-        """`(token id, text delta)` as each token is generated (the delta is "" without a tokenizer)."""
+               stop_ids: Sequence[int] | None = None) -> Iterator[tuple[int | None, str]]:
+        """`(token id, text delta)` as each token is generated (the delta is "" without a tokenizer; see
+        `Handle`)."""
         yield from self.submit(self.request(prompt, max_tokens=max_tokens, sampling=sampling, stop=stop,
                                             stop_ids=stop_ids))
 
@@ -233,6 +236,13 @@ class Engine:
             stop_ids = self.tokenizer.stop_ids if self.tokenizer is not None else ()
         return Request(prompt=tuple(int(t) for t in prompt), max_tokens=max_tokens, sampling=sampling,
                        stop_ids=frozenset(int(t) for t in stop_ids), stop=tuple(stop))
+
+    def cancel(self, handle: Handle) -> None:
+        """End `handle`'s request (thread-safe): a waiting one is dropped, a running one frees its slot
+        before the next step; its result is what it produced so far, finish reason "cancelled"."""
+        with self._cond:
+            handle.cancelled = True
+            self._cond.notify()
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting requests, finish the ones submitted, and stop the loop."""
@@ -267,10 +277,20 @@ class Engine:
                         self._cond.wait()
                     if self._closing and not self._waiting and not self._live:
                         return
+                    self._drop_cancelled()
                     self._admit()
-                self._step()
+                if self._live:
+                    self._step()
         except BaseException as e:  # noqa: BLE001 - handed to every caller waiting on the engine
             self._fail(e)
+
+    def _drop_cancelled(self) -> None:
+        """Requests cancelled since the last step end now (their slots are free for `_admit`)."""
+        for h in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(h)
+            h._events.put(("done", Completion(prompt=h.request.prompt, finish_reason=CANCELLED)))
+        for live in [x for x in self._live.values() if x.handle.cancelled]:
+            self._finish(live, CANCELLED, locked=True)
 
     def _admit(self) -> None:
         free = [s for s in range(self.slots) if s not in self._live]
@@ -349,13 +369,19 @@ class Engine:
         if finished is not None:
             self._finish(live, finished)
 
-    def _finish(self, live: _Live, reason: str) -> None:
+    def _finish(self, live: _Live, reason: str, *, locked: bool = False) -> None:
         if live.stream is not None and reason == LENGTH:
-            live.text += live.stream.finish()
+            rest = live.stream.finish()  # an unfinished character held back at the end
+            if rest:
+                live.text += rest
+                live.handle._events.put(("token", (None, rest)))
         done = Completion(prompt=live.request.prompt, tokens=list(live.out),
                           text=live.text if live.stream is not None else None, finish_reason=reason)
-        with self._cond:
+        if locked:
             del self._live[live.slot]
+        else:
+            with self._cond:
+                del self._live[live.slot]
         live.handle._events.put(("done", done))
 
     def _fail(self, error: BaseException) -> None:

@@ -102,7 +102,7 @@ def test_text_streaming_and_stop_strings_with_the_demo_tokenizer():
     with open_engine(ModelSource(Backend.EAGER), slots=2, capacity=64) as engine:
         tok = engine.tokenizer
         pieces = list(engine.stream("def ", max_tokens=12))
-        ids = [t for t, _ in pieces]
+        ids = [t for t, _ in pieces if t is not None]
         text = "".join(d for _, d in pieces)
         assert text == tok.decode(tok.until_stop(ids))
         assert len(text) >= 6, text
@@ -155,3 +155,15 @@ def test_close_finishes_what_was_submitted(model):
     assert [len(h.result(timeout=1).tokens) for h in handles] == [3, 3, 3]
     with pytest.raises(InputError, match="closed"):
         engine.submit(Request((1,), max_tokens=1))
+
+
+def test_cancel_frees_the_slot_for_the_next_request(model):
+    cfg, ckpt, _ = model
+    with open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt), slots=1, capacity=64) as engine:
+        long = engine.submit(Request((1, 2, 3), max_tokens=50))
+        waiting = engine.submit(Request(tuple(PROMPTS[2]), max_tokens=NEW))
+        next(iter(long))  # it is running
+        engine.cancel(long)
+        c = long.result(timeout=60)
+        assert c.finish_reason == "cancelled" and 1 <= len(c.tokens) < 50
+        assert waiting.result(timeout=60).tokens == _alone(ckpt, PROMPTS[2])
