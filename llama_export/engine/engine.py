@@ -237,6 +237,10 @@ class Engine:
         return Request(prompt=tuple(int(t) for t in prompt), max_tokens=max_tokens, sampling=sampling,
                        stop_ids=frozenset(int(t) for t in stop_ids), stop=tuple(stop))
 
+    def on_error(self, callback: Callable[[BaseException], None]) -> None:
+        """Call `callback(error)` (on the engine's thread) if the engine stops after an error."""
+        self._on_error = callback
+
     def cancel(self, handle: Handle) -> None:
         """End `handle`'s request (thread-safe): a waiting one is dropped, a running one frees its slot
         before the next step; its result is what it produced so far, finish reason "cancelled"."""
@@ -256,6 +260,11 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def failed(self) -> BaseException | None:
+        """What stopped the engine, or None while it serves."""
+        return self._failed
 
     @property
     def active(self) -> int:

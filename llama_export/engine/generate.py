@@ -78,11 +78,12 @@ MAX_TEMPERATURE = 1000.0  # already uniform sampling for any real model; larger 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 means greedy."""
+    """temperature 0 means greedy; top_k 0 keeps every token."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature <= MAX_TEMPERATURE:  # also refuses NaN
@@ -91,6 +92,8 @@ class SamplingConfig:
             raise InputError(f"top_p={self.top_p} must be in (0, 1]")
         if not 0 <= self.seed < 1 << 63:
             raise InputError(f"seed={self.seed} must be in [0, 2**63)")
+        if self.top_k < 0:
+            raise InputError(f"top_k={self.top_k} must be >= 0 (0 keeps every token)")
 
 
 def validate_prompt(prompt: np.ndarray, *, vocab_size: int, max_seq_len: int, max_new_tokens: int,
@@ -131,6 +134,8 @@ def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) ->
     idx = np.argsort(-probs, axis=-1, kind="stable")
     sorted_p = np.take_along_axis(probs, idx, axis=-1)
     keep = np.cumsum(sorted_p, axis=-1) - sorted_p < cfg.top_p  # always keeps the most likely token
+    if cfg.top_k:
+        keep[:, cfg.top_k:] = False
     sorted_p = sorted_p * keep
     choice = [rng.choice(len(p), p=p / p.sum()) for p in sorted_p]
     return idx[np.arange(len(idx)), choice]

@@ -1,0 +1,217 @@
+"""`llama-export serve`'s app on a live uvicorn server on loopback, driven by the official `openai`
+client: completions and chat, streaming and not, concurrent requests = each prompt alone, errors as
+OpenAI error objects, the API key, /health, /metrics, a disconnecting client freeing its slot."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from llama_export.config import Backend, ModelConfig
+from llama_export.engine import open_engine
+from llama_export.engine.generate import SamplingConfig
+from llama_export.runner.source import ModelSource
+from llama_export.serve.server import serve
+from tests.helpers import hf_model_from_meta, random_meta_state, write_hf
+from tests.llama3_text import VOCAB, write_hf_files
+
+openai = pytest.importorskip("openai", reason="the test extra installs the openai client")
+
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, hidden_dim=176, max_seq_len=128)
+KEY = "sk-test-key"
+MODEL = "tiny-llama3"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """(base url, engine) of a server on a free loopback port, with an API key; stopped at the end."""
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = write_hf(root / "hf", hf_model_from_meta(CFG, random_meta_state(CFG, seed=4)))
+    write_hf_files(ckpt)
+    engine = open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt), slots=4, capacity=96, prefill_tokens=16)
+    started = threading.Event()
+    holder = {}
+
+    def on_started(server):
+        holder["server"] = server
+        started.set()
+
+    t = threading.Thread(target=serve, args=(engine,), kwargs=dict(model_name=MODEL, port=0, api_key=KEY,
+                                                                     on_started=on_started, grace_s=5), daemon=True)
+    t.start()
+    assert started.wait(60), "the server did not start"
+    server = holder["server"]
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", engine
+    server.should_exit = True
+    t.join(30)
+
+
+@pytest.fixture
+def client(live):
+    return openai.OpenAI(base_url=live[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def _alone(engine, prompt: str, n: int) -> list[int]:
+    return engine.generate([prompt], max_tokens=n, sampling=SamplingConfig())[0].tokens
+
+
+def test_completion_greedy_equals_the_engine_alone(live, client):
+    url, engine = live
+    r = client.completions.create(model=MODEL, prompt="The quick brown", max_tokens=8, temperature=0)
+    ids = _alone(engine, "The quick brown", 8)
+    tok = engine.tokenizer
+    assert r.choices[0].text == tok.decode(tok.until_stop(ids))
+    assert r.usage.completion_tokens == len(ids) and r.usage.prompt_tokens == len(tok.encode("The quick brown"))
+    assert r.choices[0].finish_reason in ("stop", "length") and r.model == MODEL
+
+
+def test_streaming_chunks_join_to_the_text_and_end_with_done(live, client):
+    url, engine = live
+    full = client.completions.create(model=MODEL, prompt="Café au", max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt="Café au", max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    raw = urllib.request.urlopen(urllib.request.Request(
+        url + "/v1/completions", data=json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True}).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}), timeout=60).read().decode()
+    assert raw.rstrip().endswith("data: [DONE]")
+
+
+def test_chat_uses_the_template_streamed_and_not(live, client):
+    url, engine = live
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0)
+    ids = engine.tokenizer.chat(msgs)
+    want = engine.generate([ids], max_tokens=8)[0]
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    parts = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == want.text
+
+
+def test_sixteen_concurrent_ragged_requests_equal_their_single_runs(live, client):
+    url, engine = live
+    prompts = ["a" * (1 + i % 5) + " b" * (i % 7) for i in range(16)]
+    seeded = SamplingConfig(temperature=0.8, top_p=0.9, seed=77)
+
+    def one(i):
+        if i % 2:
+            return client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=6, temperature=0.8,
+                                             top_p=0.9, seed=77).choices[0].text
+        return client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=6, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, range(16)))
+    tok = engine.tokenizer
+    for i, text in enumerate(got):
+        ids = engine.generate([prompts[i]], max_tokens=6, sampling=seeded if i % 2 else SamplingConfig())[0].tokens
+        assert text == tok.decode(tok.until_stop(ids)), i
+
+
+def _post(url: str, body, *, key: str | None = KEY, path="/v1/completions", raw: bytes | None = None):
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url + path, data=raw if raw is not None else json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+BAD = [
+    ("no key", dict(body={"model": MODEL, "prompt": "x"}, key=None), 401, "API key"),
+    ("wrong key", dict(body={"model": MODEL, "prompt": "x"}, key="sk-nope"), 401, "API key"),
+    ("malformed JSON", dict(body=None, raw=b"{not json"), 400, "not valid JSON"),
+    ("not an object", dict(body=[1, 2]), 400, "JSON object"),
+    ("unknown field", dict(body={"model": MODEL, "prompt": "x", "best_of": 2}), 400, "best_of"),
+    ("mistyped field", dict(body={"model": MODEL, "prompt": "x", "max_tokens": "ten"}), 400, "max_tokens"),
+    ("n > 1", dict(body={"model": MODEL, "prompt": "x", "n": 2}), 400, "n"),
+    ("temperature < 0", dict(body={"model": MODEL, "prompt": "x", "temperature": -1}), 400, "temperature"),
+    ("top_p 0", dict(body={"model": MODEL, "prompt": "x", "top_p": 0}), 400, "top_p"),
+    ("empty prompt", dict(body={"model": MODEL, "prompt": ""}), 400, "empty"),
+    ("prompt longer than a slot", dict(body={"model": MODEL, "prompt": "word " * 200}), 400, "slot capacity"),
+    ("token id outside the vocabulary", dict(body={"model": MODEL, "prompt": [1, VOCAB]}), 400, "vocabulary"),
+    ("unknown model", dict(body={"model": "gpt-9", "prompt": "x"}), 404, "does not exist"),
+    ("missing messages", dict(body={"model": MODEL}, path="/v1/chat/completions"), 400, "messages"),
+    ("bad role", dict(body={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+                      path="/v1/chat/completions"), 400, "role"),
+    ("unknown route", dict(body={}, path="/v1/embeddings"), 404, "no route"),
+]
+
+
+@pytest.mark.parametrize("name,kw,status,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_error_objects(live, name, kw, status, words):
+    got, body = _post(live[0], **kw)
+    assert got == status, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert words in body["error"]["message"], body
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(live):
+    import http.client
+
+    host, port = live[0].removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    for k, v in {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                 "Content-Length": str(64 << 20)}.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    conn.send(b'{"model": "' + MODEL.encode() + b'", "prompt": "')  # and no more
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    assert resp.status == 413 and "over" in body["error"]["message"]
+    conn.close()
+
+
+def test_the_client_sees_errors_as_its_exceptions(live, client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=live[0] + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_models_health_and_metrics(live, client):
+    url, engine = live
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+    client.completions.create(model=MODEL, prompt="metrics", max_tokens=2, temperature=0)
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    for name in ("llama_export_requests_total", "llama_export_prompt_tokens_total", "llama_export_generated_tokens_total",
+                 "llama_export_queue_depth", "llama_export_active_slots",
+                 "llama_export_time_to_first_token_seconds_bucket", "llama_export_inter_token_latency_seconds_bucket"):
+        assert name in text, name
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
+    import http.client
+
+    url, engine = live
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": MODEL, "prompt": "go", "max_tokens": 90,
+                                                             "stream": True}),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.fp.readline()  # the first event: it is running
+    assert engine.active >= 1
+    conn.sock.close()
+    conn.close()
+    deadline = time.monotonic() + 30
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.active == 0
