@@ -371,6 +371,62 @@ def _cmd_run(args, argv: list[str]) -> int:
     return run(opts, argv, _ConsoleReporter())
 
 
+def _add_serve_parser(sub) -> None:
+    from llama_export.serve.server import DEFAULT_HOST, DEFAULT_PORT, GRACE_S
+
+    p = sub.add_parser(
+        "serve",
+        help=_HELP["serve"],
+        description="Serve the model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics). Requests are batched step by step into --max-batch KV cache slots. "
+        "SIGTERM or Ctrl-C stops accepting requests and lets those in flight finish (up to --grace seconds).",
+    )
+    _add_source_arguments(p)
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST}, this "
+                   "machine only; 0.0.0.0 serves every interface)")
+    p.add_argument("--port", type=int_in(0, 65535), default=DEFAULT_PORT, help=f"(default: {DEFAULT_PORT})")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes (default: "
+                   "$LLAMA_EXPORT_API_KEY if set, else no key)")
+    p.add_argument("--model-name", default=None, help="the model's name in the API (default: the export's or "
+                   "checkpoint's folder name)")
+    p.add_argument("--max-batch", type=int_in(1, 1024), default=8, help="KV cache slots: requests generating "
+                   "at once (default: 8)")
+    p.add_argument("--cache-capacity", type=int_in(2, 1 << 24), default=None, help="tokens per slot, prompt "
+                   "included (default: the model's max_seq_len)")
+    p.add_argument("--prefill-tokens", type=int_in(1, 1 << 20), default=256, help="prompt tokens prefilled per "
+                   "step at most, so that running requests keep streaming (default: 256)")
+    p.add_argument("--max-queue", type=int_in(1, 1 << 20), default=256, help="waiting requests beyond which "
+                   "new ones get 429 (default: 256)")
+    p.add_argument("--grace", type=float_in(0, 3600), default=GRACE_S, help=f"seconds a shutdown waits for "
+                   f"requests in flight (default: {GRACE_S})")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args, argv: list[str]) -> int:
+    import os
+
+    from llama_export.engine import open_engine
+    from llama_export.serve.server import serve
+
+    source = _source(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LLAMA_EXPORT_API_KEY") or None
+    where = source.artifacts if source.artifacts is not None else source.checkpoint_dir
+    name = args.model_name or Path(where).name
+    engine = open_engine(source, tp=args.tp, slots=args.max_batch, capacity=args.cache_capacity,
+                         prefill_tokens=args.prefill_tokens, device=args.device, threads=args.threads)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without --api-key: anyone who reaches this port can use the model",
+              file=sys.stderr)
+
+    def started(port: int, _stop) -> None:
+        print(f"serving {name!r} on http://{args.host}:{port}/v1 ({args.max_batch} slots of {engine.capacity} "
+              f"tokens, tp={args.tp}, {source.backend.value}); SIGTERM or Ctrl-C to stop", file=sys.stderr, flush=True)
+
+    serve(engine, model_name=name, host=args.host, port=args.port, api_key=api_key, max_queue=args.max_queue,
+          grace_s=args.grace, on_started=started)
+    return 0
+
+
 def _read_text(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -634,6 +690,7 @@ _HELP = {  # subcommand -> its one-line help (the top-level --help lists them)
     "eval": "perplexity of a text file on any backend and variant",
     "plan": "per-rank sizes of an export, from the config alone (no weights read)",
     "build": "build TensorRT engines (one per rank and segment) from an export",
+    "serve": "an OpenAI-compatible HTTP server on a long-lived engine (continuous batching)",
 }
 
 
@@ -648,7 +705,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     adders = {"export": _add_export_parser, "run": _add_run_parser, "compare": _add_compare_parser,
-              "eval": _add_eval_parser, "plan": _add_plan_parser, "build": _add_build_parser}
+              "eval": _add_eval_parser, "plan": _add_plan_parser, "build": _add_build_parser,
+              "serve": _add_serve_parser}
     assert adders.keys() == _HELP.keys()
     for name, add in adders.items():
         if command is None or command == name:

@@ -1,7 +1,7 @@
 """The package's layering, read from the source: no import cycles, dependencies point one way.
 
     errors, parsing, clock, config, dtypes, tolerances, files, progress, demo → artifact → text → parallel → model
-        → export → backends → runner → engine → validate → commands, job → cli
+        → export → backends → runner → engine → validate → commands, job → serve → cli
 
 Every `import` and `from ... import` of a `llama_export` module counts, also the ones inside functions
 (a lazy import is still a dependency).
@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine",),
     ("validate",),
     ("commands", "job"),
+    ("serve",),
     ("cli",),
 )
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

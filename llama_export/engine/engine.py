@@ -394,7 +394,7 @@ class Engine:
         live.handle._events.put(("done", done))
 
     def _fail(self, error: BaseException) -> None:
-        log.error("the engine stopped: %s", error)
+        log.debug("the engine stopped: %s", error)  # the callers get the error itself
         with self._cond:
             self._failed = error
             handles = [x.handle for x in self._live.values()] + self._waiting

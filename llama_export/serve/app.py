@@ -104,6 +104,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     def submit(prompt, req, max_tokens: int | None) -> Handle:
         """Queue the request; without `max_tokens`, as many as the slot has room for."""
+        if engine.failed is not None:
+            raise ApiError(503, f"the model failed and is not serving: {engine.failed}", type="server_error")
         try:
             r = engine.request(prompt, max_tokens=1, sampling=sampling_of(req), stop=req.stop or ())
             room = max(1, engine.capacity - len(r.prompt))

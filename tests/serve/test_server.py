@@ -39,19 +39,18 @@ def live(tmp_path_factory):
     started = threading.Event()
     holder = {}
 
-    def on_started(server):
-        holder["server"] = server
+    def on_started(port, stop):
+        holder.update(port=port, stop=stop)
         started.set()
 
     t = threading.Thread(target=serve, args=(engine,), kwargs=dict(model_name=MODEL, port=0, api_key=KEY,
                                                                      on_started=on_started, grace_s=5), daemon=True)
     t.start()
     assert started.wait(60), "the server did not start"
-    server = holder["server"]
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
+    yield f"http://127.0.0.1:{holder['port']}", engine
+    holder["stop"]()
     t.join(30)
+    assert not t.is_alive()
 
 
 @pytest.fixture
@@ -215,3 +214,30 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
     while engine.active and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.active == 0
+
+
+def test_a_failed_engine_turns_health_to_503_and_requests_get_a_server_error():
+    """The model fails mid-request (non-finite logits, as a dead rank's garbage would): the request ends
+    with an error object, not a hang; /health says 503 (and `serve` then exits non-zero: test_serve_cli)."""
+    import numpy as np
+    from starlette.testclient import TestClient
+
+    from llama_export.engine.engine import Engine, Ranks
+    from llama_export.serve.app import create_app
+
+    def step(tokens, cached, lengths, keys, values):
+        return np.full((len(tokens), 8), np.nan, dtype=np.float32), keys, values
+
+    def make_cache(batch, capacity):
+        return [np.zeros((batch, 1, capacity, 2), np.float32)], [np.zeros((batch, 1, capacity, 2), np.float32)]
+
+    engine = Engine(Ranks([step], [make_cache], slots=2, capacity=16), vocab_size=8, slots=2, capacity=16)
+    with TestClient(create_app(engine, model_name="m")) as http:
+        assert http.get("/health").status_code == 200
+        r = http.post("/v1/completions", json={"model": "m", "prompt": [1, 2], "max_tokens": 3})
+        assert r.status_code == 500 and "non-finite" in r.json()["error"]["message"]
+        h = http.get("/health")
+        assert h.status_code == 503 and "non-finite" in h.json()["error"]
+        r = http.post("/v1/completions", json={"model": "m", "prompt": [1, 2], "max_tokens": 3})
+        assert r.status_code == 503 and "not serving" in r.json()["error"]["message"]
+    engine.close(timeout=10)
