@@ -310,7 +310,8 @@ class Engine:
             if self.tokenizer is not None:
                 from llama_export.text import TextStream
 
-                live.stream = TextStream(self.tokenizer.decode)
+                tok = self.tokenizer
+                live.stream = TextStream(lambda ids: tok.decode(ids, skip_special=True))
             self._live[slot] = live
 
     def _step(self) -> None:

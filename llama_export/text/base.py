@@ -51,9 +51,10 @@ class Tokenizer(abc.ABC):
         (BOS for LLaMA). Text that spells a special token is encoded as the format's reference does."""
 
     @abc.abstractmethod
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids` (special tokens included as text); an incomplete UTF-8 character at the end
-        decodes to U+FFFD."""
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        """Text of `ids`, special tokens included as text unless `skip_special` (what a reader of the
+        generated text wants, as vLLM and OpenAI's API show it); an incomplete UTF-8 character at the
+        end decodes to U+FFFD."""
 
     @property
     def has_chat_template(self) -> bool:

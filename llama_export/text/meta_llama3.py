@@ -96,7 +96,10 @@ class MetaLlama3Tokenizer(Tokenizer):
             ids += self.enc.encode(piece, allowed_special=set(), disallowed_special=())
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        if skip_special:
+            special = set(self.special_tokens.values())
+            ids = [i for i in ids if i not in special]
         return self.enc.decode(list(ids))
 
     @property

@@ -32,5 +32,7 @@ class SentencePieceTokenizer(Tokenizer):
             return []
         return ([self.bos_id] if add_special_tokens and self.bos_id is not None else []) + ids
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        if skip_special:  # control pieces (<s>, </s>) decode to nothing already; so do unused ones
+            ids = [i for i in ids if not (self.sp.IsControl(i) or self.sp.IsUnused(i))]
         return self.sp.decode(list(ids))

@@ -245,3 +245,21 @@ def test_special_tokens_from_special_tokens_map(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<|end_of_text|>"}}))
     assert _load(tmp_path).eos_id == special_id("<|end_of_text|>")
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta"])
+def test_decode_skipping_special_tokens_equals_transformers(folders, reference, fmt):
+    """Generated text as a reader sees it: special tokens (BOS, headers, reserved ones) left out, as
+    transformers' decode(..., skip_special_tokens=True) does."""
+    tok = _load(folders[fmt])
+    ids = reference.apply_chat_template(single_turn("Hi 😀", system="Be brief."), add_generation_prompt=True,
+                                        return_dict=False) + reference.encode(UNICODE, add_special_tokens=False) + \
+        [special_id("<|reserved_special_token_226|>"), special_id("<|eot_id|>")]
+    assert tok.decode(ids, skip_special=True) == reference.decode(ids, skip_special_tokens=True)
+    assert "<|reserved_special_token_226|>" in tok.decode(ids) and "<|" not in tok.decode(ids, skip_special=True)
+
+
+def test_sentencepiece_decode_skipping_special_tokens():
+    tok = _load(DEMO_DIR)
+    ids = [tok.bos_id, *tok.encode("def f():", add_special_tokens=False), tok.eos_id]
+    assert tok.decode(ids, skip_special=True) == "def f():"
