@@ -97,9 +97,14 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                            type="rate_limit_error", headers={"Retry-After": "1"})
         return req
 
+    defaults = default_sampling(engine.tokenizer.generation if engine.tokenizer is not None else None)
+
     def sampling_of(req) -> SamplingConfig:
-        return SamplingConfig(temperature=1.0 if req.temperature is None else req.temperature,
-                              top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+        """The request's sampling; what it leaves out comes from the model's defaults. Without a seed,
+        a fresh one per request."""
+        return SamplingConfig(temperature=defaults.temperature if req.temperature is None else req.temperature,
+                              top_p=defaults.top_p if req.top_p is None else req.top_p,
+                              top_k=defaults.top_k if req.top_k is None else req.top_k,
                               seed=req.seed if req.seed is not None else uuid.uuid4().int >> 65)
 
     def submit(prompt, req, max_tokens: int | None) -> Handle:
@@ -223,6 +228,17 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
     ], exception_handlers={ApiError: api_error, HTTPException: http_error})
     app.state.metrics = metrics
     return app
+
+
+def default_sampling(generation) -> SamplingConfig:
+    """What a request gets for the sampling fields it leaves out: the model's generation_config.json
+    (`text.files.GenerationConfig`: greedy unless do_sample, as transformers reads it), or OpenAI's
+    defaults (temperature 1, top_p 1) for a model without one."""
+    if generation is None:
+        return SamplingConfig(temperature=1.0, top_p=1.0)
+    if not generation.do_sample:
+        return SamplingConfig(temperature=0.0)
+    return SamplingConfig(temperature=generation.temperature, top_p=generation.top_p, top_k=generation.top_k)
 
 
 def _sse(obj: dict) -> str:

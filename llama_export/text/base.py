@@ -41,6 +41,7 @@ class Tokenizer(abc.ABC):
     bos_id: int | None
     eos_id: int | None
     stop_ids: frozenset[int]
+    generation = None  # the model's generation_config.json (`files.GenerationConfig`), if it has one
 
     def __init__(self, *, source: str) -> None:
         self.source = source  # where the files came from, for messages

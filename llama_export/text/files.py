@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from llama_export.errors import InputError
 from llama_export.parsing import parse_json_file
@@ -96,10 +96,15 @@ class TokenizerConfig(SpecialTokensMap):
 
 
 class GenerationConfig(BaseModel):
-    """generation_config.json: the fields the text side uses."""
+    """generation_config.json: the fields the text side uses (stop ids, and the sampling a request gets
+    unless it says otherwise; transformers' semantics: without do_sample, greedy)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
     eos_token_id: Annotated[Any, AfterValidator(_token_ids)] = ()
+    do_sample: bool = False
+    temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 50
 
 
 _FIX = "fix the file (see the model's original)"
@@ -122,8 +127,8 @@ def read_tokenizer_settings(files: TextFiles) -> TokenizerSettings:
     return TokenizerSettings(special_tokens=special, chat_template=template)
 
 
-def read_generation_eos_ids(files: TextFiles) -> tuple[int, ...]:
-    """generation_config.json's `eos_token_id` (an int or a list of ints); () when absent."""
+def read_generation_config(files: TextFiles) -> GenerationConfig | None:
+    """generation_config.json, or None when the model has none."""
     if "generation_config.json" not in files:
-        return ()
-    return parse_json_file(files["generation_config.json"], GenerationConfig, fix=_FIX, error=InputError).eos_token_id
+        return None
+    return parse_json_file(files["generation_config.json"], GenerationConfig, fix=_FIX, error=InputError)

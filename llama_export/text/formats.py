@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llama_export.errors import InputError
 from llama_export.text.base import Tokenizer, TokenizerFormat
-from llama_export.text.files import TOKENIZER_FILES, TextFiles, read_generation_eos_ids, read_tokenizer_settings
+from llama_export.text.files import TOKENIZER_FILES, TextFiles, read_generation_config, read_tokenizer_settings
 
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+")
 
@@ -50,7 +50,15 @@ def load_tokenizer(files: TextFiles, *, source: str) -> Tokenizer:
     path = Path(files[name])
     data = path.read_bytes()
     fmt = detect_format(data, source=str(path))
-    stop = read_generation_eos_ids(files)
+    generation = read_generation_config(files)
+    tok = _tokenizer(fmt, path, data, files, stop=generation.eos_token_id if generation else (), source=source)
+    tok.generation = generation
+    return tok
+
+
+def _tokenizer(fmt: TokenizerFormat, path: Path, data: bytes, files: TextFiles, *, stop: tuple[int, ...],
+               source: str) -> Tokenizer:
+    """The tokenizer class of `fmt`, built from its file (`data`, read from `path`)."""
     if fmt is TokenizerFormat.SENTENCEPIECE:
         from llama_export.text.sentencepiece import SentencePieceTokenizer
 

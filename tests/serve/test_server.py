@@ -241,3 +241,20 @@ def test_a_failed_engine_turns_health_to_503_and_requests_get_a_server_error():
         r = http.post("/v1/completions", json={"model": "m", "prompt": [1, 2], "max_tokens": 3})
         assert r.status_code == 503 and "not serving" in r.json()["error"]["message"]
     engine.close(timeout=10)
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path):
+    from llama_export.serve.app import default_sampling
+    from llama_export.text import load_tokenizer, text_files_in
+    from tests.llama3_text import special_id
+
+    assert default_sampling(None) == SamplingConfig(temperature=1.0, top_p=1.0)
+    folder = write_hf_files(tmp_path / "t", generation_eos=[special_id("<|eot_id|>")])
+    tok = load_tokenizer(text_files_in(folder), source="t")
+    assert default_sampling(tok.generation) == SamplingConfig(temperature=0.0)  # no do_sample: greedy
+    gen = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "do_sample": True, "temperature": 0.6,
+                                                                "top_p": 0.9}))
+    tok = load_tokenizer(text_files_in(folder), source="t")
+    assert default_sampling(tok.generation) == SamplingConfig(temperature=0.6, top_p=0.9, top_k=50)
+    assert tok.stop_ids >= {special_id("<|eot_id|>")}
