@@ -188,7 +188,7 @@ class Engine:
         """Queue `request` (thread-safe); refused at once if it can never run (one clear error)."""
         validate_prompt(np.asarray([request.prompt], dtype=np.int64), vocab_size=self.vocab_size,
                         max_seq_len=self.capacity, max_new_tokens=request.max_tokens,
-                        limit_name=f"the engine's slot capacity of {self.capacity} tokens")
+                        limit_name=f"of a slot ({self.capacity} tokens, the engine's cache capacity)")
         if request.stop and self.tokenizer is None:
             raise InputError("stop strings need the model's tokenizer; pass stop ids instead")
         handle = Handle(request)

@@ -103,5 +103,6 @@ def parse(model: type[BaseModel], data: object) -> BaseModel:
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
-        what = "is not a field of this request" if err["type"] == "extra_forbidden" else err["msg"]
+        what = "is not a field of this request" if err["type"] == "extra_forbidden" else \
+            err["msg"].removeprefix("Value error, ")
         raise ApiError(400, f"{param}: {what}" if param else what, param=param) from None
