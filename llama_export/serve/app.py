@@ -112,7 +112,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         if engine.failed is not None:
             raise ApiError(503, f"the model failed and is not serving: {engine.failed}", type="server_error")
         try:
-            r = engine.request(prompt, max_tokens=1, sampling=sampling_of(req), stop=req.stop or ())
+            r = engine.request(prompt, max_tokens=1, sampling=sampling_of(req), stop=req.stop or (),
+                               stop_ids=() if req.ignore_eos else None)
             room = max(1, engine.capacity - len(r.prompt))
             return engine.submit(dataclasses.replace(r, max_tokens=max_tokens or room))
         except LlamaExportError as e:

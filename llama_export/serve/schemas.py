@@ -53,6 +53,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's and llama.cpp's extension: generate max_tokens whatever comes (benchmarks)
 
     @field_validator("stop")
     @classmethod
