@@ -298,3 +298,39 @@ def test_sampling_defaults_come_from_generation_config(tmp_path):
     tok = load_tokenizer(text_files_in(folder), source="t")
     assert default_sampling(tok.generation) == SamplingConfig(temperature=0.6, top_p=0.9, top_k=50)
     assert tok.stop_ids >= {special_id("<|eot_id|>")}
+
+
+def test_a_full_queue_gets_429_with_retry_after_and_a_wrong_method_405():
+    import numpy as np
+    from starlette.testclient import TestClient
+
+    from llama_export.engine import Request
+    from llama_export.engine.engine import Engine, Ranks
+    from llama_export.serve.app import create_app
+
+    go = threading.Event()
+
+    def step(tokens, cached, lengths, keys, values):  # a model that takes its time
+        go.wait(30)
+        logits = np.zeros((len(tokens), 8), dtype=np.float32)
+        logits[:, 3] = 1
+        return logits, keys, values
+
+    def make_cache(batch, capacity):
+        return [np.zeros((batch, 1, capacity, 2), np.float32)], [np.zeros((batch, 1, capacity, 2), np.float32)]
+
+    engine = Engine(Ranks([step], [make_cache], slots=1, capacity=16), vocab_size=8, slots=1, capacity=16)
+    running = engine.submit(Request((1, 2), max_tokens=2))
+    waiting = engine.submit(Request((1, 2), max_tokens=2))
+    deadline = time.monotonic() + 10
+    while engine.queued != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with TestClient(create_app(engine, model_name="m", max_queue=1)) as http:
+        r = http.post("/v1/completions", json={"model": "m", "prompt": [1], "max_tokens": 1})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        r = http.get("/v1/completions")
+        assert r.status_code == 405 and "not allowed" in r.json()["error"]["message"]
+    go.set()
+    assert running.result(timeout=30).tokens == [3, 3] and waiting.result(timeout=30).tokens == [3, 3]
+    engine.close(timeout=10)
