@@ -277,9 +277,7 @@ def _add_eval_parser(sub) -> None:
 
 
 def _cmd_eval(args, argv: list[str]) -> int:
-    import json
-
-    from llama_export.files import check_output_file, write_atomic
+    from llama_export.files import check_output_file, write_json
     from llama_export.commands.evaluate import EvalOptions, run_eval
 
     source = _source(args)
@@ -294,10 +292,11 @@ def _cmd_eval(args, argv: list[str]) -> int:
               f"{r.mean_nll:.4f} nats/token; window {r.window}, stride {r.stride}); {args.backend.value} "
               f"tp={args.tp} {what}; {r.seconds:.1f} s", flush=True)
         if args.json_out:
-            write_atomic(args.json_out, json.dumps({
+            write_json(args.json_out, {
                 "text": str(args.text), "backend": args.backend.value, "tp": args.tp, "model": what,
                 "tokens": r.tokens, "scored": r.scored, "nll": r.nll, "mean_nll": r.mean_nll,
-                "perplexity": r.perplexity, "window": r.window, "stride": r.stride, "seconds": r.seconds}))
+                "perplexity": r.perplexity if math.isfinite(r.perplexity) else None,  # null: past the largest float
+                "window": r.window, "stride": r.stride, "seconds": r.seconds})
 
     return run_eval(opts, argv, report)
 

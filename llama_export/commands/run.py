@@ -9,7 +9,6 @@ rows of similar length (`generate.prefill_groups`).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from llama_export.errors import InputError
-from llama_export.files import write_atomic
+from llama_export.files import write_json
 from llama_export.parallel.comm import Communicator
 from llama_export.parallel.plan import check_tp
 from llama_export.engine.generate import (
@@ -110,6 +109,7 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
 
     `argv` is what rank processes are started with; `reporter` receives rank 0's output."""
     if rank_env() is None:
+        opts.source.check_runs_alone()
         opts.source.check_tp(opts.tp)
         cfg = opts.source.config()
         check_tp(cfg, opts.tp)
@@ -240,4 +240,4 @@ def _write_json(opts: RunOptions, result: GenerationResult, rows: list[list[int]
         }],
     }
     opts.json_out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(opts.json_out, json.dumps(payload))
+    write_json(opts.json_out, payload)  # the logits are finite (`generate.check_finite`)

@@ -30,7 +30,9 @@ def default_checkpoint() -> Path:
 @dataclass(frozen=True)
 class ModelSource:
     backend: Backend
-    checkpoint: Path | None = None  # eager: Meta or HF folder (None: the demo model)
+    # eager: the Meta or HF folder it runs (None: the demo model); ort/trt: only `compare` reads it, as the
+    # checkpoint the export came from (`check_runs_alone` refuses it elsewhere)
+    checkpoint: Path | None = None
     artifacts: Path | None = None  # ort: export directory; trt: engine directory
     dtype: Precision = Precision.FP32  # eager only: exports carry their own
     weights: WeightQuant | None = None  # eager only: run with these weights quantized and dequantized
@@ -39,6 +41,17 @@ class ModelSource:
     def __post_init__(self) -> None:
         if self.backend is not Backend.EAGER and self.artifacts is None:
             raise InputError(f"--backend {self.backend.value} runs an export: pass --artifacts DIR")
+        if self.backend is Backend.EAGER and self.artifacts is not None:
+            raise InputError(f"--backend eager runs a checkpoint, not the export --artifacts {self.artifacts}; "
+                             "pass --checkpoint DIR (or nothing: the demo model), or --backend ort to run the export")
+
+    def check_runs_alone(self) -> None:
+        """For commands that run this source and nothing else (`run`, `eval`): an export carries its own
+        model, so a checkpoint beside it would be ignored."""
+        if self.backend is not Backend.EAGER and self.checkpoint is not None:
+            raise InputError(f"--backend {self.backend.value} runs the export --artifacts {self.artifacts}, not "
+                             f"--checkpoint {self.checkpoint}; drop --checkpoint, or use --backend eager to run the "
+                             "checkpoint")
 
     @property
     def checkpoint_dir(self) -> Path:
