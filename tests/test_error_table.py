@@ -555,6 +555,14 @@ CASES: tuple[Case, ...] = (
     Case("nan-weights-eval", WRONG, "a NaN weight: `eval` reported perplexity nan, exit 0",
          _demo_nan("eval", "--text", "{scratch}/t.txt", "--no-progress"),
          "non-finite logits (NaN or Inf) predicting token 1 of the text"),
+    Case("batch-blank-line", WRONG, "a blank line in a `--batch` file (dropped, later rows renumbered)",
+         then(_write("p.txt", "def f():\n\nclass A:\n"), argv("run", "--checkpoint", "{meta}", "--batch", "{scratch}/p.txt")),
+         "p.txt: line 2 is blank"),
+    Case("batch-trailing-blank", WRONG, "an empty line after the final newline of a `--batch` file",
+         then(_write("p.txt", "def f():\nclass A:\n\n"), argv("run", "--checkpoint", "{meta}", "--batch", "{scratch}/p.txt")),
+         "p.txt: line 3 is blank"),
+    Case("eval-text-binary", ALREADY, "an `eval --text` file that is not UTF-8",
+         then(_write("t.txt", b"def \xff\n"), argv("eval", "--text", "{scratch}/t.txt")), "t.txt is not UTF-8 text (byte 4)"),
 )
 
 

@@ -32,6 +32,7 @@ from llama_export.runner.step import MakeCache, StepFn, host
 from llama_export.runner.env import rank_env
 from llama_export.runner.launch import on_ranks
 from llama_export.runner.source import ModelSource
+from llama_export.text.user_files import read_user_text
 
 
 @dataclass(frozen=True)
@@ -147,13 +148,7 @@ def _read_ids(opts: EvalOptions) -> np.ndarray:
     path = Path(opts.text)
     if not path.is_file():
         raise InputError(f"--text {path} does not exist; give a UTF-8 text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"--text {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise InputError(f"--text {path}: cannot read it ({e.strerror}); check the path") from None
-    ids = opts.source.tokenizer().encode(text)  # one stream, BOS first
+    ids = opts.source.tokenizer().encode(read_user_text(path, "--text"))  # one stream, BOS first
     return np.array(ids, dtype=np.int64)
 
 
