@@ -561,6 +561,9 @@ CASES: tuple[Case, ...] = (
     Case("batch-trailing-blank", WRONG, "an empty line after the final newline of a `--batch` file",
          then(_write("p.txt", "def f():\nclass A:\n\n"), argv("run", "--checkpoint", "{meta}", "--batch", "{scratch}/p.txt")),
          "p.txt: line 3 is blank"),
+    Case("batch-10mb-line", WRONG, "a 10 MB line in a `--batch` file (18 s and 1.7 GiB before it was refused)",
+         then(_write("p.txt", "x" * 10_000_000 + "\n"), argv("run", "--batch", "{scratch}/p.txt")),
+         "so at least 625,000 tokens) exceeds the context limit max_seq_len=256"),
     Case("eval-text-binary", ALREADY, "an `eval --text` file that is not UTF-8",
          then(_write("t.txt", b"def \xff\n"), argv("eval", "--text", "{scratch}/t.txt")), "t.txt is not UTF-8 text (byte 4)"),
 )

@@ -113,7 +113,11 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
         opts.source.check_tp(opts.tp)
         cfg = opts.source.config()
         check_tp(cfg, opts.tp)
-        _check_prompts(opts, _prompt_rows(opts, opts.source.tokenizer() if opts.is_text else None), cfg)
+        tok = opts.source.tokenizer() if opts.is_text else None
+        limit, limit_name = opts.context_limit(cfg.max_seq_len), _limit_name(opts, cfg.max_seq_len)
+        for text in opts.prompts or ():  # a prompt that cannot fit is refused before it is tokenized
+            tok.check_fits(text, limit=limit, limit_name=limit_name)
+        _check_prompts(opts, _prompt_rows(opts, tok), cfg)
     return on_ranks(opts.tp, opts.device, argv,
                     lambda env, comm, device, threads: _run_rank(opts, env, comm, device, threads,
                                                                  reporter or _Silent()),
