@@ -86,8 +86,8 @@ _SAFE_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Split", "Punctuatio
 
 
 def _keeps_every_byte(spec: dict) -> bool:
-    """Whether every input byte reaches the BPE model and comes out inside some token: normalizers that
-    only add (Prepend, Replace of a string by one at least as long), pre-tokenizers that only split or
+    """Whether every input byte reaches the BPE model and comes out inside some token: no added token
+    that strips whitespace beside it, normalizers that only add (Prepend, Replace of a string by one at least as long), pre-tokenizers that only split or
     map bytes to characters, and a BPE model that cannot emit <unk> (byte fallback, or a byte-level
     vocabulary holding all 256 byte characters)."""
     def steps(node: dict | None, key: str) -> list[dict]:
@@ -100,6 +100,8 @@ def _keeps_every_byte(spec: dict) -> bool:
         if not (n.get("type") == "Prepend" or n.get("type") == "Replace" and "String" in pattern
                 and len(n.get("content", "").encode()) >= len(pattern["String"].encode()) > 0):
             return False
+    if any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or ()):
+        return False  # such a token also swallows the whitespace beside it, any amount
     pre = steps(spec.get("pre_tokenizer"), "pretokenizers")
     if any(p.get("type") not in _SAFE_PRE_TOKENIZERS or p.get("behavior") == "Removed" for p in pre):
         return False

@@ -57,7 +57,8 @@ def test_a_prompt_that_cannot_fit_is_refused_without_tokenizing(tokenizers, name
 
 
 def test_normalizers_that_can_shrink_text_give_no_bound(tmp_path):
-    """NFKC maps a 3-byte fullwidth 'Ａ' to 'A', Strip drops whitespace: no bound from the vocabulary."""
+    """NFKC maps a 3-byte fullwidth 'Ａ' to 'A', Strip drops whitespace, an lstrip token swallows the
+    spaces before it: no bound from the vocabulary."""
     write_hf_files(tmp_path / "hf")
     spec = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
     for normalizer in ({"type": "NFKC"}, {"type": "Strip", "strip_left": True, "strip_right": True},
@@ -66,3 +67,6 @@ def test_normalizers_that_can_shrink_text_give_no_bound(tmp_path):
         tok = load_tokenizer(text_files_in(tmp_path / "hf"), source="hf")
         assert tok.max_token_bytes is None
         tok.check_fits("x" * 10_000, limit=256, limit_name="max_seq_len=256")  # nothing known: not refused
+    added = [{**t, "lstrip": True} if t["content"] == "<|eot_id|>" else t for t in spec["added_tokens"]]
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps({**spec, "added_tokens": added}))
+    assert load_tokenizer(text_files_in(tmp_path / "hf"), source="hf").max_token_bytes is None
