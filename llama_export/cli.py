@@ -277,9 +277,7 @@ def _add_eval_parser(sub) -> None:
 
 
 def _cmd_eval(args, argv: list[str]) -> int:
-    import json
-
-    from llama_export.files import check_output_file, write_atomic
+    from llama_export.files import check_output_file, write_json
     from llama_export.commands.evaluate import EvalOptions, run_eval
 
     source = _source(args)
@@ -294,10 +292,11 @@ def _cmd_eval(args, argv: list[str]) -> int:
               f"{r.mean_nll:.4f} nats/token; window {r.window}, stride {r.stride}); {args.backend.value} "
               f"tp={args.tp} {what}; {r.seconds:.1f} s", flush=True)
         if args.json_out:
-            write_atomic(args.json_out, json.dumps({
+            write_json(args.json_out, {
                 "text": str(args.text), "backend": args.backend.value, "tp": args.tp, "model": what,
                 "tokens": r.tokens, "scored": r.scored, "nll": r.nll, "mean_nll": r.mean_nll,
-                "perplexity": r.perplexity, "window": r.window, "stride": r.stride, "seconds": r.seconds}))
+                "perplexity": r.perplexity if math.isfinite(r.perplexity) else None,  # null: past the largest float
+                "window": r.window, "stride": r.stride, "seconds": r.seconds})
 
     return run_eval(opts, argv, report)
 
@@ -341,6 +340,7 @@ def _cmd_run(args, argv: list[str]) -> int:
     from llama_export.engine.generate import SamplingConfig
     from llama_export.commands.run import RunOptions, parse_prompt_ids, run
     from llama_export.files import check_output_file
+    from llama_export.text.user_files import read_batch
 
     if args.system is not None and args.chat is None:
         raise InputError("--system goes with --chat; add --chat TEXT")
@@ -351,8 +351,7 @@ def _cmd_run(args, argv: list[str]) -> int:
     if args.prompt is not None:
         prompts = (args.prompt,)
     elif args.batch is not None:
-        prompts = tuple(line.replace("\\n", "\n") for line in _read_text(args.batch, "--batch").splitlines()
-                        if line.strip())
+        prompts = read_batch(args.batch)
     opts = RunOptions(
         source=source,
         tp=args.tp,
@@ -425,15 +424,6 @@ def _cmd_serve(args, argv: list[str]) -> int:
     serve(engine, model_name=name, host=args.host, port=args.port, api_key=api_key, max_queue=args.max_queue,
           grace_s=args.grace, on_started=started)
     return 0
-
-
-def _read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise InputError(f"{what} {path}: cannot read it ({e.strerror}); check the path") from None
 
 
 def _add_export_parser(sub) -> None:

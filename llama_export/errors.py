@@ -23,6 +23,10 @@ class InputError(LlamaExportError, ValueError):
     """Bad run-time input: token ids, prompt length, batch shape."""
 
 
+class NonFiniteError(LlamaExportError):
+    """A model that computed NaN or Inf logits: non-finite weights, or an overflow (fp16)."""
+
+
 class ArtifactError(LlamaExportError):
     """An export directory or manifest that is incomplete, tampered with or unsafe."""
 

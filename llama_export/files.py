@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
@@ -122,6 +123,12 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, payload: object, *, indent: int | None = None) -> None:
+    """`write_atomic` of `payload` as strict JSON: a NaN or Infinity in it is a ValueError, never written
+    (they are not JSON; a writer maps them to null or refuses earlier, with a message)."""
+    write_atomic(path, json.dumps(payload, indent=indent, allow_nan=False))
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from llama_export.artifact.manifest import load_manifest, resolve_inside
+from llama_export.artifact.manifest import failed_path, load_manifest, resolve_inside
 from llama_export.artifact.schema import COMPUTE_OPS
 from llama_export.backends.ort.prelower import write_lowered
 from llama_export.config import ModelDType, Precision
@@ -58,11 +58,6 @@ def _graph_stats(path: Path) -> tuple[int, int, int]:
         counts = custom_node_counts(graph)
         custom += sum(counts[o] for o in COMPUTE_OPS)
     return len(m.rank(0).segments), nodes, custom
-
-
-def failed_path(target: Path) -> Path:
-    """Where a variant that failed validation is kept (for `llama-export compare`): `<variant>.failed`."""
-    return target.with_name(target.name + ".failed")
 
 
 def run_job(base: ExportOptions, tps: list[int], dtypes: list[ModelDType], *, validate: bool = True,

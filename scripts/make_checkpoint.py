@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
+import os
 import struct
 import sys
 import zlib
@@ -41,7 +42,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from llama_export.config import ModelConfig  # noqa: E402
-from llama_export.files import staged_dir  # noqa: E402
+from llama_export.errors import LlamaExportError  # noqa: E402
+from llama_export.files import check_output_dir, staged_dir  # noqa: E402
 from llama_export.model.checkpoint import expected_shapes  # noqa: E402
 from llama_export.model.hf_format import hf_name, interleaved_to_rotate_half  # noqa: E402
 from llama_export.model.memory import release_pages  # noqa: E402
@@ -242,6 +244,11 @@ def write_meta(out: Path, params: dict, *, seed: int, tied: bool, n_shards: int 
     with torch.serialization.skip_data(materialize_fake_tensors=True):
         for f in files:
             torch.save(layout, f)  # storage regions reserved, not written
+    for f in files:
+        # The reserved regions are holes: allocate them now, so that a full disk is an OSError here and
+        # not a SIGBUS when the memory map below first writes a page.
+        with open(f, "r+b") as fh:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
     del layout
     old = torch.serialization.get_default_mmap_options()
     torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)
@@ -300,6 +307,20 @@ def main(argv: list[str] | None = None) -> int:
                  f"pass --format {'meta' if args.format == 'hf' else 'hf'}")
     if args.out.exists():
         ap.error(f"{args.out} exists; remove it or choose another --out")
+    try:
+        check_output_dir(args.out, what="--out")
+        _write(args, chosen, tied=tied, n_shards=n_shards)
+    except LlamaExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a quota, a file size limit: the staged folder is already gone
+        print(f"error: cannot write {args.out} ({e.strerror or e}); free some space or choose another --out",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def _write(args, chosen: dict, *, tied: bool, n_shards: int) -> None:
     with staged_dir(args.out) as tmp:  # complete, or not there at all
         if args.config_only:
             name = "config.json" if args.format == "hf" else "params.json"
@@ -308,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
             write_hf(tmp, chosen, seed=args.seed, shard_bytes=args.max_shard_bytes, progress=not args.no_progress)
         else:
             write_meta(tmp, chosen, seed=args.seed, tied=tied, n_shards=n_shards, progress=not args.no_progress)
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from onnx import numpy_helper
 from llama_export.config import Backend
 from llama_export.export.exporter import ExportOptions, export
 from llama_export.artifact.manifest import load_manifest, sha256_file
-from llama_export.validate.compare import CompareSettings, Mode, compare
+from llama_export.validate.compare import CompareSettings, Mode, compare, format_report, write_json
+from llama_export.validate.diff import Comparison, TensorDiff
 from tests.helpers import random_meta_state, run_cli, tiny_config, write_meta
 
 
@@ -29,7 +30,8 @@ def exported(tmp_path_factory):
     return ckpt, export(ExportOptions(checkpoint=ckpt, out=root / "graphs", tp=2, progress=False))
 
 
-def _corrupt(src, dst, segment_name: str, weight_substring: str):
+def _corrupt(src, dst, segment_name: str, weight_substring: str, *, value: float | None = None):
+    """A copy of the export with one weight far off (or set to `value`)."""
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())
     seg = next(s for s in m["ranks"][0]["segments"] if s["name"] == segment_name)
@@ -37,7 +39,7 @@ def _corrupt(src, dst, segment_name: str, weight_substring: str):
     model = onnx.load(str(path))
     init = next(i for i in model.graph.initializer if weight_substring in i.name)
     w = numpy_helper.to_array(init).copy()
-    w.flat[0] += 5.0  # one weight, far off
+    w.flat[0] = w.flat[0] + 5.0 if value is None else value
     init.CopyFrom(numpy_helper.from_array(w, init.name))
     onnx.save(model, str(path))
     seg["sha256"] = sha256_file(path)  # a deliberate corruption, not tampering: keep the manifest consistent
@@ -82,6 +84,32 @@ def test_cli_writes_report_and_plot_and_fails_on_corruption(exported, tmp_path):
     ok = run_cli("compare", "--artifacts", str(path), "--checkpoint", str(ckpt), "--steps", "2")
     assert ok.returncode == 0 and "no segment exceeds" in ok.stdout, ok.stderr
     assert np.isfinite([s["max_abs"] for s in data["segments"]]).all()
+
+
+def test_nan_in_the_export_fails_and_is_located(exported, tmp_path):
+    """A NaN weight: every comparison with NaN fails (none is skipped by max() over a list, none passes
+    `<=`), the segment where it starts is named, and the JSON report is valid JSON (NaN as null)."""
+    ckpt, path = exported
+    bad = _corrupt(path, tmp_path / "bad", "04_layers.1.ffn", "feed_forward.w2", value=float("nan"))
+    report = compare(bad, Backend.ORT, load_manifest(bad), ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=2))
+    assert not report and not report.comparison
+    assert np.isnan(report.comparison.max_abs) and np.isnan(report.comparison.min_cosine)
+    first = report.first_divergence()
+    assert first is not None and first.label == "layers.1.ffn" and first.rank == 0
+    assert "FAIL" in format_report(report) and "worst at step 0 logits" in format_report(report)
+    write_json(report, tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())  # json.loads accepts NaN: check the text has none
+    assert "NaN" not in (tmp_path / "r.json").read_text() and data["pass"] is False
+    assert data["logits"][0]["max_abs"] is None
+
+
+def test_comparison_with_a_nan_anywhere_fails():
+    """max() and min() over a list skip a NaN that is not first; the comparison must not."""
+    fine, nan = TensorDiff("a", 1e-6, 1e-7, 1.0), TensorDiff("b", float("nan"), float("nan"), float("nan"))
+    for order in ([fine, nan], [nan, fine]):
+        c = Comparison("x", tolerance=1e-4, logits=list(order))
+        assert not c and np.isnan(c.max_abs) and np.isnan(c.min_cosine) and c.worst() is nan
+    assert Comparison("x", tolerance=1e-4, logits=[fine, fine])
 
 
 def test_corruption_is_located_inside_a_tp1_graph(exported, tmp_path):

@@ -300,6 +300,36 @@ def _export(*extra: str) -> Callable[[Workspace, Path], list[str]]:
     return argv("export", "--checkpoint", "{meta}", "--out", "{root}/graphs", "--no-progress", *extra)
 
 
+# ---- helpers of the newcomer's model / input / output cases ----------------------------------------
+
+def _demo_nan(*args: str):
+    """The demo model (it has a tokenizer) with one NaN weight; `args` after `--checkpoint DIR`, with
+    {scratch} filled in."""
+    def make(w: Workspace, s: Path) -> list[str]:
+        from llama_export.demo import DEMO_DIR
+
+        c = _copy(DEMO_DIR, s / "demo")
+        state = torch.load(c / "consolidated.00.pth", weights_only=True)
+        state["layers.0.feed_forward.w2.weight"][0, 0] = float("nan")
+        torch.save(state, c / "consolidated.00.pth")
+        (s / "t.txt").write_text("def main():\n    return 1\n")
+        return [args[0], "--checkpoint", str(c), *(a.format(scratch=s) for a in args[1:])]
+    return make
+
+
+def _plus(make: Callable[[Workspace, Path], list[str]], *extra: str):
+    """`make`'s arguments with `extra` after them."""
+    def more(w: Workspace, s: Path) -> list[str]:
+        return [*make(w, s), *extra]
+    return more
+
+
+def _set_weight(name: str, value: float):
+    def mutate(t: dict) -> None:
+        t[name][0, 0] = value
+    return mutate
+
+
 # ---- the cases -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -505,6 +535,37 @@ CASES: tuple[Case, ...] = (
          argv("compare", "--artifacts", "{export}", "--checkpoint", "{meta}", "--json", "{export}/cmp.json"),
          "lies inside"),
     # -- what a newcomer hit on a fresh clone: the model, its inputs and its outputs --
+    Case("eager-artifacts", WRONG, "`run --backend eager --artifacts EXPORT` (ran the demo model)",
+         argv("run", "--backend", "eager", "--artifacts", "{export}", "--prompt-ids", "1,2,3"),
+         "--backend eager runs a checkpoint, not the export"),
+    Case("eval-eager-artifacts", WRONG, "`eval --backend eager --artifacts EXPORT` (scored the demo model)",
+         then(_write("t.txt", "def f():\n"), argv("eval", "--artifacts", "{export}", "--text", "{scratch}/t.txt")),
+         "--backend eager runs a checkpoint, not the export"),
+    Case("ort-checkpoint", WRONG, "`run --backend ort --artifacts EXPORT --checkpoint CKPT` (ignored the checkpoint)",
+         argv(*_run_ort(Path("{export}")), "--checkpoint", "{meta}"), "drop --checkpoint"),
+    Case("nan-weights-run", WRONG, "a NaN weight: `run` printed token 0 again and again, exit 0",
+         hf_weights(_set_weight("model.layers.0.mlp.down_proj.weight", float("nan"))),
+         "non-finite logits (NaN or Inf) in the prefill, row 0"),
+    Case("nan-weights-json", WRONG, "a NaN weight: `run --json` wrote bare NaN (invalid JSON)",
+         _demo_nan("run", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--json", "{scratch}/r.json"),
+         "non-finite logits (NaN or Inf) in the prefill"),
+    Case("fp16-overflow", WRONG, "a weight past fp16's range run with `--dtype fp16` (Inf logits)",
+         _plus(hf_weights(_set_weight("model.layers.1.mlp.down_proj.weight", 1e6)), "--dtype", "fp16"),
+         "or fp16 overflowed"),
+    Case("nan-weights-eval", WRONG, "a NaN weight: `eval` reported perplexity nan, exit 0",
+         _demo_nan("eval", "--text", "{scratch}/t.txt", "--no-progress"),
+         "non-finite logits (NaN or Inf) predicting token 1 of the text"),
+    Case("batch-blank-line", WRONG, "a blank line in a `--batch` file (dropped, later rows renumbered)",
+         then(_write("p.txt", "def f():\n\nclass A:\n"), argv("run", "--checkpoint", "{meta}", "--batch", "{scratch}/p.txt")),
+         "p.txt: line 2 is blank"),
+    Case("batch-trailing-blank", WRONG, "an empty line after the final newline of a `--batch` file",
+         then(_write("p.txt", "def f():\nclass A:\n\n"), argv("run", "--checkpoint", "{meta}", "--batch", "{scratch}/p.txt")),
+         "p.txt: line 3 is blank"),
+    Case("batch-10mb-line", WRONG, "a 10 MB line in a `--batch` file (18 s and 1.7 GiB before it was refused)",
+         then(_write("p.txt", "x" * 10_000_000 + "\n"), argv("run", "--batch", "{scratch}/p.txt")),
+         "so at least 625,000 tokens) exceeds the context limit max_seq_len=256"),
+    Case("eval-text-binary", ALREADY, "an `eval --text` file that is not UTF-8",
+         then(_write("t.txt", b"def \xff\n"), argv("eval", "--text", "{scratch}/t.txt")), "t.txt is not UTF-8 text (byte 4)"),
 )
 
 

@@ -129,3 +129,27 @@ def test_batch_file_with_prompts_of_different_lengths(tmp_path):
         single = run_cli("run", "--prompt", p, "--max-new-tokens", "12")
         assert single.returncode == 0, single.stderr
         assert block == single.stdout.strip("\n"), (p, block, single.stdout)
+
+
+def test_an_export_that_failed_validation_runs_with_one_warning(demo_exports, tmp_path):
+    """`run`/`eval` of a `<variant>.failed` export warn once (not once per rank) and go on; `compare`,
+    which is what such an export is kept for, does not warn."""
+    import shutil
+
+    from llama_export.artifact.manifest import failed_path
+
+    failed = {tp: shutil.copytree(path, failed_path(tmp_path / path.name)) for tp, path in demo_exports.items()}
+    (tmp_path / "t.txt").write_text("def main():\n    return 1\n")
+    warns = "failed validation against eager"
+    r = run_cli("run", "--backend", "ort", "--artifacts", str(failed[2]), "--tp", "2", "--prompt", "def ",
+                "--max-new-tokens", "2")
+    assert r.returncode == 0 and r.stderr.count(warns) == 1 and "re-export it" in r.stderr, r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if warns in ln]) == 1
+    r = run_cli("eval", "--backend", "ort", "--artifacts", str(failed[1]), "--text", str(tmp_path / "t.txt"),
+                "--no-progress")
+    assert r.returncode == 0 and r.stderr.count(warns) == 1 and "perplexity" in r.stdout, r.stderr
+    r = run_cli("compare", "--artifacts", str(failed[1]), "--steps", "1")
+    assert r.returncode == 0 and warns not in r.stderr, r.stderr
+    r = run_cli("run", "--backend", "ort", "--artifacts", str(demo_exports[1]), "--prompt", "def ",
+                "--max-new-tokens", "2")
+    assert r.returncode == 0 and warns not in r.stderr, r.stderr

@@ -118,3 +118,47 @@ def test_meta_output_is_the_same_model_and_matches_transformers(tiny: Path) -> N
         ref = ref_model(tokens).logits[:, -1]
         got, _, _ = meta(tokens, torch.zeros(2, dtype=torch.int64), torch.full((2,), 100), *meta.empty_cache(2, 100))
     assert (ref - got).abs().max().item() < 1e-4  # fp32 tolerance
+
+
+# About 7 MB of bf16 weights: more than the 1 MiB file systems below hold.
+BIGGER_HF = {**TINY_HF, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4}
+BIGGER_META = {**TINY_META, "dim": 256, "n_layers": 4, "multiple_of": 256}
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A 1 MiB tmpfs (and a read-only one), unmounted afterwards."""
+    import subprocess
+
+    mounts = []
+    for name, options in (("full", "size=1m"), ("ro", "size=1m,ro")):
+        path = tmp_path / name
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here ({r.stderr.decode().strip()}; needs root)")
+        mounts.append(path)
+    yield tmp_path
+    for m in mounts:
+        subprocess.run(["umount", "-l", str(m)], check=False)
+
+
+@pytest.mark.parametrize("fmt,config,where,expect", [
+    ("hf", BIGGER_HF, "full", "No space left on device"),
+    ("meta", BIGGER_META, "full", "No space left on device"),  # written through a memory map: no SIGBUS
+    ("hf", BIGGER_HF, "ro", "the file system is read-only"),
+])
+def test_a_full_or_read_only_destination_is_one_line_and_leaves_nothing(small_mount, fmt, config, where, expect):
+    import subprocess
+    import sys
+
+    cfg = small_mount / "config.json"
+    cfg.write_text(json.dumps(config))
+    out = small_mount / where / "ckpt"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "make_checkpoint.py"), "--config", str(cfg),
+                        "--format", fmt, "--out", str(out), "--no-progress"], capture_output=True, text=True,
+                       timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
+    assert list((small_mount / where).iterdir()) == []  # no checkpoint, no staging folder

@@ -31,6 +31,19 @@ log = logging.getLogger(__name__)
 FORMAT = "llama_export.manifest"
 FORMAT_VERSION = 2  # 2: in-place KV cache of a chosen capacity, ragged batches, packed projections
 MANIFEST_NAME = "manifest.json"
+# An export that failed validation is kept beside its target as `<variant>.failed` (for `compare`);
+# whatever runs it is told that its numbers may be wrong.
+FAILED_SUFFIX = ".failed"
+
+
+def failed_path(target: Path) -> Path:
+    """Where the export of `target` (`graphs/<model>/<variant>`) goes when it fails validation."""
+    return target.with_name(target.name + FAILED_SUFFIX)
+
+
+def failed_validation(export_dir: Path) -> bool:
+    """`export_dir` is an export kept after it failed validation (`failed_path`)."""
+    return Path(export_dir).resolve().name.endswith(FAILED_SUFFIX)
 
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]

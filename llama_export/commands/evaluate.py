@@ -27,11 +27,12 @@ import numpy as np
 from llama_export.errors import InputError
 from llama_export.parallel.plan import check_tp
 from llama_export.progress import count_bar
-from llama_export.engine.generate import log_softmax
+from llama_export.engine.generate import check_finite, log_softmax
 from llama_export.runner.step import MakeCache, StepFn, host
 from llama_export.runner.env import rank_env
 from llama_export.runner.launch import on_ranks
 from llama_export.runner.source import ModelSource
+from llama_export.text.user_files import read_user_text
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,11 @@ class Perplexity:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.mean_nll)
+        """exp(mean NLL); inf past the largest float (a model that far off has no finite perplexity)."""
+        try:
+            return math.exp(self.mean_nll)
+        except OverflowError:
+            return math.inf
 
 
 def plan_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -69,9 +74,12 @@ def plan_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]
     return out
 
 
-def _nll(logits, targets: np.ndarray) -> float:
-    """Summed -log p(target) over rows; logits [B, V] fp32 (numpy or tensor), targets [B]."""
-    logp = log_softmax(host(logits))
+def _nll(logits, targets: np.ndarray, positions: np.ndarray) -> float:
+    """Summed -log p(target) over rows; logits [B, V] fp32 (numpy or tensor), targets [B] at `positions`
+    [B] of the text (for the message when the logits are not finite)."""
+    logits = host(logits)
+    check_finite(logits, lambda r: f"predicting token {int(positions[r])} of the text")
+    logp = log_softmax(logits)
     return -float(np.take_along_axis(logp, targets.reshape(-1, 1), axis=-1).sum())
 
 
@@ -84,11 +92,12 @@ def _run_group(step: StepFn, make_cache: MakeCache, ids: np.ndarray, group: list
     cached = np.zeros(bsz, dtype=np.int64)
     lengths = np.full(bsz, n_ctx, dtype=np.int64)
     logits, keys, values = step(ctx, cached, lengths, keys, values)
-    total = _nll(logits, scored[:, 0])
+    first = np.array([f for _, f, _ in group], dtype=np.int64)  # position of scored[:, 0] in the text
+    total = _nll(logits, scored[:, 0], first)
     cached, lengths = cached + lengths, np.ones_like(lengths)
     for k in range(1, scored.shape[1]):
         logits, keys, values = step(np.ascontiguousarray(scored[:, k - 1: k]), cached, lengths, keys, values)
-        total += _nll(logits, scored[:, k])
+        total += _nll(logits, scored[:, k], first + k)
         cached = cached + 1
     return total
 
@@ -139,13 +148,7 @@ def _read_ids(opts: EvalOptions) -> np.ndarray:
     path = Path(opts.text)
     if not path.is_file():
         raise InputError(f"--text {path} does not exist; give a UTF-8 text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"--text {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise InputError(f"--text {path}: cannot read it ({e.strerror}); check the path") from None
-    ids = opts.source.tokenizer().encode(text)  # one stream, BOS first
+    ids = opts.source.tokenizer().encode(read_user_text(path, "--text"))  # one stream, BOS first
     return np.array(ids, dtype=np.int64)
 
 
@@ -162,6 +165,7 @@ def _window(opts: EvalOptions, max_seq_len: int) -> tuple[int, int]:
 def run_eval(opts: EvalOptions, argv: list[str], report: Callable[[Perplexity], None]) -> int:
     """Entry point of the `eval` subcommand (parent or rank process); rank 0 calls `report`."""
     if rank_env() is None:
+        opts.source.check_runs_alone()
         opts.source.check_tp(opts.tp)
         cfg = opts.source.config()
         check_tp(cfg, opts.tp)

@@ -9,7 +9,6 @@ rows of similar length (`generate.prefill_groups`).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from llama_export.errors import InputError
-from llama_export.files import write_atomic
+from llama_export.files import write_json
 from llama_export.parallel.comm import Communicator
 from llama_export.parallel.plan import check_tp
 from llama_export.engine.generate import (
@@ -110,10 +109,15 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
 
     `argv` is what rank processes are started with; `reporter` receives rank 0's output."""
     if rank_env() is None:
+        opts.source.check_runs_alone()
         opts.source.check_tp(opts.tp)
         cfg = opts.source.config()
         check_tp(cfg, opts.tp)
-        _check_prompts(opts, _prompt_rows(opts, opts.source.tokenizer() if opts.is_text else None), cfg)
+        tok = opts.source.tokenizer() if opts.is_text else None
+        limit, limit_name = opts.context_limit(cfg.max_seq_len), _limit_name(opts, cfg.max_seq_len)
+        for text in opts.prompts or ():  # a prompt that cannot fit is refused before it is tokenized
+            tok.check_fits(text, limit=limit, limit_name=limit_name)
+        _check_prompts(opts, _prompt_rows(opts, tok), cfg)
     return on_ranks(opts.tp, opts.device, argv,
                     lambda env, comm, device, threads: _run_rank(opts, env, comm, device, threads,
                                                                  reporter or _Silent()),
@@ -240,4 +244,4 @@ def _write_json(opts: RunOptions, result: GenerationResult, rows: list[list[int]
         }],
     }
     opts.json_out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(opts.json_out, json.dumps(payload))
+    write_json(opts.json_out, payload)  # the logits are finite (`generate.check_finite`)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from llama_export.errors import InputError
+from llama_export.errors import InputError, NonFiniteError
 from llama_export.runner.step import StepFn, host
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def check_finite(logits: np.ndarray, where: Callable[[int], str]) -> None:
+    """NonFiniteError unless every row of `logits` `[B, V]` is finite; `where(row)` says where the row was
+    computed ("in the prefill, row 0"). One pass over the step's logits: cheap next to the step itself."""
+    finite = np.isfinite(logits).all(axis=-1)
+    if not finite.all():
+        raise NonFiniteError(
+            f"non-finite logits (NaN or Inf) {where(int(np.argmin(finite)))}: the checkpoint's weights hold NaN/Inf, "
+            "or fp16 overflowed; check the weights, or run in fp32 (--dtype fp32, or an fp32 export)")
 
 
 def pad_prompts(rows: list[list[int]] | tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -207,6 +217,7 @@ def generate_stream(
             logits = host(logits)
         if reordered:
             logits = logits[restore]
+        check_finite(logits, lambda r, i=i: f"in {'the prefill' if i == 0 else f'decode step {i}'}, row {r}")
         nxt = sample(logits, sampling, rng)
         dt = time.perf_counter() - t0
         if i == 0:

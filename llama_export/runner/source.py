@@ -7,10 +7,19 @@ either of them branching on the backend.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_export.artifact.manifest import Manifest, rank_files, resolve_inside, text_file_paths, verify_rank
+from llama_export.artifact.manifest import (
+    FAILED_SUFFIX,
+    Manifest,
+    failed_validation,
+    rank_files,
+    resolve_inside,
+    text_file_paths,
+    verify_rank,
+)
 from llama_export.backends import artifact_manifest, open_backend
 from llama_export.config import Backend, ModelConfig, Precision, WeightQuant
 from llama_export.errors import InputError
@@ -19,6 +28,8 @@ from llama_export.progress import byte_bar
 from llama_export.runner.step import MakeCache, StepFn
 from llama_export.text import Tokenizer, load_tokenizer, text_files_in
 from llama_export.text.files import TOKENIZER_FILES
+
+log = logging.getLogger(__name__)
 
 
 def default_checkpoint() -> Path:
@@ -30,7 +41,9 @@ def default_checkpoint() -> Path:
 @dataclass(frozen=True)
 class ModelSource:
     backend: Backend
-    checkpoint: Path | None = None  # eager: Meta or HF folder (None: the demo model)
+    # eager: the Meta or HF folder it runs (None: the demo model); ort/trt: only `compare` reads it, as the
+    # checkpoint the export came from (`check_runs_alone` refuses it elsewhere)
+    checkpoint: Path | None = None
     artifacts: Path | None = None  # ort: export directory; trt: engine directory
     dtype: Precision = Precision.FP32  # eager only: exports carry their own
     weights: WeightQuant | None = None  # eager only: run with these weights quantized and dequantized
@@ -39,6 +52,22 @@ class ModelSource:
     def __post_init__(self) -> None:
         if self.backend is not Backend.EAGER and self.artifacts is None:
             raise InputError(f"--backend {self.backend.value} runs an export: pass --artifacts DIR")
+        if self.backend is Backend.EAGER and self.artifacts is not None:
+            raise InputError(f"--backend eager runs a checkpoint, not the export --artifacts {self.artifacts}; "
+                             "pass --checkpoint DIR (or nothing: the demo model), or --backend ort to run the export")
+
+    def check_runs_alone(self) -> None:
+        """For commands that run this source and nothing else (`run`, `eval`), once: an export carries its
+        own model, so a checkpoint beside it would be ignored; an export kept after it failed validation
+        runs, with a warning (`compare`, which is for such exports, does not call this)."""
+        if self.backend is not Backend.EAGER and self.checkpoint is not None:
+            raise InputError(f"--backend {self.backend.value} runs the export --artifacts {self.artifacts}, not "
+                             f"--checkpoint {self.checkpoint}; drop --checkpoint, or use --backend eager to run the "
+                             "checkpoint")
+        if self.artifacts is not None and failed_validation(self.artifacts):
+            log.warning("the export at %s failed validation against eager (a `%s` export): its numbers may be "
+                        "wrong; re-export it, or see where it diverges with `llama-export compare`",
+                        self.artifacts, FAILED_SUFFIX)
 
     @property
     def checkpoint_dir(self) -> Path:

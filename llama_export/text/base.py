@@ -58,6 +58,24 @@ class Tokenizer(abc.ABC):
         end decodes to U+FFFD."""
 
     @property
+    def max_token_bytes(self) -> int | None:
+        """An upper bound on the UTF-8 bytes of input text that one token can stand for, or None where
+        the format's normalization can shrink or drop text (then no such bound exists). Formats that
+        know theirs override this, computing it once."""
+        return None
+
+    def check_fits(self, text: str, *, limit: int, limit_name: str) -> None:
+        """InputError if `text` cannot fit a context of `limit` tokens with room for one new token, known
+        before tokenizing it: N bytes are at least ceil(N / max_token_bytes) tokens. (Tokenizing 10 MB
+        takes seconds and gigabytes, only to be refused.)"""
+        bound = self.max_token_bytes
+        n = len(text.encode("utf-8", "surrogatepass"))
+        if bound is not None and -(-n // bound) >= limit:
+            raise InputError(
+                f"the prompt ({n:,} bytes, so at least {-(-n // bound):,} tokens) exceeds the context limit "
+                f"{limit_name}; shorten it")
+
+    @property
     def has_chat_template(self) -> bool:
         return False
 

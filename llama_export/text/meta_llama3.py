@@ -86,9 +86,15 @@ class MetaLlama3Tokenizer(Tokenizer):
         self.special_tokens = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
         self.enc = tiktoken.Encoding(name=name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                      special_tokens=self.special_tokens)
+        # Text is encoded as bytes, without normalization; special-token text is encoded as plain text.
+        self._max_token_bytes = max(map(len, ranks), default=1)
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
         self.stop_ids = frozenset([self.special_tokens[t] for t in STOP_TOKENS] + list(extra_stop_ids))
+
+    @property
+    def max_token_bytes(self) -> int:
+        return self._max_token_bytes
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         ids = [self.bos_id] if add_special_tokens else []

@@ -33,8 +33,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import io
-import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +47,14 @@ from llama_export.artifact.manifest import Manifest, Segment
 from llama_export.backends import open_backend
 from llama_export.config import Backend, ModelConfig
 from llama_export.errors import InputError
-from llama_export.files import staged_dir, write_atomic
+from llama_export.files import staged_dir, write_atomic, write_json as write_json_file
 from llama_export.model.checkpoint import build_model, load_config
 from llama_export.parallel.comm import ThreadGroup
 from llama_export.progress import activity, count_bar
 from llama_export.validate import polygraphy_data
 from llama_export.tolerances import TOLERANCES
 from llama_export.validate.settings import VALIDATION, CompareSettings
-from llama_export.validate.diff import Comparison, TensorDiff
+from llama_export.validate.diff import Comparison, TensorDiff, nan_first
 from llama_export.engine.generate import generate, validate_prompt
 from llama_export.runner.step import host
 from llama_export.runner.stitch import backend_capacity, empty_cache, segmented_step
@@ -102,13 +102,14 @@ class CompareReport:
 
     def first_divergence(self) -> SegmentDiff | None:
         for s in sorted(self.segments, key=lambda s: (s.index, s.rank)):
-            if max(s.rel, s.kv_rel) > self.threshold:
+            if not (s.rel <= self.threshold and s.kv_rel <= self.threshold):  # a NaN error diverges
                 return s
         return None
 
     def to_json(self) -> dict:
+        """The report as JSON values; a NaN or infinite error is null (JSON has neither)."""
         first = self.first_divergence()
-        return {
+        return _finite_or_null({
             "label": self.comparison.label,
             "pass": bool(self.comparison),
             "tolerance": self.comparison.tolerance,
@@ -118,10 +119,21 @@ class CompareReport:
             "first_divergence": None if first is None else {"segment": first.label, "rank": first.rank},
             "segments": [{"rank": s.rank, "index": s.index, "segment": s.label, "rel": s.rel, **vars(s.diff),
                           "kv": vars(s.kv) if s.kv else None} for s in self.segments],
-        }
+        })
 
     def __bool__(self) -> bool:
         return bool(self.comparison)
+
+
+def _finite_or_null(value):
+    """`value` (JSON-like nesting) with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -301,7 +313,7 @@ def _probe_diffs(rank: int, probes: list[Probe], cur: dict[int, dict[str, Tensor
                      (env[schema.present_value(p.kv_layer)][:, :, :filled], ev[p.kv_layer][:, :, :filled])]
             diffs = [(TensorDiff.of(f"present kv {p.kv_layer}", a, b), max(b.abs().max().item(), 1e-12))
                      for a, b in pairs]
-            kv, scale = max(diffs, key=lambda x: x[0].max_abs / x[1])
+            kv, scale = max(diffs, key=lambda x: nan_first(x[0].max_abs / x[1]))
             kv_rel = kv.max_abs / scale
         out.append(SegmentDiff(rank, n, p.label, p.depth, d, rel, kv, kv_rel))
     return out
@@ -326,7 +338,7 @@ def format_report(report: CompareReport) -> str:
         lines.append(f"{s.rank:>4} {s.label:<22} {s.diff.max_abs:10.2e} {s.diff.mean_abs:10.2e} {s.rel:9.2e} "
                      f"{s.diff.cosine:10.6f} {kv}{flag}")
     c = report.comparison
-    w = max(c.logits, key=lambda d: d.max_abs)
+    w = c.worst()
     lines.append(f"final logits over {len(c.logits)} steps: max abs {c.max_abs:.2e} (worst at {w.name}), "
                  f"min cosine {c.min_cosine:.6f}, top-1 {c.top1:.3f}, "
                  f"top-5 {sum(d.top5 for d in c.logits) / len(c.logits):.3f}, greedy agreement {c.tokens_agree:.3f}")
@@ -367,4 +379,4 @@ def plot_report(report: CompareReport, path: Path) -> None:
 
 def write_json(report: CompareReport, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(report.to_json(), indent=2))
+    write_json_file(path, report.to_json(), indent=2)

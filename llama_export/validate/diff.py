@@ -3,11 +3,24 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+
+def nan_worst(values: Iterable[float], pick=max, *, default: float) -> float:
+    """`pick` (max or min) of `values`, or NaN if any is NaN: Python's max/min silently skip a NaN
+    depending on where it stands in the list, and a NaN error is the worst error of all."""
+    values = list(values)
+    return math.nan if any(math.isnan(v) for v in values) else pick(values, default=default)
+
+
+def nan_first(error: float) -> tuple[bool, float]:
+    """Sort key of an error for max(): NaN ranks above every number."""
+    return (math.isnan(error), error)
 
 
 @dataclass(frozen=True)
@@ -52,11 +65,11 @@ class Comparison:
 
     @property
     def max_abs(self) -> float:
-        return max((d.max_abs for d in self.logits), default=0.0)
+        return nan_worst((d.max_abs for d in self.logits), default=0.0)
 
     @property
     def min_cosine(self) -> float:
-        return min((d.cosine for d in self.logits), default=1.0)
+        return nan_worst((d.cosine for d in self.logits), min, default=1.0)
 
     @property
     def top1(self) -> float:
@@ -64,10 +77,10 @@ class Comparison:
         return sum(vals) / len(vals) if vals else 1.0
 
     def __bool__(self) -> bool:
-        return self.max_abs <= self.tolerance and self.tokens_agree == 1.0
+        return self.max_abs <= self.tolerance and self.tokens_agree == 1.0  # False for a NaN max_abs
 
     def worst(self) -> TensorDiff | None:
-        return max(self.logits, key=lambda d: d.max_abs, default=None)
+        return max(self.logits, key=lambda d: nan_first(d.max_abs), default=None)
 
     def __str__(self) -> str:
         status = "PASS" if self else "FAIL"

@@ -7,8 +7,10 @@ with a generator seeded alike, so the ranks must agree by construction. These te
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from llama_export.errors import NonFiniteError
 from llama_export.model.checkpoint import build_model
 from llama_export.parallel.comm import ThreadGroup
 from llama_export.engine.generate import SamplingConfig, generate, sample
@@ -86,3 +88,27 @@ def test_cli_sampling_at_tp2_equals_tp1(tmp_path):
         assert r.returncode == 0, r.stderr
         outs.append(read_json(tmp_path / f"{tp}.json")["batches"][0]["tokens"])
     assert outs[0] == outs[1]
+
+
+def _step_with_inf_at(decode_step: int, row: int):
+    """A step function over a 3-token vocabulary whose logits are finite except `row`'s at one decode step."""
+    calls = []
+
+    def step(tokens, cached, lengths, keys, values):
+        logits = np.tile(np.array([0.0, 1.0, 0.5], dtype=np.float32), (len(tokens), 1))
+        if len(calls) == decode_step:
+            logits[row, 2] = np.inf
+        calls.append(1)
+        return logits, keys, values
+    return step
+
+
+def test_non_finite_logits_end_generation_naming_the_step_and_row():
+    cache = ([np.zeros((2, 1, 8, 1), dtype=np.float32)], [np.zeros((2, 1, 8, 1), dtype=np.float32)])
+    prompt = np.array([[1, 2], [2, 1]])
+    ok = generate(_step_with_inf_at(99, 0), prompt, cache, max_new_tokens=4)
+    assert ok.new_tokens.tolist() == [[1] * 4, [1] * 4]
+    with pytest.raises(NonFiniteError, match=r"in decode step 2, row 1: .*run in fp32"):
+        generate(_step_with_inf_at(2, 1), prompt, cache, max_new_tokens=4)
+    with pytest.raises(NonFiniteError, match=r"in the prefill, row 0"):
+        generate(_step_with_inf_at(0, 0), prompt, cache, max_new_tokens=4)
