@@ -423,6 +423,7 @@ def open_engine(source, *, tp: int = 1, slots: int = 8, capacity: int | None = N
     from llama_export.parallel.plan import check_tp
     from llama_export.runner.threads import rank_threads
 
+    source.check_runs_alone()
     cfg = source.config()
     source.check_tp(tp)
     check_tp(cfg, tp)
