@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llama_export.engine.generate import SamplingConfig, run_rows, sample, validate_prompt
+from llama_export.engine.generate import SamplingConfig, check_finite, run_rows, sample, validate_prompt
 from llama_export.errors import InputError, LlamaExportError
 from llama_export.runner.step import MakeCache, StepFn, host
 
@@ -356,10 +356,7 @@ class Engine:
 
     def _emit(self, live: _Live, logits: np.ndarray) -> None:
         """Sample `live`'s next token from its row's logits, hand it over, and end it if it is done."""
-        if not np.isfinite(logits).all():
-            raise LlamaExportError(
-                f"the model produced non-finite logits (NaN or Inf) after {live.prefilled + len(live.out)} "
-                "tokens; its weights hold NaN/Inf, or fp16 overflowed (try fp32)")
+        check_finite(logits[None, :], lambda _: f"after {live.prefilled + len(live.out)} tokens of a request")
         token = int(sample(logits[None, :], live.request.sampling, live.rng)[0])
         live.out.append(token)
         req = live.request
