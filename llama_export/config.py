@@ -131,6 +131,7 @@ VocabSize = Annotated[int, Field(ge=1, le=1 << 24)]
 MAX_CONTEXT = 1 << 24  # the largest context (tokens) a config may declare
 MAX_TP = 1024  # the largest tensor-parallel degree
 ContextLength = Annotated[int, Field(ge=2, le=MAX_CONTEXT)]  # room for a prompt token and a new one
+TPDegree = Annotated[int, Field(ge=1, le=MAX_TP)]
 NormEps = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 RopeTheta = Annotated[float, Field(gt=1, allow_inf_nan=False)]  # base**(-2i/d): <= 1 is no RoPE
 ScaleFactor = Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)]

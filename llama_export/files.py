@@ -15,7 +15,7 @@ no longer running (the process was killed with SIGKILL, or the machine went down
 `staging`/`write_atomic` in that folder removes it. Only names in these formats are ever removed, and
 never one whose owner is alive.
 
-One writer per target: `staging(final)` holds an exclusive lock (`.NAME.lock`, flock) for its whole
+One writer per target: `staging(final)` holds an exclusive lock (`.NAME.lock`, filelock) for its whole
 duration, so a second export to the same target fails at once, naming the first one's pid, instead of
 racing it in the swap. `replace_dir` swaps a complete folder in: the old one is renamed aside first and
 restored if the final rename fails, so `final` is always either the old or the new folder, never a mix;
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -171,34 +170,42 @@ class Stage:
         self.target = Path(target)
 
 
+# How long a second writer waits for a target's lock before it is refused: not to wait for another export
+# (that takes minutes), only to ride over a lock file just removed by a writer that finished (filelock then
+# finds its descriptor on the removed file and opens the new one).
+_LOCK_WAIT_S = 0.25
+
+
+def _write_pid(fd: int) -> None:
+    with contextlib.suppress(OSError):  # only for the message of a second writer (a full disk: no pid)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+
+
 @contextmanager
 def _target_lock(final: Path) -> Iterator[None]:
-    """Exclusive lock on `final` for this process, released (and its file removed) on exit."""
+    """Exclusive lock on `final` for this process (filelock: flock on `.NAME.lock`, which holds the
+    holder's pid), released and its file removed on exit."""
+    from filelock import FileLock, Timeout  # lazily: ~30 ms of imports that a run writing nothing does not need
+
     path = final.with_name(f".{final.name}.lock")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise OutputError(f"{final} is being written by another llama-export process (pid {holder}); "
-                              "wait for it to finish or choose another --out") from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False  # the previous holder removed the file between our open and our lock
-        if same:
-            break
-        os.close(fd)
+    lock = FileLock(path, timeout=_LOCK_WAIT_S, on_acquired=_write_pid)
     try:
-        with contextlib.suppress(OSError):  # only for the message of a second writer (a full disk: no pid)
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = path.read_text(errors="replace").strip()[:32] or "?"
+        except OSError:
+            holder = "?"
+        raise OutputError(f"{final} is being written by another llama-export process (pid {holder}); "
+                          "wait for it to finish or choose another --out") from None
+    try:
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still holding the lock, so no one else holds this file
-        os.close(fd)
+        try:
+            path.unlink(missing_ok=True)  # while still holding the lock, so no one else holds this file
+        finally:
+            lock.release()
 
 
 def _recover_interrupted_swap(final: Path) -> None:

@@ -20,11 +20,10 @@ import time
 
 import torch
 
-from llama_export.config import ModelConfig, RopeScaling
+from llama_export.config import ModelConfig, Precision, RopeScaling
 from llama_export.model.transformer import Transformer
+from llama_export.tolerances import CROSS_DTYPE_LOGITS_ATOL
 
-# Tolerances on logits against CPU fp32 (logits are O(1-10) here).
-TOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 3e-1}
 DEVICE = "cuda"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,11 +82,12 @@ def accuracy(report: dict) -> bool:
         cos = min(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
                   for a, b in zip(got, ref))
         top1 = sum((a.argmax(-1) == b.argmax(-1)).float().mean().item() for a, b in zip(got, ref)) / len(ref)
-        passed = err <= TOL[name] and top1 == 1.0
+        tol = CROSS_DTYPE_LOGITS_ATOL[Precision(name)]  # a cross-dtype comparison: against CPU fp32
+        passed = err <= tol and top1 == 1.0
         ok &= passed
-        report["accuracy"][name] = {"max_abs": err, "min_cosine": cos, "top1": top1, "tolerance": TOL[name],
+        report["accuracy"][name] = {"max_abs": err, "min_cosine": cos, "top1": top1, "tolerance": tol,
                                     "pass": passed}
-        print(f"eager cuda {name:4} vs cpu fp32: max abs {err:.3e} (tol {TOL[name]:.0e}) cosine {cos:.6f} "
+        print(f"eager cuda {name:4} vs cpu fp32: max abs {err:.3e} (tol {tol:.0e}) cosine {cos:.6f} "
               f"top-1 {top1:.3f} {'PASS' if passed else 'FAIL'}")
     return ok
 

@@ -24,7 +24,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # atol = rtol
+from llama_export.tolerances import kernel_tolerance
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ class Report:
 
 
 def _compare(got, want, dtype_name: str) -> dict[str, object]:
-    tol = TOL[dtype_name]
+    tol = kernel_tolerance(dtype_name)
     err = (got.float() - want.float()).abs()
     ratio = float((err / (tol + tol * want.float().abs())).max()) if err.numel() else 0.0
     return {"ok": ratio <= 1.0 and got.dtype == want.dtype, "max_abs": f"{float(err.max()):.2e}", "tol_ratio": f"{ratio:.3f}"}
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         nan = torch.full((1, c.shape[1]), float("nan"), device=dev)
         want = rope_reference(x, torch.cat([c, nan]), torch.cat([s, nan]), st, True)
-        ok = bool(torch.allclose(y, want, atol=1e-5, rtol=1e-5, equal_nan=True))
+        tol = kernel_tolerance("float32")
+        ok = bool(torch.allclose(y, want, atol=tol, rtol=tol, equal_nan=True))
         return {"ok": ok and int(y.isnan().flatten(2).any(-1).sum()) == 1}
     rep.check("jit rope position outside the table -> NaN", rope_outside_table)
 

@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
 
 from llama_export import dtypes
 from llama_export.artifact.verified import Stamp, VerifiedFiles
-from llama_export.config import MAX_TP, ModelConfig, ModelDType, Precision, WeightQuant
+from llama_export.config import ModelConfig, ModelDType, Precision, TPDegree, WeightQuant
 from llama_export.errors import ArtifactError
 from llama_export.parsing import parse_json, read_bytes
 
@@ -147,7 +147,7 @@ class Manifest:
     model_name: PathName
     variant: PathName
     model: ModelConfig
-    tp: Annotated[int, Field(ge=1, le=MAX_TP)]
+    tp: TPDegree
     dtype: Precision  # activations (and weights, unless weight_quant quantizes them)
     opset: Annotated[int, Field(ge=1, le=1000)]
     ir_version: Annotated[int, Field(ge=1, le=1000)]

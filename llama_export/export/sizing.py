@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 import onnx_ir as ir
+from pydantic import ByteSize
 
 from llama_export.config import ModelConfig, Precision
 from llama_export.errors import ConfigError
@@ -187,14 +188,16 @@ def _kv_bytes_per_layer_token(model: ir.Model) -> int:
     return total
 
 
+_UNITS = ("TiB", "GiB", "MiB", "KiB")
+
+
 def fmt_bytes(n: float) -> str:
-    """`n` bytes in binary units with two decimals ("16.43 GiB"), the precision `plan`'s table needs
-    (pydantic's `ByteSize.human_readable`, which parses `--memory-limit`, prints one)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
+    """'2.50 GiB': the largest binary unit of pydantic's `ByteSize` (what `--memory-limit` is parsed
+    with) that `n` reaches, up to TiB, with two decimals where `ByteSize.human_readable` shows one: a
+    refusal close to the limit must not print need and limit as the same number."""
+    size = ByteSize(round(n))
+    unit = next((u for u in _UNITS if abs(size) >= ByteSize.byte_sizes[u.lower()]), None)
+    return f"{size} B" if unit is None else f"{size.to(unit):.2f} {unit}"
 
 
 def format_plan(plan: ExportPlan) -> str:

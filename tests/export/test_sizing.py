@@ -108,3 +108,21 @@ def test_plan_cli(tmp_path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1 and "--memory-limit is 1.00 GiB" in r.stderr
     unit = run_cli("plan", "--config", str(cfg), "--memory-limit", "lots")
     assert unit.returncode == 2 and "is not a size" in unit.stderr
+
+
+@pytest.mark.parametrize("text, n", [("80GiB", 80 * 2**30), ("24GB", 24 * 10**9), ("1.5 MiB", 3 * 2**19),
+                                     ("512mib", 2**29), ("1000", 1000)])
+def test_memory_limit_is_read_as_pydantic_reads_a_byte_size(text: str, n: int) -> None:
+    from llama_export.cli import build_parser
+
+    args = build_parser("plan").parse_args(["plan", "--config", "c.json", "--memory-limit", text])
+    assert args.memory_limit == n
+
+
+@pytest.mark.parametrize("n, shown", [(0, "0 B"), (1023, "1023 B"), (1024, "1.00 KiB"), (1023.6, "1.00 KiB"),
+                                      (int(2.5 * 2**30), "2.50 GiB"), (2**30 + 2**20, "1.00 GiB"),
+                                      (2**30 + 6 * 2**20, "1.01 GiB"), (3 * 2**40, "3.00 TiB"), (2**50, "1024.00 TiB")])
+def test_byte_counts_print_with_two_decimals_of_a_binary_unit(n: float, shown: str) -> None:
+    from llama_export.export.sizing import fmt_bytes
+
+    assert fmt_bytes(n) == shown

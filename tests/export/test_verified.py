@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -259,13 +258,13 @@ def test_rehash_flag_of_run_eval_and_compare(forged, tmp_path):
 
 def test_tensorrt_plans_are_hashed_once_and_a_changed_plan_says_rebuild(tmp_path, cache, hashed):
     """The TensorRT runner reads its engines through the same records (`runner.read_plans`)."""
-    from llama_export.backends.tensorrt.runner import _EngineEntry, read_plans
-    from llama_export.parsing import parse_json
+    from llama_export.backends.tensorrt.build import EngineRecord
+    from llama_export.backends.tensorrt.runner import read_plans
 
     plans = {"rank0/layer0.plan": b"engine-0" * 64, "rank0/layer1.plan": b"engine-1" * 64}
     files = _export(tmp_path / "engines", plans)
-    entries = [parse_json(json.dumps({"rank": 0, "plan": rel, "plan_sha256": sha, "io_names": {}, "profiles": []}),
-                          _EngineEntry, source="build_manifest.json", fix="rebuild") for rel, sha in files]
+    entries = [EngineRecord(0, rel.split("/")[1].removesuffix(".plan"), "0" * 64, rel, sha, "key", None, {}, ())
+               for rel, sha in files]
     assert read_plans(tmp_path / "engines", entries) == list(plans.values())
     assert hashed == ["layer0.plan", "layer1.plan"]
     assert read_plans(tmp_path / "engines", entries) == list(plans.values())

@@ -12,7 +12,7 @@ import torch
 
 from llama_export.artifact.manifest import load_manifest
 from llama_export.backends import open_backend
-from llama_export.config import Backend
+from llama_export.config import Backend, Precision
 from llama_export.errors import InputError
 from llama_export.export.exporter import ExportOptions, export
 from llama_export.model.checkpoint import build_model
@@ -20,11 +20,12 @@ from llama_export.parallel.comm import ThreadGroup
 from llama_export.engine import generate as generate_module
 from llama_export.engine.generate import generate, pad_prompts, prefill_groups
 from llama_export.runner.stitch import empty_cache, segmented_step
+from llama_export.tolerances import TOLERANCES
 from tests.helpers import random_meta_state, read_json, run_cli, tiny_config, write_meta
 
 ROWS = [[5, 17, 3, 99, 42, 7, 8], [11, 2], [60, 61, 62, 63, 64]]  # lengths 7, 2, 5
 NEW = 6
-ATOL = 1e-4  # fp32 (llama_export/tolerances.py)
+ATOL = TOLERANCES[Precision.FP32].logits_atol
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import os
 import sys
 import zlib
 
+from llama_export.tolerances import kernel_tolerance
+
 # (op, dtype, shape, interleaved): small shapes, the interpreter is slow. RoPE rows start at ragged
 # positions (ROPE_STARTS) in tables of ROPE_TABLE rows, the last row of the table included.
 CASES: list[tuple[str, str, tuple[int, ...], bool]] = [
@@ -26,7 +28,6 @@ CASES: list[tuple[str, str, tuple[int, ...], bool]] = [
 ]
 ROPE_STARTS = (0, 9, 4)  # start[b] for row b (the first B of them)
 ROPE_TABLE = 13  # table rows P; row 1 of the 4-token case reaches position 9 + 4 - 1 = 12 = P - 1
-TOLERANCES = {"float32": 1e-5, "float16": 2e-3}  # atol = rtol
 
 
 def case_id(case: tuple[str, str, tuple[int, ...], bool]) -> str:
@@ -60,7 +61,7 @@ def main() -> int:
             start = torch.tensor(ROPE_STARTS[: shape[0]], dtype=torch.int64)
             got = kernels.rope(x, ang.cos(), ang.sin(), start, il)
             want = rope_reference(x, ang.cos(), ang.sin(), start, il)
-        tol = TOLERANCES[dt]
+        tol = kernel_tolerance(dt)  # atol = rtol
         err = (got.float() - want.float()).abs()
         bound = tol + tol * want.float().abs()
         results[case_id(case)] = {
@@ -82,7 +83,8 @@ def _outside_table(torch, kernels, rope_reference) -> dict[str, object]:
     nan = torch.full((1, 8), float("nan"))  # the reference with a NaN 9th row: what the kernel promises
     want = rope_reference(x, torch.cat([ang.cos(), nan]), torch.cat([ang.sin(), nan]), start, True)
     got = kernels.rope(x, ang.cos(), ang.sin(), start, True)
-    return {"match": bool(torch.allclose(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)),
+    tol = kernel_tolerance("float32")
+    return {"match": bool(torch.allclose(got, want, atol=tol, rtol=tol, equal_nan=True)),
             "nan_tokens": int(got.isnan().flatten(2).any(-1).sum())}
 
 

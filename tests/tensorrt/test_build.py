@@ -60,28 +60,40 @@ def test_assemble_build_manifest(tmp_path: Path) -> None:
     _, m = _export_dir(tmp_path)
     seg0, seg1 = m.ranks[0].segments[:2]
     key = structure.structure_key(attention_like_segment(0, seed=0))
-    recs = [
-        build.EngineRecord(0, seg0.name, seg0.sha256, "rank0/layer0.plan", "a" * 64, key, None, {"x": "x"}),
-        build.EngineRecord(0, seg1.name, seg1.sha256, "rank0/layer1.plan", "b" * 64, key, "rank0/layer0", {"x": "x"}),
-    ]
-    profs = {f"rank0/{s.name}": [p.to_dict() for p in profiles.plan_profiles(s.inputs, max_batch=2, max_seq_len=16)]
+    profs = {s.name: tuple(build.ProfileRecord.of(p) for p in profiles.plan_profiles(s.inputs, max_batch=2, max_seq_len=16))
              for s in (seg0, seg1)}
-    doc = build.assemble_build_manifest(m, recs, profs, tensorrt_version="11.0.0", gpu_name="NVIDIA H100",
+    recs = [
+        build.EngineRecord(0, seg0.name, seg0.sha256, "rank0/layer0.plan", "a" * 64, key, None, {"x": "x"}, profs[seg0.name]),
+        build.EngineRecord(0, seg1.name, seg1.sha256, "rank0/layer1.plan", "b" * 64, key, "rank0/layer0", {"x": "x"},
+                           profs[seg1.name]),
+    ]
+    doc = build.assemble_build_manifest(m, recs, tensorrt_version="11.0.0", gpu_name="NVIDIA H100",
                                         compute_capability=(9, 0), plugins="aot")
-    json.dumps(doc)  # serialisable
-    assert doc["format"] == build.BUILD_FORMAT and doc["tensorrt_version"] == "11.0.0"
-    assert doc["gpu"] == {"name": "NVIDIA H100", "compute_capability": "9.0"}
-    assert (doc["engines_built"], doc["engines_refit"]) == (1, 1)
-    e0, e1 = doc["engines"]
+    raw = json.loads(doc.to_json())
+    assert raw["format"] == build.BUILD_FORMAT and raw["tensorrt_version"] == "11.0.0" and raw["dtype"] == "fp16"
+    assert raw["gpu"] == {"name": "NVIDIA H100", "compute_capability": "9.0"}
+    assert (raw["engines_built"], raw["engines_refit"]) == (1, 1)
+    e0, e1 = raw["engines"]
     assert e0["onnx_sha256"] == seg0.sha256 and e1["refit_from"] == "rank0/layer0" and e0["refit_from"] is None
     assert [p["name"] for p in e1["profiles"]] == ["prefill", "decode"]
     assert e1["profiles"][1]["shapes"]["x"] == {"min": [1, 1, 8], "opt": [2, 1, 8], "max": [2, 1, 8]}
-    # the runner reads it back through its typed schema
-    from llama_export.backends.tensorrt.runner import _BuildManifest
-    from llama_export.parsing import parse_json
+    # the runner reads it back through the same schema, to the same value
+    back = build.BuildManifest.from_json(doc.to_json(), source="build_manifest.json")
+    assert back == doc and back.engines[1].profiles[1].profile().shapes["x"][2] == (2, 1, 8)
 
-    back = parse_json(json.dumps(doc), _BuildManifest, source="build_manifest.json", fix="rebuild")
-    assert back.engines[1].plan_sha256 == "b" * 64 and back.engines[1].profiles[1].shapes["x"].max == (2, 1, 8)
+
+@pytest.mark.parametrize("change, message", [
+    ({"format": "other"}, "not a llama_export TensorRT build manifest of format version 1"),
+    ({"plugins": "both"}, "plugins"),
+    ({"tp": 0}, "tp"),
+])
+def test_a_wrong_build_manifest_is_one_error(tmp_path: Path, change: dict, message: str) -> None:
+    _, m = _export_dir(tmp_path, n_layers=1)
+    doc = build.assemble_build_manifest(m, [], tensorrt_version="11.0.0", gpu_name="g", compute_capability=(8, 0),
+                                        plugins="jit")
+    raw = json.dumps({**json.loads(doc.to_json()), **change})
+    with pytest.raises(ArtifactError, match=message):
+        build.BuildManifest.from_json(raw, source="build_manifest.json")
 
 
 def test_default_out_dir(tmp_path: Path) -> None:

@@ -58,6 +58,14 @@ def test_choose_profile() -> None:
         profiles.choose_profile(ps, {"tokens": (3, 1)})
 
 
-def test_to_dict_is_json_ready() -> None:
-    d = profiles.plan_profile(INPUTS[:1], "decode", max_batch=2, max_seq_len=8).to_dict()
-    assert d == {"name": "decode", "shapes": {"tokens": {"min": [1, 1], "opt": [2, 1], "max": [2, 1]}}}
+def test_a_profile_as_build_manifest_json_and_back() -> None:
+    import dataclasses
+    import json
+
+    from llama_export.backends.tensorrt.build import ProfileRecord
+    from llama_export.parsing import parse_json
+
+    p = profiles.plan_profile(INPUTS[:1], "decode", max_batch=2, max_seq_len=8)
+    raw = json.dumps(dataclasses.asdict(ProfileRecord.of(p)))
+    assert json.loads(raw) == {"name": "decode", "shapes": {"tokens": {"min": [1, 1], "opt": [2, 1], "max": [2, 1]}}}
+    assert parse_json(raw, ProfileRecord, source="x", fix="y").profile() == p

@@ -20,24 +20,29 @@ parse, build or refit (refit of engines with plugin layers included); that needs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import onnx
+from pydantic import Field
 
 from llama_export.backends.tensorrt import lowering, profiles, structure
 from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
+from llama_export.config import ContextLength, Precision, TPDegree
 from llama_export.errors import ArtifactError, BackendUnavailableError
 from llama_export.files import staged_dir
+from llama_export.parsing import parse_json
 from llama_export.artifact.manifest import (
     MANIFEST_NAME,
     Manifest,
     Segment,
+    Sha256,
     load_manifest,
     resolve_inside,
     sha256_file,
@@ -50,67 +55,129 @@ log = logging.getLogger(__name__)
 
 BUILD_MANIFEST = "build_manifest.json"
 BUILD_FORMAT = "llama_export.trt_build"
+BUILD_FORMAT_VERSION = 1
 TIMING_CACHE = "timing.cache"
 # The export's manifest travels with the engines: the runner reads segment I/O and collectives from it.
 EXPORT_MANIFEST = "export_manifest.json"
+
+
+# ---- build_manifest.json: written by `build_engines`, read by the runner, one schema ------------------
+
+Dims = tuple[Annotated[int, Field(ge=0)], ...]
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    min: Dims
+    opt: Dims
+    max: Dims
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """One optimization profile of an engine: (min, opt, max) shape per input (manifest names)."""
+
+    name: str
+    shapes: dict[str, ShapeRange]
+
+    @classmethod
+    def of(cls, p: profiles.Profile) -> ProfileRecord:
+        return cls(p.name, {k: ShapeRange(*v) for k, v in p.shapes.items()})
+
+    def profile(self) -> profiles.Profile:
+        return profiles.Profile(self.name, {k: (v.min, v.opt, v.max) for k, v in self.shapes.items()})
 
 
 @dataclass(frozen=True)
 class EngineRecord:
     """One segment's engine, as build_manifest.json lists it."""
 
-    rank: int
+    rank: Annotated[int, Field(ge=0)]
     segment: str
-    onnx_sha256: str  # the exported segment, as in manifest.json
-    plan: str  # relative path
-    plan_sha256: str
+    onnx_sha256: Sha256  # the exported segment, as in manifest.json
+    plan: str  # relative path (`resolve_inside` checks it)
+    plan_sha256: Sha256
     structure_key: str
     refit_from: str | None  # "rank<r>/<segment>" whose engine was refit, or None if built
-    io_names: dict[str, str] = field(default_factory=dict)  # manifest tensor name -> engine tensor name
+    io_names: dict[str, str]  # manifest tensor name -> engine tensor name
+    profiles: tuple[ProfileRecord, ...]
+
+
+@dataclass(frozen=True)
+class GpuRecord:
+    name: str
+    compute_capability: str  # "9.0"
+
+
+@dataclass(frozen=True)
+class BuildManifest:
+    """build_manifest.json: TensorRT version, GPU, profiles, sha256 of every input ONNX and plan, refit
+    sources and engine I/O names per segment."""
+
+    format: str
+    format_version: int
+    model_name: str
+    variant: str
+    tp: TPDegree
+    dtype: Precision
+    tensorrt_version: str
+    gpu: GpuRecord
+    plugins: Literal["aot", "jit"]
+    profile_names: tuple[str, ...]
+    max_batch: Annotated[int, Field(ge=1)]
+    max_seq_len: ContextLength
+    engines_built: Annotated[int, Field(ge=0)]
+    engines_refit: Annotated[int, Field(ge=0)]
+    engines: tuple[EngineRecord, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)  # Precision is a str enum: its value
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, *, source: str, fix: str = "rebuild") -> BuildManifest:
+        """Parse build_manifest.json strictly; errors name `source`."""
+        header = parse_json(raw, _Header, source=source, fix=fix, error=ArtifactError)
+        if header.format != BUILD_FORMAT or header.format_version != BUILD_FORMAT_VERSION:
+            raise ArtifactError(f"{source} is not a llama_export TensorRT build manifest of format version "
+                                f"{BUILD_FORMAT_VERSION} (format={header.format!r}, "
+                                f"format_version={header.format_version!r}); {fix}")
+        return parse_json(raw, cls, source=source, fix=fix, error=ArtifactError)
+
+
+@dataclass(frozen=True)
+class _Header:
+    format: Any = None
+    format_version: Any = None
 
 
 def assemble_build_manifest(
     manifest: Manifest,
     records: Sequence[EngineRecord],
-    profile_dicts: dict[str, list[dict[str, Any]]],
     *,
     tensorrt_version: str,
     gpu_name: str,
     compute_capability: tuple[int, int],
-    plugins: str,
-) -> dict[str, Any]:
+    plugins: Literal["aot", "jit"],
+) -> BuildManifest:
     """The build_manifest.json content (pure: no TensorRT, no files)."""
     builds = sum(r.refit_from is None for r in records)
-    return {
-        "format": BUILD_FORMAT,
-        "format_version": 1,
-        "model_name": manifest.model_name,
-        "variant": manifest.variant,
-        "tp": manifest.tp,
-        "dtype": manifest.dtype.value,
-        "tensorrt_version": tensorrt_version,
-        "gpu": {"name": gpu_name, "compute_capability": f"{compute_capability[0]}.{compute_capability[1]}"},
-        "plugins": plugins,
-        "profile_names": list(profiles.PROFILE_NAMES),
-        "max_batch": manifest.max_batch,
-        "max_seq_len": manifest.model.max_seq_len,
-        "engines_built": builds,
-        "engines_refit": len(records) - builds,
-        "engines": [
-            {
-                "rank": r.rank,
-                "segment": r.segment,
-                "onnx_sha256": r.onnx_sha256,
-                "plan": r.plan,
-                "plan_sha256": r.plan_sha256,
-                "structure_key": r.structure_key,
-                "refit_from": r.refit_from,
-                "io_names": r.io_names,
-                "profiles": profile_dicts[f"rank{r.rank}/{r.segment}"],
-            }
-            for r in records
-        ],
-    }
+    return BuildManifest(
+        format=BUILD_FORMAT,
+        format_version=BUILD_FORMAT_VERSION,
+        model_name=manifest.model_name,
+        variant=manifest.variant,
+        tp=manifest.tp,
+        dtype=manifest.dtype,
+        tensorrt_version=tensorrt_version,
+        gpu=GpuRecord(gpu_name, f"{compute_capability[0]}.{compute_capability[1]}"),
+        plugins=plugins,
+        profile_names=tuple(profiles.PROFILE_NAMES),
+        max_batch=manifest.max_batch,
+        max_seq_len=manifest.model.max_seq_len,
+        engines_built=builds,
+        engines_refit=len(records) - builds,
+        engines=tuple(records),
+    )
 
 
 def default_out_dir(manifest: Manifest, root: Path = Path("engines")) -> Path:
@@ -249,23 +316,21 @@ def build_engines(artifacts_dir: Path, out_dir: Path, options: BuildOptions = Bu
         builder = _Builder(trt, options.timing_cache or out_dir / TIMING_CACHE, aot_plugins=options.aot_plugins,
                            workspace_gib=options.workspace_gib)
         records: list[EngineRecord] = []
-        profile_dicts: dict[str, list[dict[str, Any]]] = {}
         first: dict[str, tuple[str, onnx.ModelProto, bytes]] = {}  # key -> (id, lowered model, plan)
         total = sum(len(manifest.rank(r).segments) for r in ranks)
         for r in ranks:
             (tmp / f"rank{r}").mkdir()
             for seg in manifest.rank(r).segments:
-                rec, profs = _one_segment(builder, manifest, artifacts_dir, tmp, r, seg, first, refit=options.refit)
+                rec = _one_segment(builder, manifest, artifacts_dir, tmp, r, seg, first, refit=options.refit)
                 records.append(rec)
-                profile_dicts[f"rank{r}/{seg.name}"] = [p.to_dict() for p in profs]
                 log.info("[%d/%d] rank %d %s: %s", len(records), total, r, seg.name,
                          f"refit from {rec.refit_from}" if rec.refit_from else "built")
         (tmp / TIMING_CACHE).write_bytes(builder.serialized_cache())
         doc = assemble_build_manifest(
-            manifest, records, profile_dicts, tensorrt_version=trt.__version__, gpu_name=gpu_name,
+            manifest, records, tensorrt_version=trt.__version__, gpu_name=gpu_name,
             compute_capability=cc, plugins="aot" if options.aot_plugins else "jit",
         )
-        (tmp / BUILD_MANIFEST).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        (tmp / BUILD_MANIFEST).write_text(doc.to_json(), encoding="utf-8")
         shutil.copyfile(artifacts_dir / MANIFEST_NAME, tmp / EXPORT_MANIFEST)
         for t in manifest.text_files:  # at the same relative paths, so the copied manifest describes them
             shutil.copyfile(resolve_inside(artifacts_dir, t.file), tmp / t.file)
@@ -284,7 +349,7 @@ def _one_segment(
     first: dict[str, tuple[str, onnx.ModelProto, bytes]],
     *,
     refit: bool,
-) -> tuple[EngineRecord, tuple[profiles.Profile, ...]]:
+) -> EngineRecord:
     src = resolve_inside(artifacts_dir, seg.file)
     lowered_path = tmp / f"rank{rank}" / f"{seg.name}.trt.onnx"
     lowering.lower_file(src, lowered_path)
@@ -309,5 +374,6 @@ def _one_segment(
     rec = EngineRecord(
         rank=rank, segment=seg.name, onnx_sha256=seg.sha256, plan=plan_rel, plan_sha256=sha256_file(tmp / plan_rel),
         structure_key=key, refit_from=refit_from, io_names=io_names,
+        profiles=tuple(ProfileRecord.of(p) for p in profs),
     )
-    return rec, profs
+    return rec

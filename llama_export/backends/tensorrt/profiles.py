@@ -39,12 +39,6 @@ class Profile:
     name: str
     shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "shapes": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in self.shapes.items()},
-        }
-
 
 def dim_ranges(profile: str, *, max_batch: int, max_seq_len: int) -> dict[str, Range]:
     """(min, opt, max) of each named dimension for `profile` ("prefill" or "decode")."""

@@ -20,22 +20,20 @@ Every TensorRT name and call signature used here is checked against the TensorRT
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from llama_export import dtypes
 from llama_export.artifact import schema
 from llama_export.backends.tensorrt import profiles
-from llama_export.backends.tensorrt.build import BUILD_FORMAT, BUILD_MANIFEST, EXPORT_MANIFEST
+from llama_export.backends.tensorrt.build import BUILD_MANIFEST, EXPORT_MANIFEST, BuildManifest, EngineRecord
 from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
 from llama_export.errors import ArtifactError, BackendUnavailableError, InputError
-from llama_export.artifact.manifest import Manifest, Sha256, resolve_inside, verify_files
-from llama_export.parsing import parse_json_file, read_bytes
+from llama_export.artifact.manifest import Manifest, resolve_inside, verify_files
+from llama_export.parsing import read_bytes
 
 if TYPE_CHECKING:  # annotations only: the API conformance check reads them (tests/tensorrt/conformance)
     import tensorrt as trt
@@ -51,49 +49,13 @@ def _torch_dtype(trt: Any, dt: Any) -> torch.dtype:
     raise ArtifactError(f"engine tensor dtype {dt} has no torch equivalent here")
 
 
-Dims = tuple[Annotated[int, Field(ge=0)], ...]
-
-
-@dataclass(frozen=True)
-class _ShapeRange:
-    min: Dims
-    opt: Dims
-    max: Dims
-
-
-@dataclass(frozen=True)
-class _ProfileEntry:
-    name: str
-    shapes: dict[str, _ShapeRange]
-
-
-@dataclass(frozen=True)
-class _EngineEntry:
-    rank: Annotated[int, Field(ge=0)]
-    plan: str  # relative path (`resolve_inside` checks it)
-    plan_sha256: Sha256
-    io_names: dict[str, str]
-    profiles: tuple[_ProfileEntry, ...]
-
-
-@dataclass(frozen=True)
-class _BuildManifest:
-    """The part of build_manifest.json (`build.assemble_build_manifest`) the runner reads, typed."""
-
-    format: str
-    engines: tuple[_EngineEntry, ...]
-
-
 class _Segment:
-    def __init__(self, trt: Any, runtime: trt.Runtime, plan: bytes, entry: _EngineEntry) -> None:
+    def __init__(self, trt: Any, runtime: trt.Runtime, plan: bytes, entry: EngineRecord) -> None:
         self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise ArtifactError(f"TensorRT could not deserialize {entry.plan} (built with another version/GPU?)")
         self.io_names: dict[str, str] = entry.io_names
-        self.profiles = tuple(
-            profiles.Profile(p.name, {k: (v.min, v.opt, v.max) for k, v in p.shapes.items()})
-            for p in entry.profiles
-        )
+        self.profiles = tuple(p.profile() for p in entry.profiles)
         self.contexts: dict[int, trt.IExecutionContext] = {}
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
@@ -117,7 +79,7 @@ def load_export_manifest(build_dir: Path) -> Manifest:
     return Manifest.from_json(read_bytes(path, error=ArtifactError), source=str(path), fix="rebuild")
 
 
-def read_plans(build_dir: Path, entries: list[_EngineEntry], *, rehash: bool = False) -> list[bytes]:
+def read_plans(build_dir: Path, entries: list[EngineRecord], *, rehash: bool = False) -> list[bytes]:
     """The serialized engines of `entries`, each checked against its sha256 in the build manifest. The
     records of `artifact.verified` spare re-hashing plans unchanged since a start verified them (an 8B
     fp16 rank's plans are ~16 GB: ~13 s of hashing on every start otherwise); `rehash` hashes them all."""
@@ -143,9 +105,7 @@ class TensorRTBackend:
         path = build_dir / BUILD_MANIFEST
         if not path.is_file():
             raise ArtifactError(f"{build_dir} has no {BUILD_MANIFEST}; run `llama-export build` first")
-        doc = parse_json_file(path, _BuildManifest, fix="rebuild", error=ArtifactError)
-        if doc.format != BUILD_FORMAT:
-            raise ArtifactError(f"{path} is not a llama_export TensorRT build manifest")
+        doc = BuildManifest.from_json(read_bytes(path, error=ArtifactError), source=str(path))
         entries = [e for e in doc.engines if e.rank == rank]
         if not entries:
             raise ArtifactError(f"{build_dir} has no engines for rank {rank}")
