@@ -113,3 +113,30 @@ def test_the_backend_refuses_an_old_runtime(setup, monkeypatch):
     path = setup[1]["tp1-fp32"]
     with pytest.raises(BackendUnavailableError, match=r"onnxruntime 1\.30\.2 is older than 1\.31"):
         OrtBackend(load_manifest(path), path, rank=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_torch_tensors_bind_by_their_onnx_element_type(dtype):
+    """CUDA runs bind torch tensors (`_buffer`); numpy has no bfloat16, so the element type is the ONNX
+    one, which IOBinding takes as an int. Shown on the CPU provider with CPU tensors: x -> Cast(fp32)."""
+    import torch
+    from onnx import TensorProto, helper
+
+    from llama_export import dtypes
+    from llama_export.backends.ort import _buffer
+
+    d = dtypes.by_name(dtype)
+    g = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "g",
+                          [helper.make_tensor_value_info("x", d.onnx, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.tensor([[1.5, -2.0, 3.25], [0.5, 8.0, -0.125]], dtype=d.torch)  # exact in every dtype
+    y = torch.empty(2, 3, dtype=torch.float32)
+    elem, shape, _ = _buffer(x)
+    assert elem == d.onnx and shape == [2, 3]
+    io = session.io_binding()
+    io.bind_input("x", "cpu", 0, *_buffer(x))
+    io.bind_output("y", "cpu", 0, *_buffer(y))
+    session.run_with_iobinding(io)
+    assert torch.equal(y, x.float())

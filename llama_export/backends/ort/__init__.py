@@ -133,9 +133,19 @@ class OrtBackend:
                 out[name] = self._empty(tuple(shape), spec.dtype)
                 io.bind_output(name, self._kind, self._index, *_buffer(out[name]))
             else:  # allocated by ONNX Runtime, afresh each run (a kept one would have the last run's shape)
-                io.bind_output(name, self._kind)
+                io.bind_output(name, self._kind, self._index)  # on this rank's device (the default is 0)
                 fetch = True
-        session.run_with_iobinding(io)
+        if self._kind == "cuda":
+            # ONNX Runtime runs on its own CUDA stream: the inputs (collective outputs, caches from
+            # torch.zeros) must be complete on torch's stream first; its outputs are complete when the
+            # outputs are synchronized, before torch reads them.
+            import torch
+
+            torch.cuda.current_stream(self.device).synchronize()
+            session.run_with_iobinding(io)
+            io.synchronize_outputs()
+        else:
+            session.run_with_iobinding(io)
         if fetch:
             for name, value in zip(names, io.get_outputs()):
                 if name not in out:
@@ -273,8 +283,9 @@ def _rebind(bound: dict, key: Any, x: Any) -> bool:
     return True
 
 
-def _buffer(x: Any) -> tuple[type, list[int], int]:
-    """(element type, shape, address) of a numpy array or a torch tensor, for IOBinding."""
+def _buffer(x: Any) -> tuple[type | int, list[int], int]:
+    """(element type, shape, address) of a numpy array or a torch tensor, for IOBinding. A torch tensor's
+    element type is the ONNX one (an int, which IOBinding also takes): numpy has no bfloat16."""
     if isinstance(x, np.ndarray):
         return x.dtype.type, list(x.shape), x.ctypes.data
-    return np.dtype(dtypes.by_torch(x.dtype).name).type, list(x.shape), x.data_ptr()
+    return dtypes.by_torch(x.dtype).onnx, list(x.shape), x.data_ptr()
