@@ -3,7 +3,8 @@
 Sessions are created from the segment's ONNX Runtime lowering. An export written by `llama-export
 export` carries it (`prelower.py`: `rank<r>/<segment>.ort.onnx`, listed in the manifest), so the session
 is created from that file: ONNX Runtime reads the weights itself, once, into its own buffers, and this
-process imports neither onnx_ir nor torch. Otherwise (exports written by the library's `export()`, the
+process imports neither onnx_ir nor torch. That file fuses attention for onnxruntime >= 1.32; on 1.31
+(the newest onnxruntime-gpu) every segment is lowered in memory without that fusion (`runtime.py`). Otherwise (exports written by the library's `export()`, the
 exact arithmetic `compare` asks for on quantized weights, or values exposed from inside a graph) the
 canonical graph is lowered in memory (`lowering.lower_segment`) without its weights: the lowered proto
 only refers to the segment's data file, which ONNX Runtime reads from the segment's folder
