@@ -13,7 +13,7 @@ KV-cache-update and attention layers).
                                            rotate-half: a, b = Split(x32, -1); c = Gather(cos, pos)[:, :, None, :]
 
     Attention(q, k, v, past_key, past_value, start, lengths)
-      present_key = TensorScatter(past_key, Transpose(k, [0, 2, 1, 3]), write_indices=start, axis=2)  (v alike)
+      present_key = TensorScatter(past_key, Transpose(k, [0, 2, 1, 3]), write_indices=start, axis=-2)  (v alike)
       mask [B, 1, S, C] = Range(C)[None, None, None, :] <= pos[:, None, :, None]       (pos as above)
       y = Reshape(Transpose(Attention(Transpose(q), present_key, present_value, mask,
                                       softmax_precision=float), [0, 2, 1, 3]), [0, 0, -1])
@@ -83,8 +83,10 @@ def attention(node: ir.Node, op: Emit, *, fp32_softmax: bool = True) -> tuple[ir
     precision): TensorRT's ONNX parser rejects a node that sets it (`backends/tensorrt/lowering.py`)."""
     q, k, v, past_key, past_value, start, _lengths = node.inputs
     bnsh = [0, 2, 1, 3]
-    present_key = op("TensorScatter", [past_key, op("Transpose", [k], perm=bnsh), start], axis=2)
-    present_value = op("TensorScatter", [past_value, op("Transpose", [v], perm=bnsh), start], axis=2)
+    # axis -2 (the sequence axis of [B, KVH, C, D]) spelled as onnx-tensorrt's operators.md requires it:
+    # "`axis` must be -2"
+    present_key = op("TensorScatter", [past_key, op("Transpose", [k], perm=bnsh), start], axis=-2)
+    present_value = op("TensorScatter", [past_value, op("Transpose", [v], perm=bnsh), start], axis=-2)
     pos = op.positions(q, start)  # [B, S]
     slots = op("Range", [op.scalar(0), op.dim(past_key, 2), op.scalar(1)])  # [C]
     mask = op("LessOrEqual", [op("Unsqueeze", [slots, op.i64([0, 1, 2])]), op("Unsqueeze", [pos, op.i64([1, 3])])])

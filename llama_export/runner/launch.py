@@ -26,6 +26,7 @@ import psutil
 
 from llama_export.clock import process_start
 from llama_export.errors import InputError, RankFailedError
+from llama_export.runner.devices import check_gpus_for_ranks, rank_device
 from llama_export.runner.env import (
     CLOSED_OUTPUT_EXIT,
     RUN_DIR,
@@ -63,20 +64,23 @@ def on_ranks(tp: int, device: str, argv: list[str], work: RankWork, *, threads: 
 
     In a plain process, tp=1 runs `work` right here and tp>1 starts the rank processes with `argv`
     (`launch_local`), which come back here as ranks. In a rank process: join the launcher's channel and
-    the process group, decide the thread count (`rank_threads`, decided once by the launcher), run
-    `work`, and leave without tearing gloo down (`leave_rank`). A single rank imports no torch here."""
+    the process group on this rank's device (`devices.rank_device`: cuda:LOCAL_RANK, made current; more
+    ranks than GPUs are refused before they start), decide the thread count (`rank_threads`, decided
+    once by the launcher), run `work`, and leave without tearing gloo down (`leave_rank`). A single rank
+    on the CPU imports no torch here."""
     from llama_export.parallel.comm import LocalComm
 
     env = rank_env()
     n_threads = rank_threads(threads, tp)
     if env is None:
+        check_gpus_for_ranks(device, tp)  # before any rank starts: all tp ranks run on this machine
         if tp > 1:
             return launch_local(argv, tp, threads=n_threads)
         env = RankEnv(rank=0, world_size=1, local_rank=0)
     join_launcher()
     if env.world_size != tp:
         raise InputError(f"started with WORLD_SIZE={env.world_size} but --tp {tp}; make them equal")
-    dev = device if device != "cuda" else f"cuda:{env.local_rank}"
+    dev = rank_device(device, env.local_rank)
     if env.world_size == 1:
         return work(env, LocalComm(), dev, n_threads)
     import torch.distributed as dist

@@ -150,8 +150,8 @@ def _parser_rule_violations(model: onnx.ModelProto) -> list[str]:
     for n in model.graph.node:
         a = _attrs(n)
         if n.op_type == "TensorScatter":
-            axis = a.get("axis", -2)
-            if [rank.get(x) for x in n.input[:2]] != [4, 4] or axis - 4 * (axis > 0) != -2:
+            # operators.md: "`axis` must be -2" (written as such, not as the equivalent 2)
+            if [rank.get(x) for x in n.input[:2]] != [4, 4] or a.get("axis", -2) != -2:
                 bad.append(f"{n.name}: TensorScatter needs 4-D cache/update and axis -2")
             if a.get("mode", b"linear") != b"linear":
                 bad.append(f"{n.name}: TensorScatter mode must be linear")
@@ -207,6 +207,18 @@ def test_parser_rule_check_catches_the_former_lowering(exported) -> None:
         (old,) = _lowered_segments(exported["fp16"], 0)
     assert _parser_rule_violations(model) == []
     assert any("softmax_precision is rejected" in v for v in _parser_rule_violations(old))
+
+
+def test_lowered_tensor_scatter_writes_axis_minus_2(exported) -> None:
+    """onnx-tensorrt's operators.md: TensorScatter "`axis` must be -2"; the former lowering wrote 2."""
+    (model,) = _lowered_segments(exported["fp16"], 0)
+    scatters = [n for n in model.graph.node if n.op_type == "TensorScatter"]
+    assert scatters and all(_attrs(n)["axis"] == -2 for n in scatters)
+    for n in scatters:
+        for a in n.attribute:
+            if a.name == "axis":
+                a.i = 2
+    assert any("axis -2" in v for v in _parser_rule_violations(model))
 
 
 class _LoweredOnOrt:

@@ -3,7 +3,8 @@
 Sessions are created from the segment's ONNX Runtime lowering. An export written by `llama-export
 export` carries it (`prelower.py`: `rank<r>/<segment>.ort.onnx`, listed in the manifest), so the session
 is created from that file: ONNX Runtime reads the weights itself, once, into its own buffers, and this
-process imports neither onnx_ir nor torch. Otherwise (exports written by the library's `export()`, the
+process imports neither onnx_ir nor torch. That file fuses attention for onnxruntime >= 1.32; on 1.31
+(the newest onnxruntime-gpu) every segment is lowered in memory without that fusion (`runtime.py`). Otherwise (exports written by the library's `export()`, the
 exact arithmetic `compare` asks for on quantized weights, or values exposed from inside a graph) the
 canonical graph is lowered in memory (`lowering.lower_segment`) without its weights: the lowered proto
 only refers to the segment's data file, which ONNX Runtime reads from the segment's folder
@@ -31,6 +32,7 @@ import numpy as np
 from llama_export import dtypes
 from llama_export.artifact import schema
 from llama_export.artifact.manifest import Manifest, resolve_inside
+from llama_export.backends.ort import runtime
 from llama_export.config import Precision
 from llama_export.errors import ArtifactError, BackendUnavailableError
 
@@ -45,6 +47,7 @@ def _ort():
         import onnxruntime
     except ImportError:
         raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
+    runtime.check_version(onnxruntime)
     return onnxruntime
 
 
@@ -68,6 +71,10 @@ class OrtBackend:
                     "--device cuda with the ort backend needs onnxruntime-gpu (pip install onnxruntime-gpu); "
                     "this onnxruntime has only " + ", ".join(ort.get_available_providers()))
             providers = [("CUDAExecutionProvider", {"device_id": self._index}), *providers]
+            if manifest.dtype is Precision.FP32:
+                log.warning("onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 only: this fp32 export's "
+                            "attention runs on the CPU provider (a copy each way per layer); export fp16 or bf16 "
+                            "for CUDA")
         elif manifest.dtype is Precision.BF16:
             raise BackendUnavailableError("ONNX Runtime's CPU provider has no bf16 kernels; export fp32 or fp16")
         self.sessions = []
@@ -77,7 +84,13 @@ class OrtBackend:
         # The written lowering runs at the default accuracy level; it is the same graph as the in-memory
         # one unless quantized weights must be computed exactly.
         prelowered = not extra_outputs and not (exact and manifest.weight_quant is not None)
-        self.prelowered = prelowered and all(seg.ort is not None for seg in self.segments)
+        # The written lowering fuses attention for onnxruntime >= 1.32; an older runtime lowers in memory
+        # without that fusion (`runtime.py`).
+        fuse = runtime.fused_attention(ort)
+        if not fuse:
+            log.info("onnxruntime %s has no GroupQueryAttention query_seqlens (1.32+): attention runs unfused "
+                     "(TensorScatter + Attention), lowered in memory", ort.__version__)
+        self.prelowered = fuse and prelowered and all(seg.ort is not None for seg in self.segments)
         for seg in self.segments:
             opts = _session_options(ort, threads)
             names = [o.name for o in seg.outputs]
@@ -85,7 +98,7 @@ class OrtBackend:
                 session = _open(ort, root, seg.ort.file, opts, providers)
             else:
                 session, more = _lowered_in_memory(ort, resolve_inside(root, seg.file), opts, providers,
-                                                   exact=exact, extra_outputs=extra_outputs)
+                                                   exact=exact, extra_outputs=extra_outputs, fuse_attention=fuse)
                 names += more
             self.sessions.append(session)
             self.output_names.append(names)
@@ -121,9 +134,19 @@ class OrtBackend:
                 out[name] = self._empty(tuple(shape), spec.dtype)
                 io.bind_output(name, self._kind, self._index, *_buffer(out[name]))
             else:  # allocated by ONNX Runtime, afresh each run (a kept one would have the last run's shape)
-                io.bind_output(name, self._kind)
+                io.bind_output(name, self._kind, self._index)  # on this rank's device (the default is 0)
                 fetch = True
-        session.run_with_iobinding(io)
+        if self._kind == "cuda":
+            # ONNX Runtime runs on its own CUDA stream: the inputs (collective outputs, caches from
+            # torch.zeros) must be complete on torch's stream first; its outputs are complete when the
+            # outputs are synchronized, before torch reads them.
+            import torch
+
+            torch.cuda.current_stream(self.device).synchronize()
+            session.run_with_iobinding(io)
+            io.synchronize_outputs()
+        else:
+            session.run_with_iobinding(io)
         if fetch:
             for name, value in zip(names, io.get_outputs()):
                 if name not in out:
@@ -168,17 +191,20 @@ def _open(ort, root: Path, rel: str, opts, providers):
         raise  # the CLI's own lines for these
     except Exception as e:  # onnxruntime's Fail / InvalidGraph / InvalidProtobuf (plain Exception subclasses)
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ArtifactError(f"{rel} cannot be opened by ONNX Runtime ({first[:160]}); re-export") from None
+        raise ArtifactError(f"{rel} cannot be opened by onnxruntime {ort.__version__} ({first[:160]}); "
+                            "re-export") from None
 
 
-def _lowered_in_memory(ort, path: Path, opts, providers, *, exact: bool, extra_outputs: tuple[str, ...]):
+def _lowered_in_memory(ort, path: Path, opts, providers, *, exact: bool, extra_outputs: tuple[str, ...],
+                       fuse_attention: bool = True):
     """(session, exposed extra output names) of the canonical segment at `path`, lowered in memory."""
     import onnx_ir as ir
 
     from llama_export.backends.ort.lowering import lower_segment
     from llama_export.backends.ort.weight_only import DEFAULT_ACCURACY_LEVEL, EXACT_ACCURACY_LEVEL
 
-    lowered = lower_segment(path, EXACT_ACCURACY_LEVEL if exact else DEFAULT_ACCURACY_LEVEL)
+    lowered = lower_segment(path, EXACT_ACCURACY_LEVEL if exact else DEFAULT_ACCURACY_LEVEL,
+                            fuse_attention=fuse_attention)
     more = _expose(lowered, extra_outputs)
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     held = _hand_over_in_memory_weights(lowered)
@@ -258,8 +284,9 @@ def _rebind(bound: dict, key: Any, x: Any) -> bool:
     return True
 
 
-def _buffer(x: Any) -> tuple[type, list[int], int]:
-    """(element type, shape, address) of a numpy array or a torch tensor, for IOBinding."""
+def _buffer(x: Any) -> tuple[type | int, list[int], int]:
+    """(element type, shape, address) of a numpy array or a torch tensor, for IOBinding. A torch tensor's
+    element type is the ONNX one (an int, which IOBinding also takes): numpy has no bfloat16."""
     if isinstance(x, np.ndarray):
         return x.dtype.type, list(x.shape), x.ctypes.data
-    return np.dtype(dtypes.by_torch(x.dtype).name).type, list(x.shape), x.data_ptr()
+    return dtypes.by_torch(x.dtype).onnx, list(x.shape), x.data_ptr()

@@ -18,7 +18,11 @@ GQA's layout is the contract's: a right-padded batch, row b's cache in slots [0,
 `GroupQueryAttention` schema, "Right-padded query chunks"; measured equal to `ops.attention_in_place`
 to ~3e-7 in fp32). A left-padded cache would not work: GQA attends every slot below seqlens_k + 1. The
 fusion applies when the block has exactly that shape, RoPE uses the node's own `start` and full tables,
-and head_dim is a multiple of 16 (GQA's rotary requirement).
+and head_dim is a multiple of 16 (GQA's rotary requirement). `query_seqlens` is GQA's input 16, which
+onnxruntime 1.31 does not have; without it no GQA form runs a batch of multi-token chunks over a cache
+that already holds tokens ("batch_size must be 1 when sequence_length > 1 and past context is present",
+measured on 1.31.1 and 1.32.0), so for such a runtime the block is left unfused (`fuse_attention=False`,
+chosen by `runtime.fused_attention`) and runs as the reference decomposition.
 
 A residual sum and the RMSNorm it feeds become one `com.microsoft.SkipSimplifiedLayerNormalization`
 (as in onnxruntime-genai's graphs; ONNX Runtime's own Add + norm fusion does not know the standard
@@ -50,6 +54,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from llama_export.artifact import schema
+from llama_export.backends.ort.runtime import GQA_INPUTS
 from llama_export.errors import ArtifactError
 from llama_export.export import reference
 from llama_export.export.passes import Pass
@@ -109,15 +114,22 @@ def _match(att: ir.Node) -> _Block | None:
     return _Block(qkv, q_rope, heads, kv_heads)
 
 
+
+
 class OrtLoweringPass(Pass, ir.passes.InPlacePass):
-    """Attention blocks → GroupQueryAttention; remaining custom nodes one by one (in place)."""
+    """Attention blocks → GroupQueryAttention (unless `fuse_attention` is False); remaining custom nodes
+    one by one (in place)."""
+
+    def __init__(self, *, fuse_attention: bool = True) -> None:
+        super().__init__()
+        self.fuse_attention = fuse_attention
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = model.graph
         shared: dict[str, ir.Value] = {}  # per-graph inputs of GQA, made once (first fused block)
         fused = 0
         for att in [n for n in g if n.domain == schema.DOMAIN and n.op_type == schema.ATTENTION]:
-            block = _match(att)
+            block = _match(att) if self.fuse_attention else None
             if block is not None:
                 replace(g, att, lambda node, op, block=block: _gqa(node, op, block, shared))
                 fused += 1
@@ -174,10 +186,11 @@ def _gqa(att: ir.Node, op: Emit, block: _Block, shared: dict[str, ir.Value]):
     if key not in shared:
         shared[key] = (op.cast(cos, dtype), op.cast(sin, dtype))
     cos_t, sin_t = shared[key]
+    inputs = [block.qkv, None, None, past_key, past_value, shared["seqlens_k"], shared["total"], cos_t, sin_t,
+              None, None, None, None, None, None, None, shared["query_seqlens"]]
+    assert len(inputs) == GQA_INPUTS
     y, present_key, present_value = op.tape.op_multi_out(
-        "GroupQueryAttention",
-        [block.qkv, None, None, past_key, past_value, shared["seqlens_k"], shared["total"], cos_t, sin_t,
-         None, None, None, None, None, None, None, shared["query_seqlens"]],
+        "GroupQueryAttention", inputs,
         {"num_heads": block.heads, "kv_num_heads": block.kv_heads, "do_rotary": 1,
          "rotary_interleaved": attr(block.q_rope, "interleaved", 1)},
         domain=MS_DOMAIN, num_outputs=3, name=f"{op.prefix}/GroupQueryAttention")
@@ -190,16 +203,17 @@ class _PerNodePass(ReplaceCustomNodesPass):
     extra_opsets = {"": reference.ATTENTION_OPSET}
 
 
-def lower_segment(path: Path, accuracy_level: int) -> ir.Model:
-    """The canonical segment at `path` lowered for ONNX Runtime: custom nodes (`OrtLoweringPass`), then
-    quantized weights (`weight_only.WeightOnlyLoweringPass` at `accuracy_level`). Weights the lowering
-    keeps stay references to the segment's data file (nothing is read); repacked ones are lazy."""
+def lower_segment(path: Path, accuracy_level: int, *, fuse_attention: bool = True) -> ir.Model:
+    """The canonical segment at `path` lowered for ONNX Runtime: custom nodes (`OrtLoweringPass`, GQA
+    fusion unless `fuse_attention` is False), then quantized weights (`weight_only.WeightOnlyLoweringPass`
+    at `accuracy_level`). Weights the lowering keeps stay references to the segment's data file (nothing
+    is read); repacked ones are lazy."""
     from llama_export.backends.ort.weight_only import WeightOnlyLoweringPass
 
     try:
         model = ir.load(str(path))
     except Exception as e:  # protobuf DecodeError and friends
         raise ArtifactError(f"{path.name} is not a readable ONNX model ({type(e).__name__}); re-export") from None
-    OrtLoweringPass()(model)
+    OrtLoweringPass(fuse_attention=fuse_attention)(model)
     WeightOnlyLoweringPass(accuracy_level)(model)
     return model

@@ -19,13 +19,14 @@ using the plugin, so the pass removes any such function.
     functions: [llama_export.RMSNorm, ...]         functions: []            (others kept)
 
     q, k, v, past_*, start, lengths ─► llama_export::Attention ─► y, present_*
-        ──►  TensorScatter(past_*, k/v, start, axis=2) + Attention(opset 24, no softmax_precision)
+        ──►  TensorScatter(past_*, k/v, start, axis=-2) + Attention(opset 24, no softmax_precision)
              (`export/reference.py`, `attention(fp32_softmax=False)`)
 
 What the parser accepts was read in onnx-tensorrt's source (`onnxOpImporters.cpp`, `onnxOpCheckers.cpp`,
 `docs/operators.md` of 10.15, the release that added TensorScatter and the newest source found; TensorRT
 11's parser source was not available, so these rules are assumed unchanged in 11.4):
-- TensorScatter: 4-D cache and update, `axis` -2 (a positive axis is normalised first, so 2 passes), mode
+- TensorScatter: 4-D cache and update, `axis` -2 (operators.md: "`axis` must be -2"; the lowering writes
+  -2, not the equivalent 2, whatever the importer normalises), mode
   linear, `write_indices` cast to INT32 by the parser; it becomes IKVCacheUpdateLayer, whose cache must
   be a network input with a static sequence length (profiles pin `capacity`) and whose output must be a
   network output sharing the cache's memory (`present_*`; the runner binds it to `past_*`).

@@ -142,7 +142,9 @@ class _CudaArray:
 
 
 def _as_torch(trt: Any, t: Any) -> Any:
-    """A torch CUDA tensor over the memory of JIT plugin tensor `t` (no copy)."""
+    """A torch CUDA tensor over the memory of JIT plugin tensor `t` (no copy). "cuda" is the current
+    device, which `TensorRTBackend` makes the rank's own around every engine call (a tensor of another
+    device would be copied, and the kernel would write the copy)."""
     import torch
 
     iface, dtype = cuda_array_interface(trt, t)
@@ -151,7 +153,8 @@ def _as_torch(trt: Any, t: Any) -> Any:
 
 
 def _on_stream(stream: int) -> Any:
-    """Context in which torch and Triton launch on TensorRT's CUDA stream `stream`."""
+    """Context in which torch and Triton launch on TensorRT's CUDA stream `stream` (a stream of the
+    current device: see `_as_torch`)."""
     import torch
 
     return torch.cuda.stream(torch.cuda.ExternalStream(stream))

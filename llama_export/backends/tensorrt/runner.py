@@ -113,17 +113,23 @@ class TensorRTBackend:
         manifest = load_export_manifest(build_dir)
         self._in_place = schema.cache_pairs(manifest.model.n_layers)
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
-        self._runtime = self.trt.Runtime(self._logger)
-        self._stream = torch.cuda.Stream(device=self.device)
-        self._empty = torch.empty(256, dtype=torch.uint8, device=self.device)  # address for empty tensors
         self._segments: list[_Segment] = []
+        # Everything TensorRT does happens with this rank's GPU current: runtime, engines, execution
+        # contexts (made lazily in run_segment) and the JIT plugins, which launch on the current device.
         with torch.cuda.device(self.device):
+            self._runtime = self.trt.Runtime(self._logger)
+            self._stream = torch.cuda.Stream(device=self.device)
+            self._empty = torch.empty(256, dtype=torch.uint8, device=self.device)  # address for empty tensors
             for e, plan in zip(entries, read_plans(build_dir, entries, rehash=rehash)):
                 self._segments.append(_Segment(self.trt, self._runtime, plan, e))
         log.info("rank %d: loaded %d TensorRT engine(s) from %s", rank, len(self._segments), build_dir)
 
     def run_segment(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
         """Run segment `index` on CUDA tensors named as in manifest.json; returns the outputs likewise."""
+        with torch.cuda.device(self.device):  # contexts and JIT plugins work on the current device
+            return self._run(index, feeds)
+
+    def _run(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
         seg: _Segment = self._segments[index]
         engine_to_manifest = {v: k for k, v in seg.io_names.items()}
         wanted = {engine_to_manifest.get(n, n) for n in seg.inputs}
@@ -131,7 +137,6 @@ class TensorRTBackend:
             raise InputError(f"segment {index} takes {sorted(wanted)}, got {sorted(feeds)}")
         shapes = {name: tuple(t.shape) for name, t in feeds.items()}
         profile = profiles.choose_profile(seg.profiles, shapes)
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
         ctx = seg.context(profile, self._stream)
         keep = []
         bound: dict[str, Tensor] = {}  # manifest input name -> the tensor bound to the engine
@@ -157,6 +162,9 @@ class TensorRTBackend:
             out = torch.empty(shape, dtype=_torch_dtype(self.trt, seg.engine.get_tensor_dtype(name)), device=self.device)
             ctx.set_tensor_address(name, out.data_ptr() if out.numel() else self._empty.data_ptr())
             outputs[engine_to_manifest.get(name, name)] = out
+        # TensorRT's stream waits for everything queued on torch's so far: the inputs' producers and the
+        # dtype conversions and copies above (waiting before them would let the engine read them early).
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
         if not ctx.execute_async_v3(self._stream.cuda_stream):
             raise ArtifactError(f"TensorRT failed to run segment {index} of rank {self.rank}")
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
