@@ -86,6 +86,11 @@ class Handle:
         if self._error is not None:
             raise self._error
 
+    @property
+    def finished(self) -> bool:
+        """Whoever reads this handle has seen its end (the completion or the error)."""
+        return self._done is not None or self._error is not None
+
     def result(self, timeout: float | None = None) -> Completion:
         """The completion, once finished; raises what ended the engine, or TimeoutError."""
         deadline = None if timeout is None else time.monotonic() + timeout

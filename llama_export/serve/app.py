@@ -159,7 +159,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 last = now
             return await anyio.to_thread.run_sync(handle.result)
         finally:
-            if handle._done is None:
+            if not handle.finished:
                 engine.cancel(handle)
 
     async def stream(request: Request, handle: Handle, req, rid: str, *, chat: bool) -> AsyncIterator[str]:
@@ -184,7 +184,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         except LlamaExportError as e:
             yield _sse(ApiError(500, f"the model failed: {e}", type="server_error").body())
         finally:
-            if handle._done is None:  # the client went away (or the stream broke): free the slot
+            if not handle.finished:  # the client went away (or the stream broke): free the slot
                 engine.cancel(handle)
 
     def count(done: Completion) -> None:
