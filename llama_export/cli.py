@@ -411,7 +411,7 @@ def _cmd_serve(args, argv: list[str]) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("LLAMA_EXPORT_API_KEY") or None
     where = source.artifacts if source.artifacts is not None else source.checkpoint_dir
     name = args.model_name or Path(where).name
-    engine = open_engine(source, tp=args.tp, slots=args.max_batch, capacity=args.cache_capacity,
+    engine = open_engine(source.resolve(), tp=args.tp, slots=args.max_batch, capacity=args.cache_capacity,
                          prefill_tokens=args.prefill_tokens, device=args.device, threads=args.threads)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without --api-key: anyone who reaches this port can use the model",
@@ -649,19 +649,18 @@ def _cmd_compare(args, argv: list[str]) -> int:
     if args.polygraphy is not None:
         check_output_dir(args.polygraphy, what="--polygraphy", inputs=source.inputs)
     set_process_threads(args.threads)
-    manifest = source.manifest()
+    resolved = source.resolve()
     prompt = None
     if args.prompt:
         import torch
 
-        ids = source.tokenizer().encode(args.prompt)
+        ids = resolved.tokenizer.encode(args.prompt)
         if not ids:
             raise InputError("the prompt is empty; give some text with --prompt")
         prompt = torch.tensor([ids])
     settings = CompareSettings(steps=args.steps, seed=args.seed)
-    report = compare(args.artifacts, args.backend, manifest, source.checkpoint_dir, mode=Mode.LOCATE,
-                     settings=settings, prompt=prompt, device=args.device, polygraphy=args.polygraphy,
-                     progress=True)
+    report = compare(resolved, settings, mode=Mode.LOCATE, prompt=prompt, device=args.device,
+                     polygraphy=args.polygraphy, progress=True)
     print(format_report(report))
     if args.polygraphy:
         print(f"polygraphy: one command per segment in {args.polygraphy / 'commands.txt'}")

@@ -68,15 +68,16 @@ def run_job(base: ExportOptions, tps: list[int], dtypes: list[ModelDType], *, va
     `failed_path(target)` and the earlier export stays."""
     variants = [dataclasses.replace(base, tp=tp, dtype=dtype.activations, weights=dtype.weights)
                 for dtype in dtypes for tp in tps]
-    for opts in variants:
-        cfg = check_export(opts)
-        if validate:
-            check_settings(settings, cfg)
+    checked = [check_export(opts) for opts in variants]
+    if validate:
+        for c in checked:
+            check_settings(settings, c.cfg)
     reports = []
-    for opts in variants:
+    for c in checked:
+        opts = c.opts
         with staging(opts.target) as stage:
             t0 = time.perf_counter()
-            write_lowered(stage.path, export_into(opts, stage.path))  # the ORT lowering, ready to run
+            write_lowered(stage.path, export_into(c, stage.path))  # the ORT lowering, ready to run
             dt = time.perf_counter() - t0
             segs, nodes, custom = _graph_stats(stage.path)
             cmp, note = None, ""

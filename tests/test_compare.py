@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from llama_export.config import Backend
 from llama_export.export.exporter import ExportOptions, export
 from llama_export.artifact.manifest import load_manifest, sha256_file
+from llama_export.runner.source import ModelSource
 from llama_export.validate.compare import CompareSettings, Mode, compare, format_report, write_json
 from llama_export.validate.diff import Comparison, TensorDiff
 from tests.helpers import random_meta_state, run_cli, tiny_config, write_meta
@@ -28,6 +29,10 @@ def exported(tmp_path_factory):
     cfg = tiny_config("gqa")
     ckpt = write_meta(root / "gqa", cfg, random_meta_state(cfg, seed=21))
     return ckpt, export(ExportOptions(checkpoint=ckpt, out=root / "graphs", tp=2, progress=False))
+
+
+def _source(export_dir, ckpt):
+    return ModelSource(Backend.ORT, checkpoint=ckpt, artifacts=export_dir).resolve()
 
 
 def _corrupt(src, dst, segment_name: str, weight_substring: str, *, value: float | None = None):
@@ -49,7 +54,7 @@ def _corrupt(src, dst, segment_name: str, weight_substring: str, *, value: float
 
 def test_clean_export_passes_everywhere(exported):
     ckpt, path = exported
-    report = compare(path, Backend.ORT, load_manifest(path), ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=4))
+    report = compare(_source(path, ckpt), CompareSettings(steps=4), mode=Mode.LOCATE)
     assert report.comparison.max_abs <= report.comparison.tolerance and report.first_divergence() is None
     assert {s.label for s in report.segments} >= {"embed", "layers.0.attention", "layers.1.ffn", "head", "tail"}
     assert all(s.rel < 1e-5 for s in report.segments)
@@ -62,7 +67,7 @@ def test_clean_export_passes_everywhere(exported):
 def test_corruption_is_located(exported, tmp_path, segment, weight, label):
     ckpt, path = exported
     bad = _corrupt(path, tmp_path / "bad", segment, weight)
-    report = compare(bad, Backend.ORT, load_manifest(bad), ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=2))
+    report = compare(_source(bad, ckpt), CompareSettings(steps=2), mode=Mode.LOCATE)
     first = report.first_divergence()
     assert first is not None and first.label == label and first.rank == 0
     earlier = [s for s in report.segments if s.index < first.index]
@@ -91,7 +96,7 @@ def test_nan_in_the_export_fails_and_is_located(exported, tmp_path):
     `<=`), the segment where it starts is named, and the JSON report is valid JSON (NaN as null)."""
     ckpt, path = exported
     bad = _corrupt(path, tmp_path / "bad", "04_layers.1.ffn", "feed_forward.w2", value=float("nan"))
-    report = compare(bad, Backend.ORT, load_manifest(bad), ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=2))
+    report = compare(_source(bad, ckpt), CompareSettings(steps=2), mode=Mode.LOCATE)
     assert not report and not report.comparison
     assert np.isnan(report.comparison.max_abs) and np.isnan(report.comparison.min_cosine)
     first = report.first_divergence()
@@ -116,12 +121,12 @@ def test_corruption_is_located_inside_a_tp1_graph(exported, tmp_path):
     """A TP=1 export is one graph; compare reads the module outputs inside it as extra ORT outputs."""
     ckpt, _ = exported
     path = export(ExportOptions(checkpoint=ckpt, out=tmp_path / "g", tp=1, progress=False))
-    clean = compare(path, Backend.ORT, load_manifest(path), ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=1))
+    clean = compare(_source(path, ckpt), CompareSettings(steps=1), mode=Mode.LOCATE)
     assert clean.comparison.max_abs <= clean.comparison.tolerance and clean.first_divergence() is None
     assert [s.label for s in clean.segments] == [
         "embed", "layers.0.attention", "layers.0.ffn", "layers.1.attention", "layers.1.ffn", "head", "logits"]
     bad = _corrupt(path, tmp_path / "bad", "00_full", "layers.1.feed_forward.w13")
-    report = compare(bad, Backend.ORT, load_manifest(bad), ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=1))
+    report = compare(_source(bad, ckpt), CompareSettings(steps=1), mode=Mode.LOCATE)
     first = report.first_divergence()
     assert first is not None and first.label == "layers.1.ffn"
     assert all(s.rel < report.threshold for s in report.segments if s.index < first.index)
@@ -144,7 +149,7 @@ def test_polygraphy_checks_one_segment_alone(exported, tmp_path):
     for name, export_dir in (("clean", path), ("bad", _corrupt(path, tmp_path / "bad", seg, "attention.wq"))):
         m = load_manifest(export_dir)
         dump = tmp_path / f"pg-{name}"
-        compare(export_dir, Backend.ORT, m, ckpt, mode=Mode.LOCATE, settings=CompareSettings(steps=1), polygraphy=dump)
+        compare(_source(export_dir, ckpt), CompareSettings(steps=1), mode=Mode.LOCATE, polygraphy=dump)
         for r in range(m.tp):
             for s in m.rank(r).segments:
                 for suffix in (".inputs.json", ".eager.json", ".ort.onnx", ".trt.onnx"):

@@ -29,7 +29,7 @@ def demo_exports(tmp_path_factory):
 
 
 def _tok() -> Tokenizer:
-    return ModelSource(Backend.EAGER).tokenizer()
+    return ModelSource(Backend.EAGER).resolve().tokenizer
 
 
 def _eager(tp: int, prompt: torch.Tensor) -> list[int]:

@@ -29,9 +29,9 @@ from llama_export.parallel.plan import check_tp
 from llama_export.progress import count_bar
 from llama_export.engine.generate import check_finite, log_softmax
 from llama_export.runner.step import MakeCache, StepFn, host
-from llama_export.runner.env import rank_env
+from llama_export.runner.env import rank_env, read_handoff
 from llama_export.runner.launch import on_ranks
-from llama_export.runner.source import ModelSource
+from llama_export.runner.source import ModelSource, ResolvedSource
 from llama_export.text.user_files import read_user_text
 
 
@@ -144,11 +144,11 @@ class EvalOptions:
     threads: int | None = None  # CPU threads per rank (None: `runner.threads.rank_threads` decides)
 
 
-def _read_ids(opts: EvalOptions) -> np.ndarray:
+def _read_ids(opts: EvalOptions, source: ResolvedSource) -> np.ndarray:
     path = Path(opts.text)
     if not path.is_file():
         raise InputError(f"--text {path} does not exist; give a UTF-8 text file")
-    ids = opts.source.tokenizer().encode(read_user_text(path, "--text"))  # one stream, BOS first
+    ids = source.tokenizer.encode(read_user_text(path, "--text"))  # one stream, BOS first
     return np.array(ids, dtype=np.int64)
 
 
@@ -162,27 +162,46 @@ def _window(opts: EvalOptions, max_seq_len: int) -> tuple[int, int]:
     return window, stride
 
 
+@dataclass(frozen=True)
+class EvalPlan:
+    """What is resolved and validated once for every rank (`plan_eval`; the launcher hands it to its
+    ranks in the run folder, `env.read_handoff`): the text's token ids and the windows."""
+
+    ids: tuple[int, ...]
+    window: int
+    stride: int
+
+
+def plan_eval(opts: EvalOptions, source: ResolvedSource) -> EvalPlan:
+    """Check the TP degree and the windows, and tokenize the text."""
+    source.check_tp(opts.tp)
+    cfg = source.config
+    check_tp(cfg, opts.tp)
+    window, stride = _window(opts, cfg.max_seq_len)
+    ids = _read_ids(opts, source)
+    plan_windows(ids.size, window, stride)
+    return EvalPlan(ids=tuple(ids.tolist()), window=window, stride=stride)
+
+
 def run_eval(opts: EvalOptions, argv: list[str], report: Callable[[Perplexity], None]) -> int:
     """Entry point of the `eval` subcommand (parent or rank process); rank 0 calls `report`."""
-    if rank_env() is None:
+    source = opts.source.resolve()
+    if rank_env() is None:  # the launcher (or the only rank): resolve and validate once, for every rank
         opts.source.check_runs_alone()
-        opts.source.check_tp(opts.tp)
-        cfg = opts.source.config()
-        check_tp(cfg, opts.tp)
-        _window(opts, cfg.max_seq_len)
-        plan_windows(_read_ids(opts).size, *_window(opts, cfg.max_seq_len))
+        plan = plan_eval(opts, source)
+    else:  # a rank: what its launcher decided; under torchrun, its own plan
+        plan = read_handoff(EvalPlan) or plan_eval(opts, source)
 
     def work(env, comm, device: str, threads: int) -> int:
-        step, make_cache, cfg = opts.source.step(comm=comm, device=device, threads=threads)
-        window, stride = _window(opts, cfg.max_seq_len)
-        ids = _read_ids(opts)
-        bar = count_bar(len(plan_windows(ids.size, window, stride)), "eval", unit="window",
+        step, make_cache, _ = source.step(comm=comm, device=device, threads=threads)
+        ids = np.array(plan.ids, dtype=np.int64)
+        bar = count_bar(len(plan_windows(ids.size, plan.window, plan.stride)), "eval", unit="window",
                         enabled=opts.progress and env.rank == 0)
-        result = perplexity(step, make_cache, ids, window=window, stride=stride, batch=opts.batch,
+        result = perplexity(step, make_cache, ids, window=plan.window, stride=plan.stride, batch=opts.batch,
                             progress=lambda done, total: bar.update(done - bar.n))
         bar.close()
         if env.rank == 0:
             report(result)
         return 0
 
-    return on_ranks(opts.tp, opts.device, argv, work, threads=opts.threads)
+    return on_ranks(opts.tp, opts.device, argv, work, threads=opts.threads, handoff=plan)

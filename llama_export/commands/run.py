@@ -1,14 +1,18 @@
 """`llama-export run`: generation across N rank processes on any backend.
 
-The parent process checks everything it can cheaply (config, TP degree, prompts, KV cache capacity),
-then either runs rank 0 itself (tp=1) or starts the rank processes (`launch.launch_local`). Each rank
-builds its step function for the chosen backend and runs the same generation loop; rank 0 reports.
+The parent process resolves the model source once and checks everything it can cheaply (config, TP
+degree, prompts, KV cache capacity): the result is a `RunPlan`. It then either runs rank 0 itself
+(tp=1, on the same resolved source) or starts the rank processes (`launch.launch_local`) and hands them
+the plan through the run folder, so that they neither tokenize nor validate again (only rank 0 loads
+the tokenizer, to print text); under torchrun each rank plans for itself. Each rank builds its step
+function for the chosen backend and runs the same generation loop; rank 0 reports.
 All prompts run as one batch (one forward per decode step), whatever their lengths; the prefill groups
 rows of similar length (`generate.prefill_groups`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +31,9 @@ from llama_export.engine.generate import (
     pad_prompts,
     validate_prompt,
 )
-from llama_export.runner.env import RankEnv, rank_env, seconds_since_start
+from llama_export.runner.env import RankEnv, rank_env, read_handoff, seconds_since_start
 from llama_export.runner.launch import on_ranks
-from llama_export.runner.source import ModelSource
+from llama_export.runner.source import ModelSource, ResolvedSource
 from llama_export.text import TextStream, Tokenizer, single_turn
 
 log = logging.getLogger(__name__)
@@ -104,24 +108,49 @@ def _limit_name(opts: RunOptions, max_seq_len: int) -> str:
     return f"max_seq_len={max_seq_len}"
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What is resolved and validated once for every rank (`plan_run`; the launcher hands it to its
+    ranks in the run folder, `env.read_handoff`)."""
+
+    prompt_ids: tuple[tuple[int, ...], ...]  # the prompts' token ids, one row each (unpadded)
+    max_new_tokens: int  # the run's budget: --max-new-tokens, cut at the context limit for text
+    capacity: int  # KV cache tokens per row
+    stop_ids: tuple[int, ...]  # the tokenizer's (none for --prompt-ids runs)
+    context_limit: str  # how to name the context limit: "max_seq_len=N" / "--cache-capacity N"
+
+
+def plan_run(opts: RunOptions, source: ResolvedSource) -> RunPlan:
+    """Check the TP degree and the prompts (tokenized where they are text) against the model."""
+    source.check_tp(opts.tp)
+    cfg = source.config
+    check_tp(cfg, opts.tp)
+    tok = source.tokenizer if opts.is_text else None
+    limit, limit_name = opts.context_limit(cfg.max_seq_len), _limit_name(opts, cfg.max_seq_len)
+    for text in opts.prompts or ():  # a prompt that cannot fit is refused before it is tokenized
+        tok.check_fits(text, limit=limit, limit_name=limit_name)
+    rows = _prompt_rows(opts, tok)
+    budget = _check_prompts(opts, rows, cfg)
+    return RunPlan(
+        prompt_ids=tuple(tuple(r) for r in rows), max_new_tokens=budget,
+        capacity=min(opts.context_limit(cfg.max_seq_len), max(len(r) for r in rows) + budget),
+        stop_ids=tuple(sorted(tok.stop_ids)) if tok is not None else (),
+        context_limit=limit_name,
+    )
+
+
 def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> int:
     """Entry point of the `run` subcommand, in the parent process or in a rank process.
 
     `argv` is what rank processes are started with; `reporter` receives rank 0's output."""
-    if rank_env() is None:
+    source = opts.source.resolve()
+    if rank_env() is None:  # the launcher (or the only rank): resolve and validate once, for every rank
         opts.source.check_runs_alone()
-        opts.source.check_tp(opts.tp)
-        cfg = opts.source.config()
-        check_tp(cfg, opts.tp)
-        tok = opts.source.tokenizer() if opts.is_text else None
-        limit, limit_name = opts.context_limit(cfg.max_seq_len), _limit_name(opts, cfg.max_seq_len)
-        for text in opts.prompts or ():  # a prompt that cannot fit is refused before it is tokenized
-            tok.check_fits(text, limit=limit, limit_name=limit_name)
-        _check_prompts(opts, _prompt_rows(opts, tok), cfg)
-    return on_ranks(opts.tp, opts.device, argv,
-                    lambda env, comm, device, threads: _run_rank(opts, env, comm, device, threads,
-                                                                 reporter or _Silent()),
-                    threads=opts.threads)
+        plan = plan_run(opts, source)
+    else:  # a rank: what its launcher decided; under torchrun, its own plan
+        plan = read_handoff(RunPlan) or plan_run(opts, source)
+    work = functools.partial(_run_rank, opts, source, plan, reporter or _Silent())
+    return on_ranks(opts.tp, opts.device, argv, work, threads=opts.threads, handoff=plan)
 
 
 def _prompt_rows(opts: RunOptions, tok: Tokenizer | None) -> list[list[int]]:
@@ -172,17 +201,16 @@ class _Silent:
         pass
 
 
-def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: str, threads: int,
-              reporter: Reporter) -> int:
-    tok = opts.source.tokenizer() if opts.is_text else None
-    rows = _prompt_rows(opts, tok)
-    step, make_cache, cfg = opts.source.step(comm=comm, device=device, threads=threads,
-                                             progress=opts.progress and env.rank == 0)
-    budget = _check_prompts(opts, rows, cfg)
+def _run_rank(opts: RunOptions, source: ResolvedSource, plan: RunPlan, reporter: Reporter,
+              env: RankEnv, comm: Communicator, device: str, threads: int) -> int:
+    """One rank's generation (`launch.RankWork`, the first four arguments bound)."""
+    tok = source.tokenizer if opts.is_text and env.rank == 0 else None  # only rank 0 shows text
+    step, make_cache, _ = source.step(comm=comm, device=device, threads=threads,
+                                      progress=opts.progress and env.rank == 0)
+    rows = [list(r) for r in plan.prompt_ids]
     prompt, lengths = pad_prompts(rows)
-    capacity = min(opts.context_limit(cfg.max_seq_len), int(lengths.max()) + budget)
     echo = opts.prompts is not None
-    stream = TextStream(tok.decode) if env.rank == 0 and tok is not None and opts.stream and len(rows) == 1 else None
+    stream = TextStream(tok.decode) if tok is not None and opts.stream and len(rows) == 1 else None
     if stream is not None and echo:
         reporter.text(opts.prompts[0])
     # One throw-away step first, so that the reported prefill time is not the first call's set-up
@@ -193,8 +221,8 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: str, t
     stopped = False
     first_token_s = None
     for rec, result in generate_stream(
-        step, prompt, make_cache(len(rows), capacity), prompt_lengths=lengths, max_new_tokens=budget,
-        sampling=opts.sampling, stop_ids=tok.stop_ids if tok is not None else (),
+        step, prompt, make_cache(len(rows), plan.capacity), prompt_lengths=lengths,
+        max_new_tokens=plan.max_new_tokens, sampling=opts.sampling, stop_ids=plan.stop_ids,
         keep_logits=opts.json_out is not None,
     ):
         if len(result.steps) == 1:
@@ -206,25 +234,32 @@ def _run_rank(opts: RunOptions, env: RankEnv, comm: Communicator, device: str, t
                 reporter.text(delta)
     if stream is not None and (rest := stream.finish()):
         reporter.text(rest)
+    if env.rank == 0:
+        _report(opts, plan, result, reporter, tok=tok, streamed=stream is not None, first_token_s=first_token_s)
+    return 0
+
+
+def _report(opts: RunOptions, plan: RunPlan, result: GenerationResult, reporter: Reporter, *,
+            tok: Tokenizer | None, streamed: bool, first_token_s: float | None) -> None:
+    """Rank 0: the --json file and the summary."""
+    rows = [list(r) for r in plan.prompt_ids]
+    if opts.json_out is not None:
+        _write_json(opts, result, rows, first_token_s)
     texts = [tok.decode(tok.until_stop(ids)) for ids in result.new_tokens.tolist()] if tok is not None \
         else [""] * len(rows)
     n_new = len(result.steps)
-    if env.rank == 0 and opts.json_out is not None:
-        _write_json(opts, result, rows, first_token_s)
-    if env.rank == 0:
-        prompt_tokens = int(lengths.sum())
-        reporter.finish(opts, RunSummary(
-            prompts=opts.prompts if opts.chat is None else (opts.chat,), texts=tuple(texts),
-            tokens=tuple(tuple(row) for row in result.new_tokens.tolist()),
-            prompt_tokens=prompt_tokens, new_tokens=n_new,
-            prefill_tok_s=prompt_tokens / result.prefill_s if result.prefill_s else 0.0,
-            decode_tok_s=len(rows) * max(0, n_new - 1) / result.decode_s if result.decode_s else 0.0,
-            streamed=stream is not None, echo_prompt=echo,
-            context_limit=_limit_name(opts, cfg.max_seq_len) if budget < opts.max_new_tokens and n_new == budget
-            else None,
-            first_token_s=first_token_s,
-        ))
-    return 0
+    prompt_tokens = int(result.prompt_lengths.sum())
+    reporter.finish(opts, RunSummary(
+        prompts=opts.prompts if opts.chat is None else (opts.chat,), texts=tuple(texts),
+        tokens=tuple(tuple(row) for row in result.new_tokens.tolist()),
+        prompt_tokens=prompt_tokens, new_tokens=n_new,
+        prefill_tok_s=prompt_tokens / result.prefill_s if result.prefill_s else 0.0,
+        decode_tok_s=len(rows) * max(0, n_new - 1) / result.decode_s if result.decode_s else 0.0,
+        streamed=streamed, echo_prompt=opts.prompts is not None,
+        context_limit=plan.context_limit if plan.max_new_tokens < opts.max_new_tokens and n_new == plan.max_new_tokens
+        else None,
+        first_token_s=first_token_s,
+    ))
 
 
 def _write_json(opts: RunOptions, result: GenerationResult, rows: list[list[int]],

@@ -7,7 +7,7 @@ them (continuous batching), behind a thread-safe Python API:
 
     from llama_export.engine import open_engine
     from llama_export.runner.source import ModelSource
-    with open_engine(ModelSource(Backend.ORT, artifacts=path), slots=8) as engine:
+    with open_engine(ModelSource(Backend.ORT, artifacts=path).resolve(), slots=8) as engine:
         engine.generate(["def ", "class "], max_tokens=32)
 
 It sits above `runner` (rank processes, the step across segments and collectives) and below the

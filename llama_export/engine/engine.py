@@ -27,12 +27,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llama_export.engine.generate import SamplingConfig, check_finite, run_rows, sample, validate_prompt
 from llama_export.errors import InputError, LlamaExportError
 from llama_export.runner.step import MakeCache, StepFn, host
+
+if TYPE_CHECKING:
+    from llama_export.runner.source import ResolvedSource
 
 log = logging.getLogger(__name__)
 
@@ -415,18 +419,18 @@ def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(found) if found else None
 
 
-def open_engine(source, *, tp: int = 1, slots: int = 8, capacity: int | None = None, prefill_tokens: int = 256,
+def open_engine(source: ResolvedSource, *, tp: int = 1, slots: int = 8, capacity: int | None = None, prefill_tokens: int = 256,
                 device: str = "cpu", threads: int | None = None) -> Engine:
-    """An engine on `source` (a `runner.source.ModelSource`: a checkpoint, an export or engines) at TP
-    `tp`, its ranks as threads of this process (their collectives in a `ThreadGroup`); `capacity`
-    tokens per slot (default the model's max_seq_len), `threads` CPU threads (default: the cores other
+    """An engine on `source` (a `runner.source.ResolvedSource`, `ModelSource.resolve()`: a checkpoint,
+    an export or engines, read once and shared with whoever else asks it) at TP `tp`, its ranks as
+    threads of this process (their collectives in a `ThreadGroup`); `capacity` tokens per slot (default the model's max_seq_len), `threads` CPU threads (default: the cores other
     processes leave free). The tokenizer comes along where the model has one."""
     from llama_export.parallel.comm import LocalComm, ThreadGroup
     from llama_export.parallel.plan import check_tp
     from llama_export.runner.threads import rank_threads
 
-    source.check_runs_alone()
-    cfg = source.config()
+    source.source.check_runs_alone()
+    cfg = source.config
     source.check_tp(tp)
     check_tp(cfg, tp)
     capacity = min(cfg.max_seq_len, capacity or cfg.max_seq_len)
@@ -436,7 +440,7 @@ def open_engine(source, *, tp: int = 1, slots: int = 8, capacity: int | None = N
              for r in range(tp)]
     ranks = Ranks([b[0] for b in built], [b[1] for b in built], slots=slots, capacity=capacity, group=group)
     try:
-        tokenizer = source.tokenizer()
+        tokenizer = source.tokenizer
     except InputError:  # no tokenizer files: ids in, ids out
         tokenizer = None
     return Engine(ranks, vocab_size=cfg.vocab_size, slots=slots, capacity=capacity, prefill_tokens=prefill_tokens,

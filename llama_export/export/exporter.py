@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
@@ -117,7 +118,7 @@ def _trace(cfg: ModelConfig, *, tp: int, dtype: Precision, max_batch: int, rank:
 
 
 def export_rank(opts: ExportOptions, cfg: ModelConfig, graph: ir.Model, rank: int, root: Path, *,
-                quantized: list[str]) -> RankEntry:
+                quantized: tuple[str, ...]) -> RankEntry:
     """Write rank `rank` from the traced graph (the same for every rank); returns its manifest entry.
 
     Every segment's weights are attached lazily (and quantized, with `opts.weights`) first; then each
@@ -164,9 +165,20 @@ def export_rank(opts: ExportOptions, cfg: ModelConfig, graph: ir.Model, rank: in
     return RankEntry(rank=rank, segments=tuple(segments))
 
 
-def check_export(opts: ExportOptions) -> ModelConfig:
+@dataclass(frozen=True)
+class CheckedExport:
+    """Options that passed `check_export`, with what checking them resolved (handed down to
+    `export_into`, so that nothing is loaded or built twice)."""
+
+    opts: ExportOptions
+    cfg: ModelConfig  # the checkpoint's, with opts.max_seq_len applied
+    quantized: tuple[str, ...]  # the parameters opts.weights quantizes (the same names on every rank)
+
+
+def check_export(opts: ExportOptions) -> CheckedExport:
     """Everything about an export that can be checked before any work starts: the config (and TP degree)
-    of the checkpoint, the names that become paths, and that the target folder can be written."""
+    of the checkpoint, the names that become paths, that the target folder can be written, that the
+    block size fits every rank and that the tokenizer loads."""
     cfg = load_config(opts.checkpoint, max_seq_len=opts.max_seq_len)
     check_tp(cfg, opts.tp)
     if not re.fullmatch(PATH_NAME, opts.name):
@@ -177,14 +189,14 @@ def check_export(opts: ExportOptions) -> ModelConfig:
     check_output_dir(opts.target.parent, what="--out", shown=opts.out)
     if opts.target.exists() and not opts.target.is_dir():
         raise OutputError(f"--out: {opts.target} exists and is not a folder; move it away or choose another --out")
-    _quantized_names(opts, cfg)  # a block size that does not fit every rank fails here, before tracing
+    quantized = _quantized_names(opts, cfg)  # a block size that does not fit every rank fails here, before tracing
     files = text_files_in(opts.checkpoint)
     if any(name in files for name in TOKENIZER_FILES):
         load_tokenizer(files, source=str(opts.checkpoint))  # the export carries them: they must load
-    return cfg
+    return CheckedExport(opts, cfg, quantized)
 
 
-def _quantized_names(opts: ExportOptions, cfg: ModelConfig) -> list[str]:
+def _quantized_names(opts: ExportOptions, cfg: ModelConfig) -> tuple[str, ...]:
     """The parameters `opts.weights` quantizes (the same names on every rank); raises naming the weight
     and rank where the block size does not fit."""
     quantized: list[str] = []
@@ -193,17 +205,16 @@ def _quantized_names(opts: ExportOptions, cfg: ModelConfig) -> list[str]:
             with torch.device("meta"):
                 rank_model = Transformer(cfg, tp=opts.tp, rank=rank, comm=ExportComm(rank, opts.tp))
             quantized = quantized_parameters(rank_model, opts.weights)
-    return quantized
+    return tuple(quantized)
 
 
-def export_into(opts: ExportOptions, root: Path) -> Manifest:
+def export_into(checked: CheckedExport, root: Path) -> Manifest:
     """Write the whole export into the empty folder `root` (a staging folder) and check it as every
     consumer will; returns its manifest."""
-    cfg = check_export(opts)
+    opts, cfg = checked.opts, checked.cfg
     if opts.dtype is Precision.BF16:
         log.warning("bf16 graphs cannot run on ONNX Runtime's CPU provider; they are meant for GPU backends")
     root = Path(root)
-    quantized = _quantized_names(opts, cfg)
     # Every rank traces to the same graph (the slices are picked when weights are read), so the model is
     # traced once per export.
     traced = min(cfg.n_layers, TRACED_LAYERS)
@@ -211,7 +222,7 @@ def export_into(opts: ExportOptions, root: Path) -> Manifest:
     with activity(f"tracing {traced} layers on the meta device{grown}", enabled=opts.progress,
                   expected_s=_trace_seconds(traced)):
         graph = rank_graph(cfg, tp=opts.tp, dtype=opts.dtype, max_batch=opts.max_batch)
-    ranks = [export_rank(opts, cfg, graph, rank, root, quantized=quantized) for rank in range(opts.tp)]
+    ranks = [export_rank(opts, cfg, graph, rank, root, quantized=checked.quantized) for rank in range(opts.tp)]
     text_files = []
     for fname, src in text_files_in(opts.checkpoint).items():
         shutil.copyfile(src, root / fname)
@@ -223,7 +234,7 @@ def export_into(opts: ExportOptions, root: Path) -> Manifest:
         exporter_version=__version__,
         custom_nodes={"domain": schema.DOMAIN, "version": schema.VERSION,
                       "ops": [*schema.COMPUTE_OPS, *schema.COLLECTIVE_OPS]},
-        text_files=tuple(text_files), weight_quant=opts.weights, quantized_weights=tuple(quantized),
+        text_files=tuple(text_files), weight_quant=opts.weights, quantized_weights=checked.quantized,
     )
     (root / MANIFEST_NAME).write_text(manifest.to_json())
     # The written directory must pass the checks every consumer runs; its hashes were computed while
@@ -234,9 +245,9 @@ def export_into(opts: ExportOptions, root: Path) -> Manifest:
 def export(opts: ExportOptions) -> Path:
     """Export into `opts.target`, replacing an earlier export there only when this one is complete
     (no numerical validation: `job.run_job` validates before the swap)."""
-    check_export(opts)
+    checked = check_export(opts)
     with staged_dir(opts.target) as tmp:
-        export_into(opts, tmp)
+        export_into(checked, tmp)
     return opts.target
 
 

@@ -186,6 +186,7 @@ def checkpoint_state(model: Transformer) -> dict[str, Tensor]:
 def build_model(
     path: Path,
     *,
+    cfg: ModelConfig | None = None,
     tp: int = 1,
     rank: int = 0,
     comm: Communicator | None = None,
@@ -197,8 +198,12 @@ def build_model(
     """Config + rank `rank`'s weights from `path`, as a ready eval-mode `Transformer`.
 
     With `weights`, the weights that scheme quantizes hold their dequantized values (the eager
-    reference of a quantized export, `model.quantize.quantize_model_`)."""
-    cfg = load_config(path, max_seq_len=max_seq_len)
+    reference of a quantized export, `model.quantize.quantize_model_`). `cfg`: the checkpoint's config
+    where the caller has already loaded it (with any `max_seq_len` applied), else it is loaded here."""
+    if cfg is None:
+        cfg = load_config(path, max_seq_len=max_seq_len)
+    elif max_seq_len is not None and max_seq_len != cfg.max_seq_len:
+        raise ValueError(f"max_seq_len={max_seq_len} contradicts the config given (max_seq_len={cfg.max_seq_len})")
     with torch.device("meta"):
         model = Transformer(cfg, tp=tp, rank=rank, comm=comm)
     state = load_rank_state(path, model.shape, dtype=dtype)

@@ -7,8 +7,10 @@ One line per failure, across processes: the launcher makes a run folder; each ra
 the rank that caused the failure, not the peers whose collectives broke because of it.
 
     launcher ──RANK, WORLD_SIZE, LLAMA_EXPORT_RUN_DIR──► rank 0 … rank N-1
-        ▲                                                     │
-        └── rank<r>.beat (mtime), rank<r>.json {message, kind} ┘
+        │   ▲                                                 │
+        │   └── rank<r>.beat (mtime), rank<r>.json {message, kind} ┘
+        └────── handoff.json: what the launcher resolved and validated once for every rank
+                (`read_handoff`; a command's own dataclass, written before the ranks start)
 
 torch is imported only inside the functions that need it: the CLI reports a failure through this
 module even when it happens while torch is still being imported (Ctrl-C during start-up).
@@ -16,6 +18,7 @@ module even when it happens while torch is still being imported (Ctrl-C during s
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -26,11 +29,13 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from llama_export.clock import now as clock_now
 from llama_export.clock import process_start
-from llama_export.errors import InputError
+from llama_export.errors import InputError, LlamaExportError
 from llama_export.files import write_atomic
+from llama_export.parsing import parse_json, read_bytes
 
 # A process whose stdout reader left (`| head`) exits quietly with this code, as if killed by SIGPIPE;
 # the launcher passes it on rather than blaming the rank.
@@ -39,9 +44,11 @@ CLOSED_OUTPUT_EXIT = 128 + signal.SIGPIPE
 COLLECTIVE_TIMEOUT = timedelta(seconds=45)
 # A rank shows signs of life every HEARTBEAT_S (the launcher's watch decides what silence means).
 HEARTBEAT_S = 1.0
+T = TypeVar("T")
 # What the launcher sets in a rank's environment beside torchrun's variables.
 WORKER_FLAG = "LLAMA_EXPORT_WORKER"  # "1": started by `runner.launch.launch_local`
 RUN_DIR = "LLAMA_EXPORT_RUN_DIR"  # the run folder of heartbeats and failure reports
+HANDOFF_NAME = "handoff.json"  # in the run folder: what the launcher decided for every rank
 THREADS = "LLAMA_EXPORT_THREADS"  # the thread count the launcher decided for every rank
 STARTED_AT = "LLAMA_EXPORT_STARTED_AT"  # the launcher's start (`clock.process_start`)
 
@@ -200,3 +207,22 @@ def _channel_file(suffix: str) -> Path | None:
     except InputError:
         return None  # a rank environment that is not one: the caller prints its error itself
     return None if env is None else Path(folder) / f"rank{env.rank}.{suffix}"
+
+
+# ---- what the launcher hands down ----------------------------------------------------------------
+
+def handoff_json(value: object) -> str:
+    """A command's handoff (a dataclass of JSON-able fields) as the launcher writes it."""
+    return json.dumps(dataclasses.asdict(value))
+
+
+def read_handoff(schema: type[T]) -> T | None:
+    """In a rank started by `launch_local`: what the launcher resolved and validated once for every
+    rank (`launch_local(handoff=...)`), parsed strictly into `schema`. None elsewhere (a plain process,
+    or a rank under torchrun, which resolves everything itself) or where the launcher handed nothing."""
+    folder = os.environ.get(RUN_DIR)
+    if not folder or not started_by_launcher() or not (Path(folder) / HANDOFF_NAME).is_file():
+        return None
+    path = Path(folder) / HANDOFF_NAME
+    return parse_json(read_bytes(path, error=LlamaExportError), schema, source=str(path),
+                      fix="a launcher and its ranks run the same llama_export; run it again", error=LlamaExportError)

@@ -26,15 +26,18 @@ import psutil
 
 from llama_export.clock import process_start
 from llama_export.errors import InputError, RankFailedError
+from llama_export.files import write_atomic
 from llama_export.runner.devices import check_gpus_for_ranks, rank_device
 from llama_export.runner.env import (
     CLOSED_OUTPUT_EXIT,
+    HANDOFF_NAME,
     RUN_DIR,
     STARTED_AT,
     THREADS,
     WORKER_FLAG,
     FailureKind,
     RankEnv,
+    handoff_json,
     init_process_group,
     join_launcher,
     leave_rank,
@@ -59,15 +62,17 @@ CAUSE_WAIT_S = 3.0
 RankWork = Callable[[RankEnv, "Communicator", str, int], int]
 
 
-def on_ranks(tp: int, device: str, argv: list[str], work: RankWork, *, threads: int | None = None) -> int:
+def on_ranks(tp: int, device: str, argv: list[str], work: RankWork, *, threads: int | None = None,
+             handoff: object | None = None) -> int:
     """Run `work` as this process's rank; returns the exit code.
 
     In a plain process, tp=1 runs `work` right here and tp>1 starts the rank processes with `argv`
-    (`launch_local`), which come back here as ranks. In a rank process: join the launcher's channel and
-    the process group on this rank's device (`devices.rank_device`: cuda:LOCAL_RANK, made current; more
-    ranks than GPUs are refused before they start), decide the thread count (`rank_threads`, decided
-    once by the launcher), run `work`, and leave without tearing gloo down (`leave_rank`). A single rank
-    on the CPU imports no torch here."""
+    (`launch_local`, handing them `handoff`: what this process resolved and validated for them, read back
+    with `env.read_handoff`), which come back here as ranks. In a rank process: join the launcher's
+    channel and the process group on this rank's device (`devices.rank_device`: cuda:LOCAL_RANK, made
+    current; more ranks than GPUs are refused before they start), decide the thread count
+    (`rank_threads`, decided once by the launcher), run `work`, and leave without tearing gloo down
+    (`leave_rank`). A single rank on the CPU imports no torch here."""
     from llama_export.parallel.comm import LocalComm
 
     env = rank_env()
@@ -75,7 +80,7 @@ def on_ranks(tp: int, device: str, argv: list[str], work: RankWork, *, threads: 
     if env is None:
         check_gpus_for_ranks(device, tp)  # before any rank starts: all tp ranks run on this machine
         if tp > 1:
-            return launch_local(argv, tp, threads=n_threads)
+            return launch_local(argv, tp, threads=n_threads, handoff=handoff)
         env = RankEnv(rank=0, world_size=1, local_rank=0)
     join_launcher()
     if env.world_size != tp:
@@ -113,15 +118,18 @@ def _describe_exit(code: int) -> str:
 
 # ---- the launcher --------------------------------------------------------------------------------
 
-def launch_local(argv: list[str], world_size: int, *, threads: int | None = None, poll_s: float = 0.1,
-                 grace_s: float = 5.0) -> int:
+def launch_local(argv: list[str], world_size: int, *, threads: int | None = None, handoff: object | None = None,
+                 poll_s: float = 0.1, grace_s: float = 5.0) -> int:
     """Run `llama_export.cli argv` as `world_size` rank processes; return 0 or raise RankFailedError
-    with one line naming the rank that failed, was killed, or stopped responding (see `_Watch`)."""
+    with one line naming the rank that failed, was killed, or stopped responding (see `_Watch`).
+    `handoff` (a dataclass) is written to the run folder before the ranks start (`env.read_handoff`)."""
     port = _free_port()
     started = process_start(os.getpid())
     run_dir = Path(tempfile.mkdtemp(prefix="llama_export-run-"))
     procs: list[subprocess.Popen] = []
     try:
+        if handoff is not None:
+            write_atomic(run_dir / HANDOFF_NAME, handoff_json(handoff))
         for rank in range(world_size):
             env = dict(os.environ)
             env.update(

@@ -1,14 +1,22 @@
 """Where a run's model comes from: a checkpoint (eager) or an export / engine directory (ort, trt).
 
-`ModelSource` is resolved once from the command line and handed to the runner and the comparison
-engine; it answers the questions they ask of it (config, manifest, tokenizer, step function) without
-either of them branching on the backend.
+`ModelSource` is the description from the command line. `ModelSource.resolve()` gives the
+`ResolvedSource` that is handed down to every consumer (run, eval, compare, the engine, a rank's step
+construction): it answers the questions they ask (config, manifest, tokenizer, step function) without
+any of them branching on the backend, and reads each thing once per process, when first asked:
+
+    manifest.json   parsed once (no hashes; files are verified where they are opened: `verify`)
+    config          loaded once (the checkpoint's, or the manifest's)
+    text files      hashed once against the manifest (an export's copies)
+    tokenizer       loaded once (never, where nothing asks for text)
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from llama_export.artifact.manifest import (
@@ -78,41 +86,87 @@ class ModelSource:
         """The folders a command reads from this source (no output may go inside them)."""
         return (self.checkpoint_dir,) if self.artifacts is None else (Path(self.artifacts), self.checkpoint_dir)
 
-    def manifest(self, *, verify_hashes: bool = True) -> Manifest:
-        """The export manifest (not for eager)."""
-        return artifact_manifest(self.backend, self.artifacts, verify_hashes=verify_hashes, rehash=self.rehash)
+    def resolve(self) -> ResolvedSource:
+        """This source, to be resolved once and handed to everything that needs it."""
+        return ResolvedSource(self)
 
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A `ModelSource` whose manifest, config, text files and tokenizer are read at most once each, on
+    first use (cached on this object; build it once per process with `ModelSource.resolve()`)."""
+
+    source: ModelSource
+
+    @property
+    def backend(self) -> Backend:
+        return self.source.backend
+
+    @property
+    def artifacts(self) -> Path | None:
+        return self.source.artifacts
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.source.checkpoint_dir
+
+    @cached_property
+    def manifest(self) -> Manifest:
+        """The export manifest (not for eager), parsed once; files are hashed where opened (`verify`)."""
+        return artifact_manifest(self.backend, self.artifacts, verify_hashes=False)
+
+    @cached_property
     def config(self) -> ModelConfig:
         if self.backend is Backend.EAGER:
             from llama_export.model.checkpoint import load_config
 
             return load_config(self.checkpoint_dir)
-        return self.manifest(verify_hashes=False).model
+        return self.manifest.model
 
     def check_tp(self, tp: int) -> None:
         """An export runs at the TP degree it was exported for."""
-        if self.backend is not Backend.EAGER:
-            m = self.manifest(verify_hashes=False)
-            if m.tp != tp:
-                raise InputError(f"the export at {self.artifacts} is for tp={m.tp}, not --tp {tp}; use --tp {m.tp}")
+        if self.backend is not Backend.EAGER and self.manifest.tp != tp:
+            m = self.manifest
+            raise InputError(f"the export at {self.artifacts} is for tp={m.tp}, not --tp {tp}; use --tp {m.tp}")
 
-    def text_files(self) -> tuple[dict[str, Path], str]:
-        """The model's text files (name -> path; `llama_export.text.TEXT_FILES`) and how to name their
-        place in messages: an export's hashed copies (checked on every use), else the checkpoint's."""
+    def verify(self, ranks: Iterable[int], *, progress: bool = False) -> None:
+        """Hash the files of `ranks` (an ONNX Runtime export; trt engine directories carry no file hashes
+        and their runner checks its plans) before they are opened; `progress` shows a bar."""
+        if self.backend is not Backend.ORT:
+            return
+        ranks = list(ranks)
+        total = sum(resolve_inside(self.artifacts, rel).stat().st_size
+                    for r in ranks for rel, _ in rank_files(self.manifest, r))
+        what = f"rank {ranks[0]}: verifying its files" if len(ranks) == 1 else "verifying the export's files"
+        with byte_bar(total, what, enabled=progress) as bar:
+            for r in ranks:
+                verify_rank(self.manifest, self.artifacts, r, on_bytes=bar.update, rehash=self.source.rehash)
+
+    @property
+    def text_place(self) -> str:
+        """Where the text files are, for messages."""
         if self.backend is Backend.EAGER:
-            return text_files_in(self.checkpoint_dir), str(self.checkpoint_dir)
-        files = text_file_paths(self.artifacts, self.manifest(verify_hashes=False))
+            return str(self.checkpoint_dir)
+        return f"the export at {self.artifacts}"
+
+    @cached_property
+    def text_files(self) -> dict[str, Path]:
+        """The model's text files (name -> path; `llama_export.text.TEXT_FILES`): an export's copies,
+        hashed against its manifest once, else the checkpoint's."""
+        if self.backend is Backend.EAGER:
+            return text_files_in(self.checkpoint_dir)
+        files = text_file_paths(self.artifacts, self.manifest)
         if not any(name in files for name in TOKENIZER_FILES):
             raise InputError(
                 f"the export at {self.artifacts} has no tokenizer (its checkpoint had no tokenizer.model or "
                 "tokenizer.json); use --prompt-ids, or re-export from a checkpoint folder that holds one"
             )
-        return files, f"the export at {self.artifacts}"
+        return files
 
+    @cached_property
     def tokenizer(self) -> Tokenizer:
         """The model's tokenizer, whatever its format (see `llama_export.text`)."""
-        files, where = self.text_files()
-        return load_tokenizer(files, source=where)
+        return load_tokenizer(self.text_files, source=self.text_place)
 
     def step(self, *, comm: Communicator, device: str, threads: int | None = None,
              progress: bool = False) -> tuple[StepFn, MakeCache, ModelConfig]:
@@ -128,19 +182,16 @@ class ModelSource:
 
             if threads is not None:
                 torch.set_num_threads(threads)
-            model = build_model(self.checkpoint_dir, tp=comm.world_size, rank=comm.rank, comm=comm,
-                                dtype=self.dtype.torch_dtype, device=device, weights=self.weights)
+            model = build_model(self.checkpoint_dir, cfg=self.config, tp=comm.world_size, rank=comm.rank,
+                                comm=comm, dtype=self.source.dtype.torch_dtype, device=device,
+                                weights=self.source.weights)
             return model.step, model.empty_cache, model.cfg
         from llama_export.runner.stitch import backend_capacity, empty_cache, segmented_step
 
-        manifest = self.manifest(verify_hashes=False)
-        if self.backend is Backend.ORT:  # trt engine directories carry no file hashes
-            total = sum(resolve_inside(self.artifacts, rel).stat().st_size
-                        for rel, _ in rank_files(manifest, comm.rank))
-            with byte_bar(total, f"rank {comm.rank}: verifying its files", enabled=progress) as bar:
-                verify_rank(manifest, self.artifacts, comm.rank, on_bytes=bar.update, rehash=self.rehash)
-        backend = open_backend(self.backend, manifest, self.artifacts, rank=comm.rank, device=device, threads=threads,
-                               rehash=self.rehash)
+        manifest = self.manifest
+        self.verify([comm.rank], progress=progress)
+        backend = open_backend(self.backend, manifest, self.artifacts, rank=comm.rank, device=device,
+                               threads=threads, rehash=self.source.rehash)
         step = segmented_step(manifest, backend, comm=comm)
 
         def make_cache(batch: int, capacity: int):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import io
 import logging
 import math
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor
 
 from llama_export.artifact import schema
-from llama_export.artifact.manifest import Manifest, Segment
+from llama_export.artifact.manifest import Segment
 from llama_export.backends import open_backend
 from llama_export.config import Backend, ModelConfig
 from llama_export.errors import InputError
@@ -56,6 +57,7 @@ from llama_export.tolerances import TOLERANCES
 from llama_export.validate.settings import VALIDATION, CompareSettings
 from llama_export.validate.diff import Comparison, TensorDiff, nan_first
 from llama_export.engine.generate import generate, validate_prompt
+from llama_export.runner.source import ModelSource, ResolvedSource
 from llama_export.runner.step import host
 from llama_export.runner.stitch import backend_capacity, empty_cache, segmented_step
 
@@ -185,113 +187,194 @@ def probes_for(segments: tuple[Segment, ...], n_layers: int) -> list[Probe]:
     return out
 
 
-def compare(artifacts: Path, backend: Backend, manifest: Manifest, checkpoint: Path, *, mode: Mode,
-            settings: CompareSettings = CompareSettings(), prompt: Tensor | None = None,
-            device: str = "cpu", polygraphy: Path | None = None, progress: bool = False) -> CompareReport:
-    """Backend (on `device`; eager always on the CPU) against eager; see the module docstring.
+def compare(source: ResolvedSource, settings: CompareSettings = CompareSettings(), *, mode: Mode,
+            prompt: Tensor | None = None, device: str = "cpu", polygraphy: Path | None = None,
+            progress: bool = False) -> CompareReport:
+    """The export or engines of `source` (on `device`; eager always on the CPU, from the checkpoint of
+    `source`) against eager; see the module docstring. Every rank's files are verified first.
 
-    `polygraphy` (LOCATE only): also save each segment's prefill feeds and eager references there, in
-    Polygraphy's formats (`polygraphy_data.py`). `progress`: show the eager reference and the backend's
-    steps as they run (stderr, on a terminal).
+    `prompt`: [B, S] token ids (default: `settings.random_prompt`). `polygraphy` (LOCATE only): also
+    save each segment's prefill feeds and eager references there, in Polygraphy's formats
+    (`polygraphy_data.py`). `progress`: show the eager reference and the backend's steps as they run
+    (stderr, on a terminal).
     """
     if polygraphy is not None and mode is not Mode.LOCATE:
         raise ValueError("Polygraphy segment files need the per-rank eager reference of Mode.LOCATE")
-    cfg = manifest.model
-    if load_config(checkpoint, max_seq_len=cfg.max_seq_len) != cfg:
-        raise InputError(f"{checkpoint} does not hold the model of this export ({manifest.model_name}); "
+    _check_checkpoint(source)
+    prompt = _checked_prompt(source.manifest.model, settings, prompt)
+    source.verify(range(source.manifest.tp))  # this process opens every rank's files
+    t0 = time.perf_counter()
+    forced = reference = None
+    if mode is Mode.VALIDATE:
+        reference, forced = _eager_reference(source, settings, prompt, progress=progress)
+    results = _run_ranks(source, settings, prompt, mode=mode, forced=forced, device=device,
+                         polygraphy=polygraphy, progress=progress)
+    return _judge(source, results, reference if reference is not None else results[0].eager_logits, t0=t0)
+
+
+def _check_checkpoint(source: ResolvedSource) -> None:
+    """The checkpoint of `source` holds the model of its export."""
+    m = source.manifest
+    if load_config(source.checkpoint_dir, max_seq_len=m.model.max_seq_len) != m.model:
+        raise InputError(f"{source.checkpoint_dir} does not hold the model of this export ({m.model_name}); "
                          "pass the checkpoint it was exported from with --checkpoint")
+
+
+def _checked_prompt(cfg: ModelConfig, settings: CompareSettings, prompt: Tensor | None) -> Tensor:
+    """`prompt` (default: the seeded random prompt of `settings`), checked against the model."""
     if prompt is None:
         prompt = settings.random_prompt(cfg.vocab_size)
     check_settings(settings, cfg, prompt_len=prompt.shape[1])
     validate_prompt(prompt, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_new_tokens=settings.steps + 1)
-    dtype = manifest.dtype.torch_dtype
-    tolerance = TOLERANCES[manifest.dtype]
-    bsz, capacity = prompt.shape[0], prompt.shape[1] + settings.steps + 1
-    t0 = time.perf_counter()
-    forced: list[Tensor] | None = None
-    ref_logits: list[Tensor] = []
-    if mode is Mode.VALIDATE:
-        with activity(f"{manifest.variant}: eager reference, prefill + {settings.steps} steps", enabled=progress):
-            model = build_model(checkpoint, dtype=dtype, max_seq_len=cfg.max_seq_len, weights=manifest.weight_quant)
-            res = generate(model.step, prompt, model.empty_cache(prompt.shape[0], capacity),
-                           max_new_tokens=settings.steps + 1)
-        ref_logits = [torch.from_numpy(s.logits) for s in res.steps]
-        forced = [torch.from_numpy(s.tokens) for s in res.steps]
-        del model
-    bar = count_bar(settings.steps + 1, f"{manifest.variant}: {backend.value}, all ranks", unit="step",
-                    enabled=progress)
+    return prompt
 
-    dump = None
 
-    def rank_fn(rank: int, comm):
-        segments = manifest.rank(rank).segments
-        probes = probes_for(segments, cfg.n_layers) if mode is Mode.LOCATE else []
-        model = captured = None
-        recorder = polygraphy_data.CollectiveRecorder(comm)
-        if mode is Mode.LOCATE:
-            # Eager, same rank and TP degree, capturing module outputs where the probes read the backend.
-            model = build_model(checkpoint, tp=manifest.tp, rank=rank, comm=recorder, dtype=dtype,
-                                max_seq_len=cfg.max_seq_len, weights=manifest.weight_quant)
-            captured = {}
-            for p in probes:
-                if p.module is not None:
-                    model.get_submodule(p.module).register_forward_hook(
-                        lambda _m, _i, out, name=p.module: captured.__setitem__(name, out.detach()))
-        extra = tuple(p.value for p in probes if p.value.startswith("/model/"))
-        # exact: quantized weights computed as the canonical graph says, so the comparison judges the
-        # export itself (ORT's faster int8-activation kernels are measured by `eval` and the tests).
-        be = open_backend(backend, manifest, artifacts, rank=rank, device=device, threads=torch.get_num_threads(),
-                          extra_outputs=extra, exact=True)
-        cur: dict[int, dict[str, Tensor]] = {}
-        step = segmented_step(manifest, be, comm=comm, hook=lambda k, env: cur.__setitem__(k, dict(env)))
-        bk, bv = empty_cache(manifest, rank, bsz, backend_capacity(backend, manifest, capacity), backend=be)
-        if model is not None:
-            ek, ev = model.empty_cache(bsz, capacity)
-        backend_logits, eager_logits, seg_diffs, tokens = [], [], [], prompt
-        cached = torch.zeros(bsz, dtype=torch.int64)
-        lengths = torch.full((bsz,), prompt.shape[1], dtype=torch.int64)
-        with torch.inference_mode():
-            for i in range(settings.steps + 1):
-                cur.clear()
-                blog, bk, bv = step(tokens, cached, lengths, bk, bv)
-                backend_logits.append(torch.from_numpy(host(blog)))
-                if rank == 0:
-                    bar.update()
-                if model is None:
-                    tokens = forced[i].unsqueeze(1)
-                else:
-                    captured.clear()
-                    recorder.inputs.clear()
-                    elog, ek, ev = model(tokens, cached, lengths, ek, ev)
-                    eager_logits.append(elog)
-                    if i == 0:  # per-probe diffs of the prefill (the longest, most informative step)
-                        seg_diffs = _probe_diffs(rank, probes, cur, captured, elog, ek, ev, int(lengths[0]))
-                        if dump is not None:
-                            dump.add_rank(rank, cur, polygraphy_data.eager_references(
-                                segments, recorder.inputs, elog, ek, ev))
-                    tokens = elog.argmax(-1, keepdim=True)  # teacher forcing with eager's greedy token
-                cached, lengths = cached + lengths, torch.ones_like(lengths)
-        be.close()
-        return backend_logits, eager_logits, seg_diffs
+def _eager_reference(source: ResolvedSource, settings: CompareSettings, prompt: Tensor, *,
+                     progress: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """VALIDATE's reference: the TP=1 eager model's logits and greedy tokens, one of each per step."""
+    m = source.manifest
+    with activity(f"{m.variant}: eager reference, prefill + {settings.steps} steps", enabled=progress):
+        model = build_model(source.checkpoint_dir, cfg=m.model, dtype=m.dtype.torch_dtype, weights=m.weight_quant)
+        res = generate(model.step, prompt, model.empty_cache(prompt.shape[0], prompt.shape[1] + settings.steps + 1),
+                       max_new_tokens=settings.steps + 1)
+    return [torch.from_numpy(s.logits) for s in res.steps], [torch.from_numpy(s.tokens) for s in res.steps]
 
-    with contextlib.ExitStack() as stack, bar:
+
+@dataclass(frozen=True)
+class _Run:
+    """What the rank threads of one comparison share (read only)."""
+
+    source: ResolvedSource
+    mode: Mode
+    prompt: Tensor  # [B, S]
+    steps: int  # prefill + decode steps
+    forced: list[Tensor] | None  # VALIDATE: the reference's greedy tokens, fed to the backend step by step
+    device: str
+    bar: object  # progress bar of rank 0's steps
+    dump: polygraphy_data.SegmentDump | None
+
+    @property
+    def capacity(self) -> int:
+        return self.prompt.shape[1] + self.steps
+
+
+@dataclass
+class _RankResult:
+    backend_logits: list[Tensor] = field(default_factory=list)  # per step
+    eager_logits: list[Tensor] = field(default_factory=list)  # per step (LOCATE)
+    segments: list[SegmentDiff] = field(default_factory=list)  # per probe, prefill (LOCATE)
+
+
+def _run_ranks(source: ResolvedSource, settings: CompareSettings, prompt: Tensor, *, mode: Mode,
+               forced: list[Tensor] | None, device: str, polygraphy: Path | None,
+               progress: bool) -> list[_RankResult]:
+    """Every rank of the export, each in its own thread (`ThreadGroup`), over the prefill and the steps."""
+    m = source.manifest
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(count_bar(settings.steps + 1, f"{m.variant}: {source.backend.value}, all ranks",
+                                            unit="step", enabled=progress))
+        dump = None
         if polygraphy is not None:
-            dump = polygraphy_data.SegmentDump(stack.enter_context(staged_dir(polygraphy)), manifest, artifacts)
-        results = ThreadGroup(manifest.tp).run(rank_fn)
+            dump = polygraphy_data.SegmentDump(stack.enter_context(staged_dir(polygraphy)), m, source.artifacts)
+        run = _Run(source, mode, prompt, settings.steps + 1, forced, device, bar, dump)
+        results = ThreadGroup(m.tp).run(functools.partial(_compare_rank, run))
         if dump is not None:
             dump.finish(polygraphy)
-    backend_logits, eager_logits, _ = results[0]
-    reference = ref_logits if mode is Mode.VALIDATE else eager_logits
-    cmp = Comparison(label=f"{manifest.variant} {backend.value} vs eager", tolerance=tolerance.logits_atol)
+    return results
+
+
+def _compare_rank(run: _Run, rank: int, comm) -> _RankResult:
+    """One rank thread: its backend (and, in LOCATE, the eager model at this rank) step by step."""
+    m = run.source.manifest
+    probes = probes_for(m.rank(rank).segments, m.model.n_layers) if run.mode is Mode.LOCATE else []
+    eager = _EagerRank(run, rank, comm, probes) if run.mode is Mode.LOCATE else None
+    extra = tuple(p.value for p in probes if p.value.startswith("/model/"))
+    # exact: quantized weights computed as the canonical graph says, so the comparison judges the
+    # export itself (ORT's faster int8-activation kernels are measured by `eval` and the tests).
+    with open_backend(run.source.backend, m, run.source.artifacts, rank=rank, device=run.device,
+                      threads=torch.get_num_threads(), extra_outputs=extra, exact=True) as be:
+        return _lockstep(run, rank, comm, be, probes, eager)
+
+
+class _EagerRank:
+    """LOCATE's reference: the eager model at the same rank and TP degree, capturing the module
+    outputs where the probes read the backend, and the tensors its collectives receive."""
+
+    def __init__(self, run: _Run, rank: int, comm, probes: list[Probe]) -> None:
+        m = run.source.manifest
+        self.recorder = polygraphy_data.CollectiveRecorder(comm)
+        self.model = build_model(run.source.checkpoint_dir, cfg=m.model, tp=m.tp, rank=rank, comm=self.recorder,
+                                 dtype=m.dtype.torch_dtype, weights=m.weight_quant)
+        self.captured: dict[str, Tensor] = {}
+        for p in probes:
+            if p.module is not None:
+                self.model.get_submodule(p.module).register_forward_hook(
+                    lambda _m, _i, out, name=p.module: self.captured.__setitem__(name, out.detach()))
+        self.keys, self.values = self.model.empty_cache(run.prompt.shape[0], run.capacity)
+
+    def __call__(self, tokens: Tensor, cached: Tensor, lengths: Tensor) -> Tensor:
+        """One step; returns the logits (the cache is kept here)."""
+        self.captured.clear()
+        self.recorder.inputs.clear()
+        logits, self.keys, self.values = self.model(tokens, cached, lengths, self.keys, self.values)
+        return logits
+
+
+def _lockstep(run: _Run, rank: int, comm, be, probes: list[Probe], eager: _EagerRank | None) -> _RankResult:
+    """Prefill and decode steps, teacher-forced: with the reference's greedy tokens (VALIDATE) or the
+    eager model's at this rank (LOCATE, which also compares every probe of the prefill)."""
+    m = run.source.manifest
+    seen: dict[int, dict[str, Tensor]] = {}  # segment -> its values, this step
+    step = segmented_step(m, be, comm=comm, hook=lambda k, env: seen.__setitem__(k, dict(env)))
+    bsz = run.prompt.shape[0]
+    keys, values = empty_cache(m, rank, bsz, backend_capacity(run.source.backend, m, run.capacity), backend=be)
+    out, tokens = _RankResult(), run.prompt
+    cached = torch.zeros(bsz, dtype=torch.int64)
+    lengths = torch.full((bsz,), run.prompt.shape[1], dtype=torch.int64)
+    with torch.inference_mode():
+        for i in range(run.steps):
+            seen.clear()
+            logits, keys, values = step(tokens, cached, lengths, keys, values)
+            out.backend_logits.append(torch.from_numpy(host(logits)))
+            if rank == 0:
+                run.bar.update()
+            if eager is None:
+                tokens = run.forced[i].unsqueeze(1)
+            else:
+                elog = eager(tokens, cached, lengths)
+                out.eager_logits.append(elog)
+                if i == 0:  # per-probe diffs of the prefill (the longest, most informative step)
+                    out.segments = _prefill_diffs(run, rank, probes, seen, eager, elog, int(lengths[0]))
+                tokens = elog.argmax(-1, keepdim=True)  # teacher forcing with eager's greedy token
+            cached, lengths = cached + lengths, torch.ones_like(lengths)
+    return out
+
+
+def _prefill_diffs(run: _Run, rank: int, probes: list[Probe], seen: dict[int, dict[str, Tensor]],
+                   eager: _EagerRank, elog: Tensor, filled: int) -> list[SegmentDiff]:
+    """The probes' diffs of the prefill step, and its segment files for Polygraphy (`run.dump`)."""
+    diffs = _probe_diffs(rank, probes, seen, eager.captured, elog, eager.keys, eager.values, filled)
+    if run.dump is not None:
+        run.dump.add_rank(rank, seen, polygraphy_data.eager_references(
+            run.source.manifest.rank(rank).segments, eager.recorder.inputs, elog, eager.keys, eager.values))
+    return diffs
+
+
+def _judge(source: ResolvedSource, results: list[_RankResult], reference: list[Tensor], *,
+           t0: float) -> CompareReport:
+    """Rank 0's final logits against `reference`, step by step, and every rank's probes."""
+    m = source.manifest
+    tolerance = TOLERANCES[m.dtype]
+    cmp = Comparison(label=f"{m.variant} {source.backend.value} vs eager", tolerance=tolerance.logits_atol)
     agree = 0
-    for i, (b, e) in enumerate(zip(backend_logits, reference)):
+    for i, (b, e) in enumerate(zip(results[0].backend_logits, reference)):
         cmp.logits.append(TensorDiff.of(f"step {i} logits", b, e, logits=True))
         agree += int(torch.equal(b.argmax(-1), e.argmax(-1)))
     cmp.tokens_agree = agree / len(reference)
     cmp.seconds = time.perf_counter() - t0
     report = CompareReport(comparison=cmp, threshold=tolerance.divergence_rel)
-    for _, _, segs in results:
-        report.segments.extend(segs)
+    for r in results:
+        report.segments.extend(r.segments)
     return report
 
 
@@ -321,12 +404,9 @@ def _probe_diffs(rank: int, probes: list[Probe], cur: dict[int, dict[str, Tensor
 
 def validate_export(export_dir: Path, checkpoint: Path, *, backend: Backend = Backend.ORT,
                     settings: CompareSettings = VALIDATION, progress: bool = False) -> Comparison:
-    """Export validation: `compare` in `Mode.VALIDATE` on the export's own manifest."""
-    from llama_export.artifact.manifest import load_manifest
-
-    report = compare(export_dir, backend, load_manifest(export_dir), checkpoint, mode=Mode.VALIDATE,
-                     settings=settings, progress=progress)
-    return report.comparison
+    """Export validation: `compare` in `Mode.VALIDATE` of the export against its checkpoint."""
+    source = ModelSource(backend, checkpoint=checkpoint, artifacts=export_dir).resolve()
+    return compare(source, settings, mode=Mode.VALIDATE, progress=progress).comparison
 
 
 def format_report(report: CompareReport) -> str:

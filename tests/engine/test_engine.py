@@ -62,7 +62,7 @@ def test_ragged_requests_in_few_slots_equal_each_prompt_alone(model, backend):
     cfg, ckpt, root = model
     source = ModelSource(Backend.EAGER, checkpoint=ckpt) if backend is Backend.EAGER else \
         ModelSource(Backend.ORT, artifacts=export(ExportOptions(checkpoint=ckpt, out=root / "g", tp=1, progress=False)))
-    with open_engine(source, slots=3, capacity=32, prefill_tokens=4) as engine:
+    with open_engine(source.resolve(), slots=3, capacity=32, prefill_tokens=4) as engine:
         got = _submit_from_threads(engine, [Request(tuple(p), max_tokens=NEW) for p in PROMPTS])
         assert engine.steps > NEW  # the requests did not all run at once
     for p, c in zip(PROMPTS, got):
@@ -73,7 +73,7 @@ def test_ragged_requests_in_few_slots_equal_each_prompt_alone(model, backend):
 def test_seeded_sampling_does_not_depend_on_the_batch(model):
     cfg, ckpt, _ = model
     s = SamplingConfig(temperature=0.9, top_p=0.95, seed=1234)
-    with open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt), slots=4, capacity=32) as engine:
+    with open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt).resolve(), slots=4, capacity=32) as engine:
         alone = engine.generate([PROMPTS[0]], max_tokens=NEW, sampling=s)[0].tokens
         crowd = engine.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], max_tokens=NEW, sampling=s)[1].tokens
     assert alone == crowd == _alone(ckpt, PROMPTS[0], sampling=s)
@@ -83,7 +83,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(model):
 def test_tp2_ranks_as_threads_equal_tp1(model):
     cfg, ckpt, _ = model
     source = ModelSource(Backend.EAGER, checkpoint=ckpt)
-    with open_engine(source, tp=2, slots=2, capacity=32, prefill_tokens=3) as engine:
+    with open_engine(source.resolve(), tp=2, slots=2, capacity=32, prefill_tokens=3) as engine:
         got = engine.generate(PROMPTS[:4], max_tokens=NEW)
     assert [c.tokens for c in got] == [_alone(ckpt, p) for p in PROMPTS[:4]]
 
@@ -91,7 +91,7 @@ def test_tp2_ranks_as_threads_equal_tp1(model):
 def test_stop_ids_end_a_request_with_reason_stop(model):
     cfg, ckpt, _ = model
     ids = _alone(ckpt, PROMPTS[2])
-    with open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt), slots=2, capacity=32) as engine:
+    with open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt).resolve(), slots=2, capacity=32) as engine:
         c = engine.generate([PROMPTS[2]], max_tokens=NEW, stop_ids=[ids[2]])[0]
     assert c.tokens == ids[:ids.index(ids[2]) + 1] and c.finish_reason == STOP
 
@@ -99,7 +99,7 @@ def test_stop_ids_end_a_request_with_reason_stop(model):
 def test_text_streaming_and_stop_strings_with_the_demo_tokenizer():
     """The demo model's tokenizer: streamed deltas join to the completion's text = decode(ids); a stop
     string cuts the text before it and ends the request."""
-    with open_engine(ModelSource(Backend.EAGER), slots=2, capacity=64) as engine:
+    with open_engine(ModelSource(Backend.EAGER).resolve(), slots=2, capacity=64) as engine:
         tok = engine.tokenizer
         pieces = list(engine.stream("def ", max_tokens=12))
         ids = [t for t, _ in pieces if t is not None]
@@ -114,7 +114,7 @@ def test_text_streaming_and_stop_strings_with_the_demo_tokenizer():
 
 def test_bad_requests_are_refused_at_submit(model):
     cfg, ckpt, _ = model
-    with open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt), slots=1, capacity=16) as engine:
+    with open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt).resolve(), slots=1, capacity=16) as engine:
         with pytest.raises(InputError, match=r"of a slot \(16 tokens"):
             engine.submit(Request(tuple(range(1, 12)), max_tokens=8))
         with pytest.raises(InputError, match="outside the vocabulary"):
@@ -149,7 +149,7 @@ def test_a_failing_model_ends_every_request_with_its_error_not_a_hang():
 
 def test_close_finishes_what_was_submitted(model):
     cfg, ckpt, _ = model
-    engine = open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt), slots=1, capacity=32)
+    engine = open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt).resolve(), slots=1, capacity=32)
     handles = [engine.submit(Request(tuple(p), max_tokens=3)) for p in PROMPTS[:3]]
     engine.close(timeout=60)
     assert [len(h.result(timeout=1).tokens) for h in handles] == [3, 3, 3]
@@ -159,7 +159,7 @@ def test_close_finishes_what_was_submitted(model):
 
 def test_cancel_frees_the_slot_for_the_next_request(model):
     cfg, ckpt, _ = model
-    with open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt), slots=1, capacity=64) as engine:
+    with open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt).resolve(), slots=1, capacity=64) as engine:
         long = engine.submit(Request((1, 2, 3), max_tokens=50))
         waiting = engine.submit(Request(tuple(PROMPTS[2]), max_tokens=NEW))
         next(iter(long))  # it is running

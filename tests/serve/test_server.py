@@ -37,7 +37,7 @@ def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     ckpt = write_hf(root / "hf", hf_model_from_meta(CFG, random_meta_state(CFG, seed=4)))
     write_hf_files(ckpt)
-    engine = open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt), slots=4, capacity=96, prefill_tokens=16)
+    engine = open_engine(ModelSource(Backend.EAGER, checkpoint=ckpt).resolve(), slots=4, capacity=96, prefill_tokens=16)
     started = threading.Event()
     holder = {}
 

@@ -235,14 +235,14 @@ def test_build_and_run_refits_identical_layers(tmp_path: Path) -> None:
 @pytest.mark.parametrize("tp", [1, 2])
 def test_demo_model_engines_match_eager_fp16(tmp_path: Path, tp: int) -> None:
     """The demo model exported in fp16 at TP=1 and TP=2, built into engines, against eager fp16."""
-    from llama_export.backends.tensorrt.runner import load_export_manifest
     from llama_export.config import Backend, Precision
     from llama_export.demo import DEMO_DIR
     from llama_export.export.exporter import ExportOptions, export
+    from llama_export.runner.source import ModelSource
     from llama_export.validate.compare import CompareSettings, Mode, compare, format_report
 
     path = export(ExportOptions(checkpoint=DEMO_DIR, out=tmp_path / "g", tp=tp, dtype=Precision.FP16, progress=False))
     out = build.build_engines(path, tmp_path / "engines")
-    report = compare(out, Backend.TENSORRT, load_export_manifest(out), DEMO_DIR, mode=Mode.LOCATE,
-                     settings=CompareSettings(steps=8), device="cuda")
+    source = ModelSource(Backend.TENSORRT, checkpoint=DEMO_DIR, artifacts=out).resolve()
+    report = compare(source, CompareSettings(steps=8), mode=Mode.LOCATE, device="cuda")
     assert report.comparison, format_report(report)

@@ -14,7 +14,7 @@ def test_a_bom_is_dropped_and_tokenizes_as_without(tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfdef f():\\n  return 1\nclass A:\n")
     (tmp_path / "plain.txt").write_bytes(b"def f():\\n  return 1\nclass A:\n")
     assert read_batch(tmp_path / "bom.txt") == read_batch(tmp_path / "plain.txt") == ("def f():\n  return 1", "class A:")
-    tok = ModelSource(Backend.EAGER).tokenizer()  # the demo model's
+    tok = ModelSource(Backend.EAGER).resolve().tokenizer  # the demo model's
     assert tok.encode(read_user_text(tmp_path / "bom.txt", "--text")) == tok.encode(
         read_user_text(tmp_path / "plain.txt", "--text"))
     assert read_user_text(tmp_path / "bom.txt", "--text").startswith("def")
