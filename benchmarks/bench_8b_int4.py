@@ -1,5 +1,5 @@
-"""The real-size showcase of issue 13: a Llama-3.1-8B-shaped checkpoint in int4 on ONNX Runtime CPU,
-beside llama.cpp q4_0 of the same weights.
+"""Real size: a Llama-3.1-8B-shaped checkpoint in int4 on ONNX Runtime CPU, beside llama.cpp q4_0 of the
+same weights.
 
 From an HF checkpoint folder (`scripts/make_checkpoint.py --preset llama-3.1-8b --out DIR`: bf16, random
 weights, the published 4 shards, ~16 GB):
@@ -21,6 +21,10 @@ next to the checkpoint (--work) and runs for tens of minutes on 2 cores; the exp
 at the end unless --keep (then a second invocation reuses them).
 
     nice -n 10 python benchmarks/bench_8b_int4.py --checkpoint ckpts/llama-3.1-8b-hf [--rounds 2]
+                                                  [--record benchmarks/results]
+
+--record DIR also writes the table as a JSON record (benchmarks/report.py turns the records into
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from bench_common import (  # noqa: E402
+    add_record_arguments,
     agreement,
     child_main,
     copy_bandwidth,
     run_child,
     run_worker,
+    table,
     weight_bytes_per_token,
+    write_record,
 )
 
 GiB = 1 << 30
@@ -122,6 +129,7 @@ def main() -> None:
     ap.add_argument("--llama-python", default=sys.executable,
                     help="the Python that has llama_cpp (llama-cpp-python==0.3.36) for the llama.cpp worker")
     ap.add_argument("--keep", action="store_true", help="keep the export and the GGUF (a rerun reuses them)")
+    add_record_arguments(ap)
     args = ap.parse_args()
     if args.prompt_len < 16 or args.new < 2 or args.rounds < 1 or args.threads < 1:
         ap.error("--prompt-len >= 16 (the warm-up uses 16 ids), --new >= 2, --rounds >= 1, --threads >= 1")
@@ -137,6 +145,7 @@ def main() -> None:
     from llama_export.model.checkpoint import load_config
 
     cfg = load_config(ckpt)
+    load_at_start = os.getloadavg()[0]
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     print(f"{started}; model: {cfg.num_parameters() / 1e9:.2f}B parameters (dim {cfg.dim} x {cfg.n_layers} layers, "
           f"{cfg.n_heads}/{cfg.n_kv_heads} heads, vocab {cfg.vocab_size}); prompt {args.prompt_len} ids -> "
@@ -166,7 +175,18 @@ def main() -> None:
             run = res["runs"][0]
             print(f"  {label}: load {res['load_s']:.0f} s, prefill {run['prefill_s'] * 1e3:.0f} ms, decode "
                   f"{(args.new - 1) / run['decode_s']:.2f} tok/s, peak RSS {res['peak_rss'] / GiB:.2f} GiB", flush=True)
-    report(cfg, args, results, statistics.median(bws), notes, started, loads)
+    rows, more_notes, summary = report(cfg, args, results, statistics.median(bws), notes, started, loads)
+    if args.record:
+        write_record(args.record, benchmark="bench_8b_int4.py", load_at_start=load_at_start, summary=summary,
+                     title=f"{cfg.num_parameters() / 1e9:.2f}B parameters, int4 on ONNX Runtime CPU vs llama.cpp "
+                           f"q4_0, {args.rounds} rounds",
+                     tables=[table(["system (same weights, same prompt ids)", "load s", "prefill ms", "decode tok/s",
+                                    "spread", "of bound", "RSS after load GiB", "peak RSS GiB", "vs llama.cpp q4_0",
+                                    "logits finite", "greedy ids = llama.cpp's"], rows,
+                                   title=f"medians of {args.rounds} interleaved rounds; prompt {args.prompt_len} ids "
+                                         f"-> {args.new} new, greedy, batch 1, {args.threads} threads each")],
+                     notes=[*notes, f"load average {min(loads):.1f}-{max(loads):.1f} during the rounds",
+                            *more_notes, *args.record_note])
     if not args.keep:
         shutil.rmtree(work / "graphs", ignore_errors=True)
         gguf.unlink(missing_ok=True)
@@ -177,7 +197,9 @@ def main() -> None:
 
 
 def report(cfg, args, results: dict[str, list[dict]], bw: float, notes: list[str], started: str,
-           loads: list[float]) -> None:
+           loads: list[float]) -> tuple[list[list], list[str], str]:
+    """Print the table; return its rows, more notes (bandwidth, greedy ids) and a one-line summary (for the
+    record)."""
     bound = bw / weight_bytes_per_token(cfg, "int4")
     print(f"\n{started}, load average {min(loads):.1f}-{max(loads):.1f} during the rounds; {args.rounds} rounds, "
           f"medians; prompt {args.prompt_len} ids -> {args.new} new; {args.threads} threads")
@@ -190,7 +212,7 @@ def report(cfg, args, results: dict[str, list[dict]], bw: float, notes: list[str
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     base = results.get("llama.cpp q4_0")
     base_dec = statistics.median((args.new - 1) / r["runs"][0]["decode_s"] for r in base) if base else None
-    ids_lines = []
+    ids_lines, rows, decs_by = [], [], {}
     for label, runs in results.items():
         decs = [(args.new - 1) / r["runs"][0]["decode_s"] for r in runs]
         dec = statistics.median(decs)
@@ -206,9 +228,17 @@ def report(cfg, args, results: dict[str, list[dict]], bw: float, notes: list[str
         vs = f"{dec / base_dec:.2f}x" if base_dec else "—"
         print(f"| {label} | {load:.0f} | {prefill:.0f} | {dec:.2f} | ±{spread:.0%} | {dec / bound:.0%} | {loaded:.2f} | {rss:.2f} | "
               f"{vs} | {'yes' if finite == {True} else finite} | {agree} |")
+        rows.append([label, round(load), round(prefill), round(dec, 2), f"±{spread:.0%}", f"{dec / bound:.0%}",
+                     round(loaded, 2), round(rss, 2), vs, finite == {True}, agree])
+        decs_by[label] = dec
         ids_lines.append(f"{label}: greedy ids {runs[0]['runs'][0]['ids']} (all in the vocabulary: {vocab_ok}; "
                          f"the same in every round: {same_ids})")
     print("\n" + "\n".join(ids_lines))
+    ours = decs_by.get("llama_export ORT int4")
+    summary = (f"decode {ours:.2f} vs llama.cpp q4_0's {base_dec:.2f} tok/s ({ours / base_dec:.2f}x)"
+               if ours and base_dec else "")
+    bw_line = f"memory bandwidth (tensor copy, read+write) {bw / 1e9:.1f} GB/s; int4 decode bound {bound:.2f} tok/s"
+    return rows, [bw_line, *ids_lines], summary
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ that the machine's drift hits all settings alike. Reported: median decode tokens
 the rounds, and ratios against `--threads <cores>` in the same competitor condition. The competitor
 is a Python busy loop pinned to core 0 (os.sched_setaffinity).
 
-    python benchmarks/bench_busy_threads.py [--rounds 5 --dim 512 --layers 8 --new 64]
+    python benchmarks/bench_busy_threads.py [--rounds 5 --dim 512 --layers 8 --new 64] [--record DIR]
+
+--record DIR also writes the table as a JSON record (benchmarks/report.py turns the records into
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import add_model_arguments, model_config, random_state  # noqa: E402
+from bench_common import (  # noqa: E402
+    add_model_arguments,
+    add_record_arguments,
+    model_config,
+    random_state,
+    table,
+    write_record,
+)
 
 _SPIN = "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"
 
@@ -48,7 +58,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    add_record_arguments(ap)
     args = ap.parse_args()
+    load_at_start = os.getloadavg()[0]
 
     from llama_export.model.meta_format import save_meta_checkpoint, to_meta_params
 
@@ -74,12 +86,25 @@ def main() -> None:
                         spinner.kill()
                         spinner.wait()
     print(f"\n{'competitor':<22} {'--threads':>9} {'decode tok/s (median)':>22} {'vs --threads ' + str(cores):>18}")
+    rows = []
     for busy in (False, True):
         base = statistics.median(results[(busy, cores)])
         for threads in settings:
             med = statistics.median(results[(busy, threads)])
             label = "one core spinning" if busy else "none"
             print(f"{label:<22} {threads if threads is not None else 'default':>9} {med:22.1f} {med / base:17.2f}x")
+            rows.append([label, str(threads) if threads is not None else "default", round(med, 1),
+                         f"{med / base:.2f}x"])
+    if args.record:
+        default = [r for r in rows if r[1] == "default"]
+        write_record(args.record, benchmark="bench_busy_threads.py", load_at_start=load_at_start, notes=args.record_note,
+                     title=f"{cfg.num_parameters() / 1e6:.0f}M fp32 model, TP=1 eager decode by --threads, with and "
+                           "without a core spinning",
+                     summary=f"default threads: {default[0][3]} of `--threads {cores}` ({default[1][3]} with a core "
+                             "spinning)",
+                     tables=[table(["competitor", "--threads", "decode tok/s (median)", f"vs --threads {cores}"], rows,
+                                   title=f"{args.rounds} interleaved rounds; prompt {args.prompt} -> {args.new} new; "
+                                         f"{cores} cores")])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ weight bytes and against the export memory target: 2 GiB + 2x the rank's largest
 Real sizes (Llama-3.1-8B shapes at TP=1/2/4): `bench_real_size.py`.
 
     python benchmarks/bench_export_memory.py [--dim 2048 --layers 20 --vocab 32000 --dtype fp16 --tp 2]
+                                             [--record DIR]
+
+--record DIR also writes the table as a JSON record (benchmarks/report.py turns the records into
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_common import add_record_arguments, table, write_record  # noqa: E402
 
 
 def _child(ckpt: str, out: str, tp: int, dtype: str) -> None:
@@ -49,7 +56,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--tp", type=int, default=2)
+    add_record_arguments(ap)
     args = ap.parse_args()
+    load_at_start = os.getloadavg()[0]
 
     import torch
 
@@ -83,8 +92,21 @@ def main() -> None:
     target = plan_export(cfg, tp=args.tp, dtype=Precision(args.dtype)).export_target_bytes
     peak = res["peak_mb"] * 2**20
     print(f"export time: {res['seconds']:.1f} s for {args.tp} ranks ({size / 2**30:.2f} GiB written)")
+    verdict = "meets" if peak <= target else "misses"
     print(f"peak RSS: {res['peak_mb']:.0f} MiB (process baseline {res['base_mb']:.0f} MiB) = {peak / rank_bytes:.2f}x one "
-          f"rank's weights; target {target / 2**30:.2f} GiB ({'meets' if peak <= target else 'misses'})")
+          f"rank's weights; target {target / 2**30:.2f} GiB ({verdict})")
+    if args.record:
+        write_record(args.record, benchmark="bench_export_memory.py", load_at_start=load_at_start, notes=args.record_note,
+                     title=f"{cfg.num_parameters() / 1e9:.2f}B-parameter model exported {args.dtype} at TP={args.tp}",
+                     summary=f"{res['seconds']:.0f} s, peak RSS {res['peak_mb']:.0f} MiB = {peak / rank_bytes:.2f}x one "
+                             f"rank's weights; target {target / 2**30:.2f} GiB: {verdict}",
+                     tables=[table(["figure", "value"], [
+                         ["weights per rank", f"{rank_bytes / 2**30:.2f} GiB"],
+                         ["export time", f"{res['seconds']:.1f} s for {args.tp} ranks ({size / 2**30:.2f} GiB written)"],
+                         ["peak RSS", (f"{res['peak_mb']:.0f} MiB (process baseline {res['base_mb']:.0f} MiB) = "
+                                       f"{peak / rank_bytes:.2f}x one rank's weights")],
+                         ["target (2 GiB + 2x the largest tensor)", f"{target / 2**30:.2f} GiB: {verdict}"],
+                     ])])
 
 
 if __name__ == "__main__":

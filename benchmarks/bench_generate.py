@@ -7,6 +7,10 @@ one rank reads per token over the measured memory bandwidth (a large tensor copy
 per second), so decode speed can be read as a fraction of the machine's limit.
 
     python benchmarks/bench_generate.py [--dim 768 --layers 12 --vocab 32000 --prompt 128 --new 128]
+                                        [--record DIR]
+
+--record DIR also writes the table as a JSON record (benchmarks/report.py turns the records into
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import add_model_arguments, copy_bandwidth, model_config, random_state  # noqa: E402
+from bench_common import (  # noqa: E402
+    add_model_arguments,
+    add_record_arguments,
+    copy_bandwidth,
+    model_config,
+    random_state,
+    table,
+    write_record,
+)
 
 
 def run(args: list[str], out: Path) -> dict:
@@ -41,7 +53,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    add_record_arguments(ap)
     args = ap.parse_args()
+    load_at_start = os.getloadavg()[0]
 
     import torch
 
@@ -71,12 +85,26 @@ def main() -> None:
             for name, r in (("eager", eager), ("ort", ort)):
                 rows.append((tp, name, r["prefill_s"] * 1e3, (args.new - 1) / r["decode_s"], bound))
     print(f"\n{'tp':>2} {'backend':<7} {'prefill ms':>10} {'decode tok/s':>12} {'vs eager':>8} {'of bound':>8}")
+    cells = []
     for tp, name, pre, dec, bound in rows:
         base = next(d for t, n, _, d, _ in rows if t == tp and n == "eager")
         base_pre = next(p for t, n, p, _, _ in rows if t == tp and n == "eager")
         print(f"{tp:>2} {name:<7} {pre:10.1f} {dec:12.1f} {dec / base:7.2f}x {dec / bound:7.0%}"
               f"   (prefill {base_pre / pre:.2f}x eager)")
+        cells.append([tp, name, round(pre, 1), round(dec, 1), f"{dec / base:.2f}x", f"{dec / bound:.0%}",
+                      f"{base_pre / pre:.2f}x"])
     print(f"decode bound at tp=1: {rows[0][4]:.1f} tok/s (weights {weight_bytes / 2**20:.0f} MiB per token)")
+    if args.record:
+        ort1 = next((c for c in cells if c[0] == args.tp[0] and c[1] == "ort"), None)
+        write_record(args.record, benchmark="bench_generate.py", load_at_start=load_at_start, notes=args.record_note,
+                     title=f"{cfg.num_parameters() / 1e6:.0f}M fp32 model, prompt {args.prompt} -> {args.new} new, "
+                           f"batch 1: eager vs ONNX Runtime, TP={'/'.join(map(str, args.tp))}",
+                     summary=(f"ORT TP={ort1[0]} decode {ort1[3]} tok/s = {ort1[4]} eager, {ort1[5]} of the bandwidth "
+                              f"bound; prefill {ort1[6]} eager") if ort1 else "",
+                     tables=[table(["tp", "backend", "prefill ms", "decode tok/s", "vs eager", "of bound",
+                                    "prefill vs eager"], cells,
+                                   title=f"memory bandwidth (tensor copy) {bw / 1e9:.1f} GB/s; decode bound at tp=1 "
+                                         f"{rows[0][4]:.1f} tok/s")])
 
 
 if __name__ == "__main__":

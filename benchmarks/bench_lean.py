@@ -1,8 +1,9 @@
-"""Lean at run time (issue 14) and the in-place KV cache (issue 13): our ONNX Runtime export beside
-onnxruntime-genai's model builder and Generator on the same random-weight Hugging Face checkpoint.
+"""Lean at run time and the in-place KV cache: our ONNX Runtime export beside onnxruntime-genai's model
+builder and Generator on the same random-weight Hugging Face checkpoint.
 
     python benchmarks/bench_lean.py [--dim 768 --layers 12 --heads 12 --vocab 32000] [--rounds 3]
                                     [--work DIR] [--no-genai] [--export-only] [--baseline CHECKOUT]
+                                    [--record benchmarks/results]
 
 Prints, each as a median over interleaved rounds (each system in its own process, so RSS is its own):
 - export time without validation (`llama-export export --no-validate`) vs genai's builder (`-p fp32 -e cpu`);
@@ -19,7 +20,9 @@ Prints, each as a median over interleaved rounds (each system in its own process
 
 onnxruntime-genai is an optional install (`pip install onnxruntime-genai`); without it (or with
 --no-genai) only our figures print. Thread count: OMP_NUM_THREADS (default 2) for every system.
-CPU numbers on a shared machine are noisy: rounds are interleaved and medians reported.
+CPU numbers on a shared machine are noisy: rounds are interleaved and medians reported. With --record
+DIR the figures are also written as a JSON record (benchmarks/report.py turns the records into
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_common import add_record_arguments, table, write_record  # noqa: E402
 
 LONG, SHORT, NEW = 2048, 128, 128
 RAGGED = [16 + round(i * (256 - 16) / 7) for i in range(8)]  # 16 .. 256
@@ -233,6 +239,7 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="another checkout (e.g. `git archive` of an earlier commit) "
                     "whose export is timed in the same interleaved rounds")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    add_record_arguments(ap)
     args = ap.parse_args()
     if args.worker:
         system, kind, path, spawned, vocab, out = args.worker
@@ -254,6 +261,16 @@ def main() -> None:
         make_checkpoint(args, hf)
     med = statistics.median
     load_before = os.getloadavg()[0]
+    figures: list[list] = []  # [figure, ours, genai, ratio, target] for the record
+
+    def record(title: str, summary: str) -> None:
+        if args.record:
+            write_record(args.record, benchmark="bench_lean.py", title=title, summary=summary, notes=args.record_note,
+                         load_at_start=load_before, tables=[table(
+                             ["figure", "ours", "onnxruntime-genai", "ratio", "target"], figures,
+                             title=f"{args.rounds} interleaved rounds, medians; threads "
+                                   f"{os.environ.get('OMP_NUM_THREADS', '2')}")])
+
     ex_ours, ex_genai, ex_base = [], [], []
     for _ in range(args.rounds):
         dt, ours_path = export_ours(hf, work / "ours")
@@ -272,18 +289,29 @@ def main() -> None:
     if args.baseline:
         line += f"; baseline {args.baseline} {med(ex_base):.1f} s, ours / baseline {med(ex_ours) / med(ex_base):.2f}"
     print(line)
+    figures.append(["export, no validation (s)", round(med(ex_ours), 1), round(med(ex_genai), 1) if genai else None,
+                    round(med(ex_ours) / med(ex_genai), 2) if genai else None, "≤ 2"])
+    if args.baseline:
+        figures.append([f"export of {args.baseline} (s)", round(med(ex_base), 1), None,
+                        round(med(ex_ours) / med(ex_base), 2), "ours / baseline"])
     rounds = [ex_ours, ex_genai, ex_base]
     print(f"  load average (1 min) {load_before:.1f} before the exports, {os.getloadavg()[0]:.1f} after; rounds (s): "
           + "; ".join(f"{name} {' '.join(f'{t:.1f}' for t in ts)}"
                                        for name, ts in zip(("ours", "genai", "baseline"), rounds) if ts))
     if args.export_only:
+        record(f"{args.dim}x{args.layers} fp32 model, export time only", f"export {med(ex_ours):.1f} s"
+               + (f" = {med(ex_ours) / med(ex_genai):.2f}x genai's builder" if genai else ""))
         return
     line = f"graph ORT receives: ours {nodes} nodes = {nodes / L:.1f}/layer, {matmuls / L:.1f} MatMul/layer"
+    g_nodes = g_mm = None
     if genai:
         g_nodes, g_mm = graph_stats_genai(work / "genai")
         line += (f"; genai {g_nodes} nodes = {g_nodes / L:.1f}/layer, {g_mm / L:.1f} MatMul/layer; "
                  f"ratio {nodes / g_nodes:.2f} (target <= 1.5)")
     print(line)
+    figures.append(["graph nodes per layer", round(nodes / L, 1), round(g_nodes / L, 1) if genai else None,
+                    round(nodes / g_nodes, 2) if genai else None, "≤ 1.5"])
+    figures.append(["MatMuls per layer", round(matmuls / L, 1), round(g_mm / L, 1) if genai else None, None, ""])
 
     res: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
@@ -301,9 +329,16 @@ def main() -> None:
     print(f"ORT run (prompt {SHORT} -> {NEW}): RSS after loading {loaded / mib:.0f} MiB = "
           f"{(loaded - 300 * mib) / weights:.2f}x weights + 300 MiB (target <= 1.1); peak {peak / mib:.0f} MiB = "
           f"{(peak - 300 * mib) / weights:.2f}x weights + 300 MiB (target <= 1.25)")
+    figures.append(["RSS after loading (MiB; ratio: x weights + 300 MiB)", round(loaded / mib), None,
+                    round((loaded - 300 * mib) / weights, 2), "≤ 1.1"])
+    figures.append([f"peak RSS, {SHORT} -> {NEW} run (MiB; ratio: x weights + 300 MiB)", round(peak / mib),
+                    round(m("genai-run128", "hwm_run") / mib) if genai else None,
+                    round((peak - 300 * mib) / weights, 2), "≤ 1.25"])
     eager = med(r["hwm_loaded"] - r["rss_before_load"] for r in res["ours-eager"])
     print(f"eager load: peak RSS - RSS before loading = {eager / mib:.0f} MiB = {eager / weights:.2f}x weights "
           "(target <= 1.2)")
+    figures.append(["eager load: peak - RSS before (MiB; ratio: x weights)", round(eager / mib), None,
+                    round(eager / weights, 2), "≤ 1.2"])
     line = f"process start -> first token (prompt {SHORT}): ours {m('ours-run128', 'first_token_s'):.2f} s"
     if genai:
         line += (f", genai {m('genai-run128', 'first_token_s'):.2f} s (peak RSS {m('genai-run128', 'hwm_run') / mib:.0f}"
@@ -313,6 +348,12 @@ def main() -> None:
     if genai:
         line += f", ratio {cli_first / m('genai-run128', 'first_token_s'):.2f}"
     print(line)
+    ours_first = m("ours-run128", "first_token_s")
+    g_first = m("genai-run128", "first_token_s") if genai else None
+    figures.append(["process start to first token (s)", round(ours_first, 2), round(g_first, 2) if genai else None,
+                    round(ours_first / g_first, 2) if genai else None, "≤ 1"])
+    figures.append(["`llama-export run`: first token (s)", round(cli_first, 2), round(g_first, 2) if genai else None,
+                    round(cli_first / g_first, 2) if genai else None, f"exit at {m('ours-cli', 'cli_s'):.2f} s"])
     s128, s2048 = m("ours-long", f"step_s_{SHORT}"), m("ours-long", f"step_s_{LONG}")
     line = (f"decode step at context ~{SHORT}: {s128 * 1e3:.1f} ms, ~{LONG}: {s2048 * 1e3:.1f} ms, ratio "
             f"{s2048 / s128:.2f} (target <= 1.5); decode at {LONG}: ours {1 / s2048:.1f} tok/s")
@@ -321,11 +362,23 @@ def main() -> None:
         line += (f", genai {1 / g2048:.1f} tok/s, ratio {g2048 / s2048:.2f} (target >= 1.1); genai step ratio "
                  f"{g2048 / m('genai-long', f'step_s_{SHORT}'):.2f}")
     print(line)
+    figures.append([f"decode step at context {LONG} / {SHORT} (ms)", f"{s2048 * 1e3:.1f} / {s128 * 1e3:.1f}", None,
+                    round(s2048 / s128, 2), "≤ 1.5"])
+    figures.append([f"decode at context {LONG} (tok/s)", round(1 / s2048, 1), round(1 / g2048, 1) if genai else None,
+                    round(g2048 / s2048, 2) if genai else None, "≥ 1.1"])
     b, s = m("ours-long", "ragged_batch_s"), m("ours-long", "ragged_single_s")
     equal = all(r["ragged_equal"] for r in res["ours-long"])
     print(f"ragged batch of {len(RAGGED)} prompts ({RAGGED[0]}..{RAGGED[-1]} tokens) -> {RAGGED_NEW} new: batch "
           f"{len(RAGGED) * RAGGED_NEW / b:.1f} tok/s, one by one {len(RAGGED) * RAGGED_NEW / s:.1f} tok/s, ratio "
           f"{s / b:.2f} (target >= 4); every row's ids equal its single run: {equal}")
+    figures.append([f"ragged batch, {len(RAGGED)} prompts -> {RAGGED_NEW} new (tok/s; ratio: batch / one by one)",
+                    round(len(RAGGED) * RAGGED_NEW / b, 1), None, round(s / b, 2), f"≥ 4, ids equal: {equal}"])
+    record(f"{args.dim}x{args.layers} fp32 model (vocabulary {args.vocab}), our ORT export"
+           + (" vs onnxruntime-genai" if genai else ""),
+           f"RSS after loading {loaded / mib:.0f} MiB; first token {ours_first:.2f} s"
+           + (f" vs genai's {g_first:.2f} s" if genai else "")
+           + f"; decode at context {LONG} {1 / s2048:.1f} tok/s" + (f" ({g2048 / s2048:.2f}x genai)" if genai else "")
+           + f"; ragged batch {s / b:.2f}x one by one")
 
 
 if __name__ == "__main__":

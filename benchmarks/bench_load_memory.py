@@ -6,6 +6,10 @@ process's RSS right before the load, and the peak of
 anonymous memory (RssAnon, sampled every 2 ms). Target: a TP=4 rank <= 0.35x of TP=1.
 
     python benchmarks/bench_load_memory.py [--dim 2048 --layers 8 --vocab 32000] [--formats meta hf]
+                                           [--record DIR]
+
+--record DIR also writes the table as a JSON record (benchmarks/report.py turns the records into
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_common import add_record_arguments, table, write_record  # noqa: E402
 
 
 def _child(path: str, tp: int) -> None:
@@ -119,7 +126,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--formats", nargs="+", default=["meta", "hf"], choices=["meta", "hf"])
+    add_record_arguments(ap)
     args = ap.parse_args()
+    load_at_start = os.getloadavg()[0]
+    rows, ratios = [], []
     with tempfile.TemporaryDirectory() as d:
         paths = _write(Path(d), args.dim, args.layers, args.vocab)
         print(f"{'format':6} {'tp':>3} {'weights MiB':>12} {'peak RSS MiB':>13} {'peak anon MiB':>14} {'load s':>7}")
@@ -127,11 +137,22 @@ def main() -> None:
             res = {tp: _measure(paths[fmt], tp) for tp in (1, 4)}
             for tp, r in res.items():
                 print(f"{fmt:6} {tp:3d} {r['weights_mb']:12.0f} {r['rss_mb']:13.0f} {r['anon_mb']:14.0f} {r['seconds']:7.2f}")
+                rows.append([fmt, tp, round(r["weights_mb"]), round(r["rss_mb"]), round(r["anon_mb"]),
+                             round(r["seconds"], 2)])
             rss = res[4]["rss_mb"] / res[1]["rss_mb"]
             anon = res[4]["anon_mb"] / res[1]["anon_mb"]
             verdict = "meets" if rss <= 0.35 else "misses"
             print(f"{fmt:6} TP=4 rank / TP=1: peak RSS {rss:.2f}x, peak anon {anon:.2f}x "
                   f"({verdict} the 0.35x target on peak RSS)")
+            ratios.append([fmt, f"{rss:.2f}x", f"{anon:.2f}x", f"≤ 0.35x: {verdict}"])
+    if args.record:
+        write_record(args.record, benchmark="bench_load_memory.py", load_at_start=load_at_start, notes=args.record_note,
+                     title=f"peak memory of loading one rank, TP=4 vs TP=1 (dim {args.dim}, {args.layers} layers, "
+                           f"vocabulary {args.vocab}, fp16)",
+                     summary="a TP=4 rank's load peak " + " / ".join(f"{r[1]} ({r[0]})" for r in ratios)
+                             + " of TP=1's; target ≤ 0.35x",
+                     tables=[table(["format", "tp", "weights MiB", "peak RSS MiB", "peak anon MiB", "load s"], rows),
+                             table(["format", "TP=4 rank / TP=1: peak RSS", "peak anon", "target"], ratios)])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """llama_export beside onnxruntime-genai and llama.cpp: same weights, same prompt ids, same machine.
 
-One random-weight checkpoint (default: the 134M model of issue 13, dim 768 x 12 layers, vocab 32000,
+One random-weight checkpoint (default: a 134M-parameter model, dim 768 x 12 layers, vocab 32000,
 fp32) is written as a Hugging Face folder; from it come our exports, onnxruntime-genai's models (its
 model builder, fp32/int8/int4) and llama.cpp GGUF files (f32/q8_0/q4_0, written here with the `gguf`
 package from the same tensors; q/k rows in llama.cpp's interleaved order, which is Meta's). Every
@@ -26,8 +26,11 @@ skipped with the line to install it:
     pip install transformers==5.24.0                     # (in '.[test]') the transformers row
 
     python benchmarks/bench_peers.py [--workloads short long ragged] [--rounds 5] [--workdir DIR]
+                                     [--record benchmarks/results]
 
 --workdir keeps the checkpoint and converted models between invocations (rebuilt if the shape changes).
+--record DIR also writes the tables as a JSON record (benchmarks/report.py turns the records into
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -54,12 +57,15 @@ sys.path.insert(0, str(HERE))
 from bench_common import (  # noqa: E402
     BYTES_PER_WEIGHT,
     add_model_arguments,
+    add_record_arguments,
     agreement,
     copy_bandwidth,
     model_config,
     random_state,
     run_worker,
+    table,
     weight_bytes_per_token,
+    write_record,
 )
 from gguf_llama import checkpoint_to_gguf  # noqa: E402
 
@@ -243,7 +249,9 @@ def main() -> None:
                     "(llama.cpp's q8_0/q4_0 blocks are 32 whatever this says)")
     ap.add_argument("--only", nargs="+", default=None, help="run only systems whose label contains one of these")
     ap.add_argument("--workdir", type=Path, default=None, help="keep models here between runs (default: a temp dir)")
+    add_record_arguments(ap)
     args = ap.parse_args()
+    load_at_start = os.getloadavg()[0]
 
     cfg = model_config(args, max_seq_len=4096)
     tmp = None
@@ -285,7 +293,16 @@ def main() -> None:
     bounds = {p: bw / weight_bytes_per_token(cfg, p) for p in BYTES_PER_WEIGHT}
     print("decode bound (weight bytes per token / bandwidth): " +
           " / ".join(f"{p} {b:.0f} tok/s" for p, b in bounds.items()))
-    report(systems, loads, results, bounds)
+    tables, summary = report(systems, loads, results, bounds)
+    if args.record:
+        note = (f"{args.rounds} interleaved rounds, medians; {args.threads} threads per system; int8/int4 blocks of "
+                f"{args.block_size} (ours and onnxruntime-genai; llama.cpp q8_0/q4_0: 32); memory bandwidth (tensor "
+                f"copy) {bw / 1e9:.1f} GB/s; decode bound " + " / ".join(f"{p} {b:.0f}" for p, b in bounds.items())
+                + " tok/s")
+        write_record(args.record, benchmark="bench_peers.py", tables=tables, summary=summary,
+                     title=f"{cfg.num_parameters() / 1e6:.0f}M model, workloads {' '.join(loads)}, {args.threads} "
+                           f"threads, {args.rounds} rounds", notes=[note, *args.record_note],
+                     load_at_start=load_at_start)
     if tmp is not None:
         tmp.cleanup()
 
@@ -294,10 +311,13 @@ def _med(runs: list[dict], key) -> float:
     return statistics.median(key(r) for r in runs)
 
 
-def report(systems, loads, results, bounds) -> None:
+def report(systems, loads, results, bounds) -> tuple[list, str]:
+    """Print the tables and the targets; return them as record tables, and a one-line summary."""
     base_label = "llama_export ORT fp32"
     summary: dict[tuple[str, str], dict] = {}
+    tables = []
     for name, w in loads.items():
+        rows = []
         new = w["new"]
         n_prompts = len(w["prompts"])
         ref = results.get((name, base_label))
@@ -324,11 +344,29 @@ def report(systems, loads, results, bounds) -> None:
             print(f"{s.label:<26} {prefill * 1e3:10.1f} {dec:12.1f} {spread:6.0%} {vs:>7} "
                   f"{dec / bounds[s.precision]:8.0%} {total:11.1f} {rss / 1e9:11.2f} "
                   f"{_med(runs, lambda r: r['load_s']):6.1f}  {agree}")
-    targets(summary, loads)
+            rows.append([s.label, round(prefill * 1e3, 1), round(dec, 1), f"±{spread:.0%}", vs.strip(),
+                         f"{dec / bounds[s.precision]:.0%}", round(total, 1), round(rss / 1e9, 2),
+                         round(_med(runs, lambda r: r["load_s"]), 1), agree])
+        if rows:
+            tables.append(table(["system", "prefill ms", "decode tok/s", "spread", "vs ours", "of bound",
+                                 "total tok/s", "peak RSS GB", "load s", "ids = ours fp32"], rows,
+                                title=f"{name}: {n_prompts} prompt(s) of {sorted({len(p) for p in w['prompts']})} "
+                                      f"ids -> {new} new, one at a time"))
+    lines = targets(summary, loads)
+    if lines:
+        tables.append(table(["target", "ratio", "goal", "verdict"], lines, title="against the targets"))
+    parts = []
+    for p in ("fp32", "int8", "int4"):
+        ours = summary.get(("short", f"llama_export ORT {p}"))
+        genai = summary.get(("short", f"onnxruntime-genai {p}"))
+        if ours:
+            parts.append(f"{p} {ours['decode']:.1f}" + (f" ({ours['decode'] / genai['decode']:.2f}x genai)" if genai else ""))
+    return tables, ("decode tok/s at 128 → 128: ORT " + ", ".join(parts)) if parts else ""
 
 
-def targets(summary, loads) -> None:
-    """The issue's targets, as ratios of this run's medians (only those whose rows ran)."""
+def targets(summary, loads) -> list[list]:
+    """The targets, as ratios of this run's medians (only those whose rows ran): printed, and returned as
+    rows [what, ratio, goal, verdict]."""
     def get(w, label, key):
         row = summary.get((w, label))
         return row[key] if row else None
@@ -340,7 +378,7 @@ def targets(summary, loads) -> None:
             return
         r = a / b
         ok = r >= goal if higher else r <= goal
-        lines.append(f"  {text:<62} {r:6.2f}  (target {'>=' if higher else '<='} {goal})  {'met' if ok else 'MISSED'}")
+        lines.append([text, round(r, 2), f"{'≥' if higher else '≤'} {goal}", "met" if ok else "MISSED"])
 
     genai = {"fp32": "onnxruntime-genai fp32", "int8": "onnxruntime-genai int8", "int4": "onnxruntime-genai int4"}
     lcpp = {"fp32": "llama.cpp f32", "int8": "llama.cpp q8_0", "int4": "llama.cpp q4_0"}
@@ -361,8 +399,10 @@ def targets(summary, loads) -> None:
     ratio("peak RSS int4 / fp32 (short)", get("short", "llama_export ORT int4", "rss"),
           get("short", "llama_export ORT fp32", "rss"), 0.35, higher=False)
     if lines:
-        print("\ntargets (issue 13), from the medians above:")
-        print("\n".join(lines))
+        print("\ntargets, from the medians above:")
+        print("\n".join(f"  {t:<62} {r:6.2f}  (target {g.replace('≥', '>=').replace('≤', '<=')})  {v}"
+                        for t, r, g, v in lines))
+    return lines
 
 
 if __name__ == "__main__":

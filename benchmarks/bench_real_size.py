@@ -14,6 +14,10 @@ peak RSS (VmHWM) is that step's alone. Steps, one at a time, each export removed
    the fp32 tolerance.
 
     nice -n 10 python benchmarks/bench_real_size.py --work /path/with/50GB [--skip-8b] [--skip-1b]
+                                                    [--record benchmarks/results]
+
+--record DIR also writes the tables as a JSON record (benchmarks/report.py turns the records into
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,7 +35,22 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 GiB = 1 << 30
 
-from bench_common import child_main, run_child  # noqa: E402
+from bench_common import (  # noqa: E402
+    add_record_arguments,
+    child_main,
+    run_child,
+    table,
+    write_record,
+)
+
+COLUMNS_8B = ["export", "tp", "weights/rank GiB", "written GB", "wall s", "peak RSS GiB", "peak / rank weights",
+              "target GiB", "onnx.checker", "ONNX Runtime"]
+COLUMNS_1B = ["export", "tp", "export s", "export peak GiB", "max abs vs eager", "min cosine", "greedy agree",
+              "validation"]
+
+
+def _md(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 # ---- child steps (each runs in a fresh process) ---------------------------------------------------
@@ -135,7 +154,7 @@ def _du(path: Path) -> int:
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
-def bench_8b(work: Path, tps: list[int]) -> list[str]:
+def bench_8b(work: Path, tps: list[int]) -> list[list]:
     from llama_export.config import Precision
     from llama_export.export.sizing import plan_export
     from llama_export.model.checkpoint import load_config
@@ -156,21 +175,20 @@ def bench_8b(work: Path, tps: list[int]) -> list[str]:
         ort = run_step("ort_rank", path=ex["path"], rank=tp - 1) if tp == 4 else None
         shutil.rmtree(out)
         peak = ex["peak_rss"]
-        rows.append(
-            f"| 8B HF bf16 → fp16 | {tp} | {plan.weight_bytes / GiB:.2f} | {size / 1e9:.1f} | {ex['seconds']:.0f} "
-            f"({ex['seconds'] / (plan.weight_bytes * tp / GiB):.1f} s/GiB) | {peak / GiB:.2f} | "
-            f"{peak / plan.weight_bytes:.2f}x | {plan.export_target_bytes / GiB:.2f} "
-            f"({'meets' if peak <= plan.export_target_bytes else 'MISSES'}) | {chk['graphs']} pass ({chk['seconds']:.0f} s, "
-            f"{chk['peak_rss'] / GiB:.2f} GiB) | "
-            + (f"rank {tp - 1}: hashed in {ort['verify_s']:.0f} s, {ort['sessions']} sessions open in "
-               f"{ort['open_s']:.0f} s, prefill+1 step "
-               f"{ort['run_s']:.1f} s, {ort['peak_rss'] / GiB:.2f} GiB, finite={ort['finite']}" if ort else "-")
-            + " |")
-        print(rows[-1], flush=True)
+        rows.append([
+            "8B HF bf16 → fp16", tp, f"{plan.weight_bytes / GiB:.2f}", f"{size / 1e9:.1f}",
+            f"{ex['seconds']:.0f} ({ex['seconds'] / (plan.weight_bytes * tp / GiB):.1f} s/GiB)", f"{peak / GiB:.2f}",
+            f"{peak / plan.weight_bytes:.2f}x",
+            f"{plan.export_target_bytes / GiB:.2f} ({'meets' if peak <= plan.export_target_bytes else 'MISSES'})",
+            f"{chk['graphs']} pass ({chk['seconds']:.0f} s, {chk['peak_rss'] / GiB:.2f} GiB)",
+            (f"rank {tp - 1}: hashed in {ort['verify_s']:.0f} s, {ort['sessions']} sessions open in "
+             f"{ort['open_s']:.0f} s, prefill+1 step "
+             f"{ort['run_s']:.1f} s, {ort['peak_rss'] / GiB:.2f} GiB, finite={ort['finite']}" if ort else "-")])
+        print(_md(rows[-1]), flush=True)
     return rows
 
 
-def bench_1b(work: Path) -> list[str]:
+def bench_1b(work: Path) -> list[list]:
     ckpt = work / "llama-3.2-1b-hf"
     if not ckpt.exists():
         made = run_step("make", preset="llama-3.2-1b", out=str(ckpt))
@@ -181,11 +199,11 @@ def bench_1b(work: Path) -> list[str]:
         ex = run_step("export", ckpt=str(ckpt), out=str(out), tp=tp, dtype="fp32")
         val = run_step("validate", path=ex["path"], ckpt=str(ckpt))
         shutil.rmtree(out)
-        rows.append(
-            f"| 1B HF bf16 → fp32 | {tp} | {ex['seconds']:.0f} | {ex['peak_rss'] / GiB:.2f} | "
-            f"{val['max_abs']:.2e} (≤ {val['tolerance']:.0e}) | {val['cosine']:.6f} | {val['tokens_agree']:.3f} | "
-            f"{'ok' if val['ok'] else 'FAIL'} ({val['seconds']:.0f} s, {val['peak_rss'] / GiB:.2f} GiB) |")
-        print(rows[-1], flush=True)
+        rows.append([
+            "1B HF bf16 → fp32", tp, f"{ex['seconds']:.0f}", f"{ex['peak_rss'] / GiB:.2f}",
+            f"{val['max_abs']:.2e} (≤ {val['tolerance']:.0e})", f"{val['cosine']:.6f}", f"{val['tokens_agree']:.3f}",
+            f"{'ok' if val['ok'] else 'FAIL'} ({val['seconds']:.0f} s, {val['peak_rss'] / GiB:.2f} GiB)"])
+        print(_md(rows[-1]), flush=True)
     shutil.rmtree(ckpt)
     return rows
 
@@ -199,22 +217,34 @@ def main() -> None:
     ap.add_argument("--skip-8b", action="store_true")
     ap.add_argument("--skip-1b", action="store_true")
     ap.add_argument("--keep-checkpoint", action="store_true", help="keep the 8B checkpoint for another run")
+    add_record_arguments(ap)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()[0]
     print(f"load average at start: {os.getloadavg()}", flush=True)
     rows8 = [] if args.skip_8b else bench_8b(args.work, args.tp)
     rows1 = [] if args.skip_1b else bench_1b(args.work)
     if not args.keep_checkpoint:
         shutil.rmtree(args.work / "llama-3.1-8b-hf", ignore_errors=True)
     print(f"load average at end: {os.getloadavg()}")
+    tables = []
     if rows8:
-        print("\n| export | tp | weights/rank GiB | written GB | wall s | peak RSS GiB | peak / rank weights | "
-              "target GiB | onnx.checker | ONNX Runtime |\n|---|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(rows8))
+        print("\n" + _md(COLUMNS_8B) + "\n" + _md(["---"] * len(COLUMNS_8B)))
+        print("\n".join(_md(r) for r in rows8))
+        tables.append(table(COLUMNS_8B, rows8, title="Llama-3.1-8B shapes (HF bf16) exported fp16; target: peak RSS "
+                                                     "≤ 2 GiB + 2x the rank's largest tensor"))
     if rows1:
-        print("\n| export | tp | export s | export peak GiB | max abs vs eager | min cosine | greedy agree | "
-              "validation |\n|---|---|---|---|---|---|---|---|")
-        print("\n".join(rows1))
+        print("\n" + _md(COLUMNS_1B) + "\n" + _md(["---"] * len(COLUMNS_1B)))
+        print("\n".join(_md(r) for r in rows1))
+        tables.append(table(COLUMNS_1B, rows1, title="Llama-3.2-1B shapes (HF bf16) exported fp32, validated on ONNX "
+                                                     "Runtime against eager"))
+    if args.record and tables:
+        summary = ("8B bf16 → fp16 at TP=" + "/".join(str(r[1]) for r in rows8) + ": peak RSS "
+                   + "/".join(r[5] for r in rows8) + " GiB" if rows8 else
+                   "1B at TP=" + "/".join(str(r[1]) for r in rows1) + ": " + ", ".join(r[7] for r in rows1))
+        write_record(args.record, benchmark="bench_real_size.py", title="real-size exports ("
+                     + ", ".join(n for n, rows in (("8B", rows8), ("1B", rows1)) if rows) + ")", tables=tables,
+                     summary=summary, notes=args.record_note, load_at_start=load_at_start)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Each request: a prompt of random token ids (lengths uniform in --prompt-range, s
 round so that no prompt cache helps) and --max-tokens-range new tokens (ignore_eos where the server has
 it; `max_tokens` either way), greedy, streamed. Reported per system and client count: output tok/s
 (generated tokens / wall time of the whole load), requests/s, time to first token and inter-token
-latency p50/p99 (from the SSE events as the client receives them).
+latency p50/p99 (from the SSE events as the client receives them). --record DIR also writes the table
+as a JSON record (benchmarks/report.py turns the records into docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from bench_common import add_record_arguments, table, write_record  # noqa: E402
 
 
 def start_ours(args) -> tuple[subprocess.Popen, int]:
@@ -142,7 +146,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=None, help="token ids are drawn below this (default: the export's)")
+    add_record_arguments(ap)
     args = ap.parse_args()
+    load_at_start = os.getloadavg()[0]
     if bool(args.llama_server) != bool(args.gguf):
         ap.error("--llama-server and --gguf go together")
     vocab = args.vocab or json.loads((args.artifacts / "manifest.json").read_text())["model"]["vocab_size"]
@@ -173,10 +179,28 @@ def main() -> None:
     print(f"\noffline ragged batch (upper bound): {bound:.1f} tok/s (median of {len(offline_runs)})")
     print(f"{'system':<20} {'clients':>7} {'tok/s':>8} {'vs batch':>8} {'req/s':>6} {'TTFT p50':>9} {'p99':>6} "
           f"{'ITL p50':>8} {'p99':>6}")
+    rows = []
     for (name, clients), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         print(f"{name:<20} {clients:>7} {med(runs, 'tok_s'):8.1f} {med(runs, 'tok_s') / bound:8.2f} "
               f"{med(runs, 'req_s'):6.2f} {med(runs, 'ttft_p50'):9.2f} {med(runs, 'ttft_p99'):6.2f} "
               f"{med(runs, 'itl_p50') * 1e3:7.0f}ms {med(runs, 'itl_p99') * 1e3:5.0f}ms")
+        rows.append([name, clients, round(med(runs, "tok_s"), 1), round(med(runs, "tok_s") / bound, 2),
+                     round(med(runs, "req_s"), 2), round(med(runs, "ttft_p50"), 2), round(med(runs, "ttft_p99"), 2),
+                     round(med(runs, "itl_p50") * 1e3), round(med(runs, "itl_p99") * 1e3)])
+    if args.record:
+        top = max(args.clients)
+        ours = next((r for r in rows if r[0] == "llama-export serve" and r[1] == top), None)
+        write_record(args.record, benchmark="bench_serve.py", load_at_start=load_at_start, notes=args.record_note,
+                     title=f"{args.requests} streaming requests against {args.artifacts}, clients "
+                           f"{' '.join(map(str, args.clients))}" + (", beside llama-server" if args.llama_server else ""),
+                     summary=(f"{top} clients: {ours[2]} output tok/s = {ours[3]}x the offline batch, TTFT p50 "
+                              f"{ours[5]} s") if ours else "",
+                     tables=[table(["system", "clients", "output tok/s", "vs offline batch", "req/s", "TTFT p50 s",
+                                    "TTFT p99 s", "inter-token p50 ms", "inter-token p99 ms"], rows,
+                                   title=f"offline ragged batch (upper bound): {bound:.1f} tok/s; {args.rounds} "
+                                         f"round(s), medians; prompts {args.prompt_range[0]}-{args.prompt_range[1]} "
+                                         f"ids, {args.max_tokens_range[0]}-{args.max_tokens_range[1]} new; "
+                                         f"{args.threads} threads")])
     if args.llama_server:
         for clients in args.clients:
             ours, peer = results[("llama-export serve", clients)], results[("llama-server", clients)]

@@ -1,4 +1,5 @@
-"""Start-up file verification with and without the records of `artifact.verified` (issue 14, first token).
+"""Start-up file verification with and without the records of `artifact.verified` (part of the time to
+the first token).
 
 On one existing export directory (read only: records go to a temporary LLAMA_EXPORT_CACHE_DIR), in
 rounds that run every setting once, in turn, so the machine's drift hits all alike:
@@ -14,6 +15,10 @@ time of a whole `llama-export run --backend ort ... --max-new-tokens 1` process 
 (the cold-disk cost is not measured: dropping the page cache would disturb other work on the machine).
 
     python benchmarks/bench_verify.py --artifacts graphs/demo/tp1-fp32 [--rank 0 --rounds 7 --cli 3]
+                                      [--record benchmarks/results]
+
+--record DIR also writes the figures as a JSON record (benchmarks/report.py turns the records into
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_common import add_record_arguments, table, write_record  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +46,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--cli", type=int, default=0, metavar="ROUNDS", help="also time whole `run` processes")
+    add_record_arguments(ap)
     args = ap.parse_args()
+    load_at_start = os.getloadavg()[0]
 
     from llama_export.artifact.manifest import load_manifest, rank_files, resolve_inside, sha256_file, verify_rank
     from llama_export.artifact.verified import CACHE_ENV
@@ -76,17 +86,29 @@ def main() -> None:
         if not list((cache / "verified").glob("*.json")):
             sys.exit("no records were written (files changed within the settle time?); nothing to compare")
         base = statistics.median(times["sha256 only"])
+        rows = []
         for name, ts in times.items():
             med = statistics.median(ts)
             print(f"  {name:12s} median {med * 1e3:9.2f} ms  ({med / base:.4f}x sha256 only; "
                   f"min {min(ts) * 1e3:.2f}, max {max(ts) * 1e3:.2f})")
+            rows.append([name, round(med * 1e3, 2), round(med / base, 4), round(min(ts) * 1e3, 2), round(max(ts) * 1e3, 2)])
+        tables = [table(["setting", "median ms", "vs sha256 only", "min ms", "max ms"], rows,
+                        title=f"`verify_rank`, rank {args.rank}: {len(files)} files, {size / 2**20:.0f} MiB, "
+                              f"{args.rounds} rounds (page cache warm)")]
         if args.cli:
-            _cli(args, m.tp)
+            tables.append(_cli(args, m.tp))
+        if args.record:
+            recorded = statistics.median(times["recorded"])
+            write_record(args.record, benchmark="bench_verify.py", tables=tables, notes=args.record_note,
+                         load_at_start=load_at_start,
+                         title=f"start-up file verification of {args.artifacts} ({size / 2**20:.0f} MiB, rank {args.rank})",
+                         summary=f"a start's file verification {base * 1e3:.0f} ms → {recorded * 1e3:.2f} ms with the "
+                                 f"records ({size / 2**20:.0f} MiB export)")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def _cli(args, tp: int) -> None:
+def _cli(args, tp: int):
     """Wall time of whole `run` processes (start to exit, one new token), with and without --rehash."""
     cmd = [sys.executable, "-m", "llama_export.cli", "run", "--backend", "ort", "--artifacts", str(args.artifacts),
            "--tp", str(tp), "--prompt-ids", "1,2,3", "--max-new-tokens", "1", "--no-progress"]
@@ -100,9 +122,13 @@ def _cli(args, tp: int) -> None:
             times[name].append(time.perf_counter() - t)
     base = statistics.median(times["--rehash"])
     print(f"`run --tp {tp} --max-new-tokens 1` process wall time, {args.cli} rounds:")
+    rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:12s} median {med:6.2f} s  ({med / base:.3f}x --rehash; min {min(ts):.2f}, max {max(ts):.2f})")
+        rows.append([name, round(med, 2), round(med / base, 3), round(min(ts), 2), round(max(ts), 2)])
+    return table(["`run` process", "median s", "vs --rehash", "min s", "max s"], rows,
+                 title=f"whole `run --tp {tp} --max-new-tokens 1` processes, {args.cli} rounds")
 
 
 if __name__ == "__main__":
