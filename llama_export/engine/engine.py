@@ -419,12 +419,13 @@ def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(found) if found else None
 
 
-def open_engine(source: ResolvedSource, *, tp: int = 1, slots: int = 8, capacity: int | None = None, prefill_tokens: int = 256,
-                device: str = "cpu", threads: int | None = None) -> Engine:
+def open_engine(source: ResolvedSource, *, tp: int = 1, slots: int = 8, capacity: int | None = None,
+                prefill_tokens: int = 256, device: str = "cpu", threads: int | None = None) -> Engine:
     """An engine on `source` (a `runner.source.ResolvedSource`, `ModelSource.resolve()`: a checkpoint,
     an export or engines, read once and shared with whoever else asks it) at TP `tp`, its ranks as
-    threads of this process (their collectives in a `ThreadGroup`); `capacity` tokens per slot (default the model's max_seq_len), `threads` CPU threads (default: the cores other
-    processes leave free). The tokenizer comes along where the model has one."""
+    threads of this process (their collectives in a `ThreadGroup`); `capacity` tokens per slot (default
+    the model's max_seq_len), `threads` CPU threads (default: the cores other processes leave free).
+    The tokenizer comes along where the model has one."""
     from llama_export.parallel.comm import LocalComm, ThreadGroup
     from llama_export.parallel.plan import check_tp
     from llama_export.runner.threads import rank_threads
