@@ -170,8 +170,7 @@ def _dtype_arg(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
 
 def _add_source_arguments(p: argparse.ArgumentParser) -> None:
     """Where the model comes from and how many ranks run it (`run`, `eval`)."""
-    from llama_export.config import MAX_TP
-    from llama_export.config import Backend, ModelDType, Precision
+    from llama_export.config import MAX_TP, Backend, ModelDType, Precision
 
     src = p.add_argument_group("model source")
     src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (eager; default: the built-in demo model)")
@@ -250,8 +249,7 @@ def _add_run_parser(sub) -> None:
 
 
 def _add_eval_parser(sub) -> None:
-    from llama_export.config import MAX_CONTEXT
-    from llama_export.config import Backend
+    from llama_export.config import MAX_CONTEXT, Backend
     from llama_export.commands.evaluate import EvalOptions
     from llama_export.runner.source import ModelSource
 
@@ -507,8 +505,7 @@ def _cmd_export(args, argv: list[str]) -> int:
 
 
 def _add_plan_parser(sub) -> None:
-    from llama_export.config import MAX_CONTEXT, MAX_TP
-    from llama_export.config import Precision
+    from llama_export.config import MAX_CONTEXT, MAX_TP, Precision
 
     p = sub.add_parser(
         "plan",
@@ -605,8 +602,7 @@ def _cmd_build(args, argv: list[str]) -> int:
 
 
 def _add_compare_parser(sub) -> None:
-    from llama_export.config import MAX_CONTEXT
-    from llama_export.config import Backend
+    from llama_export.config import MAX_CONTEXT, Backend
     from llama_export.validate.settings import CompareSettings
 
     p = sub.add_parser(

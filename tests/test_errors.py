@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 
-from llama_export.config import ModelConfig
 from llama_export.errors import CheckpointError, ConfigError
 from llama_export.model.checkpoint import build_model, load_config
 from tests.helpers import random_meta_state, tiny_config, write_meta

@@ -95,7 +95,6 @@ def test_stale_staging_is_swept_only_when_its_owner_is_gone(tmp_path):
 
 
 def test_a_second_writer_of_the_same_target_is_refused(tmp_path):
-    from llama_export.errors import OutputError
 
     final = tmp_path / "out"
     with files.staged_dir(final) as tmp:

@@ -119,7 +119,6 @@ def markers():
     all_reduce(x, world_size) marks a sum over `world_size` ranks, all_gather(x, dim, world_size) a
     concatenation; both are only traced, never executed."""
     import torch
-    from torch import Tensor
 
     # explicit schemas: the annotations are strings here (`from __future__ import annotations`)
     @torch.library.custom_op("llama_export::all_reduce", mutates_args=(), schema="(Tensor x, int world_size) -> Tensor")

@@ -11,12 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import pytest
-import torch
 
 from tests.helpers import REPO, random_meta_state, tiny_config, write_meta
 

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 from llama_export.config import Backend, ModelConfig
 from llama_export.engine import open_engine
