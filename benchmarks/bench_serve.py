@@ -133,6 +133,11 @@ print(json.dumps({{"tok_s": sum(r[1] for r in reqs) / wall, "wall": wall}}))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _r(x: float, digits: int) -> float | None:
+    """`x` rounded for the record; None where nothing was measured (no token came back)."""
+    return None if x != x else round(x, digits)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path, required=True, help="an export (ours, served on ONNX Runtime)")
@@ -184,9 +189,9 @@ def main() -> None:
         print(f"{name:<20} {clients:>7} {med(runs, 'tok_s'):8.1f} {med(runs, 'tok_s') / bound:8.2f} "
               f"{med(runs, 'req_s'):6.2f} {med(runs, 'ttft_p50'):9.2f} {med(runs, 'ttft_p99'):6.2f} "
               f"{med(runs, 'itl_p50') * 1e3:7.0f}ms {med(runs, 'itl_p99') * 1e3:5.0f}ms")
-        rows.append([name, clients, round(med(runs, "tok_s"), 1), round(med(runs, "tok_s") / bound, 2),
-                     round(med(runs, "req_s"), 2), round(med(runs, "ttft_p50"), 2), round(med(runs, "ttft_p99"), 2),
-                     round(med(runs, "itl_p50") * 1e3), round(med(runs, "itl_p99") * 1e3)])
+        rows.append([name, clients, _r(med(runs, "tok_s"), 1), _r(med(runs, "tok_s") / bound, 2),
+                     _r(med(runs, "req_s"), 2), _r(med(runs, "ttft_p50"), 2), _r(med(runs, "ttft_p99"), 2),
+                     _r(med(runs, "itl_p50") * 1e3, 0), _r(med(runs, "itl_p99") * 1e3, 0)])
     if args.record:
         top = max(args.clients)
         ours = next((r for r in rows if r[0] == "llama-export serve" and r[1] == top), None)

@@ -172,8 +172,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 now = time.monotonic()
                 (metrics.ttft.observe(now - start) if last is None else metrics.itl.observe(now - last))
                 last = now
-                if text:
-                    yield _sse(_chunk(rid, kind, created, model_name, {"content": text} if chat else text, None, chat))
+                # every token is an event, also one whose text is held back (half a character) or that
+                # has none (a model served without a tokenizer): clients see each token as it comes
+                yield _sse(_chunk(rid, kind, created, model_name, {"content": text} if chat else text, None, chat))
             done = handle.result()
             count(done)
             yield _sse(_chunk(rid, kind, created, model_name, {} if chat else "", done.finish_reason, chat))

@@ -333,3 +333,33 @@ def test_a_full_queue_gets_429_with_retry_after_and_a_wrong_method_405():
     go.set()
     assert running.result(timeout=30).tokens == [3, 3] and waiting.result(timeout=30).tokens == [3, 3]
     engine.close(timeout=10)
+
+
+def test_a_model_without_a_tokenizer_streams_an_event_per_token():
+    """Token-id prompts on a model without tokenizer files: text is empty, but a streaming client still
+    sees every token as it comes (and the usage counts them)."""
+    import numpy as np
+    from starlette.testclient import TestClient
+
+    from llama_export.engine.engine import Engine, Ranks
+    from llama_export.serve.app import create_app
+
+    def step(tokens, cached, lengths, keys, values):
+        logits = np.zeros((len(tokens), 8), dtype=np.float32)
+        logits[:, 5] = 1
+        return logits, keys, values
+
+    def make_cache(batch, capacity):
+        return [np.zeros((batch, 1, capacity, 2), np.float32)], [np.zeros((batch, 1, capacity, 2), np.float32)]
+
+    engine = Engine(Ranks([step], [make_cache], slots=1, capacity=16), vocab_size=8, slots=1, capacity=16)
+    with TestClient(create_app(engine, model_name="m")) as http:
+        body = {"model": "m", "prompt": [1, 2], "max_tokens": 4, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]] == [None] * 4 + ["length"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
+    engine.close(timeout=10)
