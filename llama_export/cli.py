@@ -243,7 +243,9 @@ def _add_run_parser(sub) -> None:
                    help="KV cache tokens per row (default: the longest prompt + --max-new-tokens; at most the "
                    "model's max_seq_len)")
     p.add_argument("--json", type=Path, dest="json_out",
-                   help="write generated ids and every step's full last-token logits as JSON (every batch)")
+                   help="write the prompt ids and generated ids of every row as JSON")
+    p.add_argument("--logits", action="store_true", help="with --json: also every step's full last-token logits "
+                   "(vocabulary-size floats per row and step: large for long runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while rank 0 verifies its files")
     p.set_defaults(func=_cmd_run)
 
@@ -343,6 +345,8 @@ def _cmd_run(args, argv: list[str]) -> int:
     if args.system is not None and args.chat is None:
         raise InputError("--system goes with --chat; add --chat TEXT")
     source = _source(args)
+    if args.logits and args.json_out is None:
+        raise InputError("--logits goes into the --json file; add --json FILE")
     if args.json_out is not None:
         check_output_file(args.json_out, what="--json", inputs=(args.batch, *source.inputs))
     prompts = None
@@ -360,6 +364,7 @@ def _cmd_run(args, argv: list[str]) -> int:
         system=args.system,
         sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
         json_out=args.json_out,
+        logits=args.logits,
         device=args.device,
         threads=args.threads,
         cache_capacity=args.cache_capacity,

@@ -28,6 +28,17 @@ def test_prompt_ids_without_json_prints_the_generated_ids(tmp_path):
     assert r.stdout.splitlines() == [",".join(map(str, row)) for row in tokens]
 
 
+def test_run_json_holds_the_logits_only_when_asked(tmp_path):
+    """Every step's full logits (vocabulary floats per row and step) are opt-in: `--logits`."""
+    args = ["run", "--prompt-ids", "1,2,3;4,5", "--max-new-tokens", "3"]
+    assert run_cli(*args, "--json", str(tmp_path / "ids.json")).returncode == 0
+    assert run_cli(*args, "--json", str(tmp_path / "all.json"), "--logits").returncode == 0
+    (ids,), (full,) = (json.loads((tmp_path / f).read_text())["batches"] for f in ("ids.json", "all.json"))
+    assert ids["tokens"] == full["tokens"] and len(ids["steps"]) == len(full["steps"]) == 3
+    assert all(set(s) == {"tokens"} for s in ids["steps"])
+    assert all(len(s["logits"]) == 2 and len(s["logits"][0]) == 1536 for s in full["steps"])  # demo vocabulary
+
+
 def test_a_closed_pipe_ends_quietly_like_a_shell_tool():
     """`llama-export run ... | true`: the reader is gone before the first write; no message, not even
     Python's "Exception ignored ... BrokenPipeError" at exit, and 141 = 128 + SIGPIPE."""

@@ -464,7 +464,7 @@ CASES: tuple[Case, ...] = (
     Case("json-under-file", TRACE, "`--json` inside a file", argv(*_run(Path("{meta}")), "--json", "{result}/x.json"),
          "is a file, not a folder"),
     Case("json-too-big", TRACE, "`--json` larger than `ulimit -f` allows (EFBIG)",
-         argv(*_run(Path("{meta}")), "--json", "{result}"), "File too large", fsize=2000),
+         argv(*_run(Path("{meta}")), "--json", "{result}", "--logits"), "File too large", fsize=2000),
     Case("json-full", TRACE, "`--json` on a full disk", argv(*_run(Path("{meta}")), "--json", "{root}/full/r.json"),
          "No space left on device", needs="full"),
     Case("json-read-only", TRACE, "`--json` on a read-only file system",
@@ -504,6 +504,8 @@ CASES: tuple[Case, ...] = (
     Case("export-busy", LOST, "two exports to one target: the second is refused, not raced", _busy_target,
          "is being written by another llama-export process"),
     # -- what a newcomer hit on a fresh clone: the command line (argv, output, help, environment) --
+    Case("logits-without-json", ALREADY, "`run --logits` without `--json` (the logits go into the JSON file)",
+         argv("run", "--checkpoint", "{meta}", "--prompt-ids", "1,2", "--logits"), "--logits goes into the --json"),
     Case("prompt-not-utf8", TRACE, "`--prompt` with bytes that are not UTF-8",
          argv("run", "--checkpoint", "{meta}", "--prompt", "def \udcff"), "argument --prompt: is not valid UTF-8"),
     Case("chat-not-utf8", TRACE, "`--chat` with bytes that are not UTF-8",

@@ -25,7 +25,8 @@ STEPS = 8
 
 def _run(ckpt, tp, out, prompt="3,14,15,92,65;35,89,79,32,38"):
     r = run_cli("run", "--checkpoint", str(ckpt), "--backend", "eager", "--tp", str(tp),
-                "--prompt-ids", prompt, "--max-new-tokens", str(STEPS), "--json", str(out))
+                "--prompt-ids", prompt, "--max-new-tokens", str(STEPS), "--json", str(out),
+                "--logits")
     assert r.returncode == 0, r.stderr
     (batch,) = read_json(out)["batches"]  # --prompt-ids rows are one batch
     return batch

@@ -52,6 +52,7 @@ class RunOptions:
     system: str | None = None  # the system message of a chat
     sampling: SamplingConfig = SamplingConfig()
     json_out: Path | None = None
+    logits: bool = False  # `json_out` also holds every step's full last-token logits (vocab floats per row)
     device: str = "cpu"
     stream: bool = True
     threads: int | None = None  # CPU threads per rank (None: this machine's cores / tp, `rank_threads`)
@@ -223,7 +224,7 @@ def _run_rank(opts: RunOptions, source: ResolvedSource, plan: RunPlan, reporter:
     for rec, result in generate_stream(
         step, prompt, make_cache(len(rows), plan.capacity), prompt_lengths=lengths,
         max_new_tokens=plan.max_new_tokens, sampling=opts.sampling, stop_ids=plan.stop_ids,
-        keep_logits=opts.json_out is not None,
+        keep_logits=opts.logits,
     ):
         if len(result.steps) == 1:
             first_token_s = seconds_since_start()
@@ -273,7 +274,8 @@ def _write_json(opts: RunOptions, result: GenerationResult, rows: list[list[int]
             "prompts": list(range(len(rows))),
             "prompt_ids": rows,
             "tokens": result.new_tokens.tolist(),
-            "steps": [{"tokens": s.tokens.tolist(), "logits": s.logits.tolist()} for s in result.steps],
+            "steps": [{"tokens": s.tokens.tolist(), **({"logits": s.logits.tolist()} if opts.logits else {})}
+                      for s in result.steps],
             "prefill_s": result.prefill_s,
             "decode_s": result.decode_s,
         }],

@@ -116,10 +116,11 @@ def test_run_cli_ort_tp2_equals_eager(exports, ckpts, tmp_path):
     """Real rank processes stitched with gloo collectives, through `llama-export run --backend ort`."""
     prompt = "3,14,15,92,65;35,89,79,32,38"
     eager = run_cli("run", "--checkpoint", str(ckpts[1]["gqa"]), "--prompt-ids", prompt, "--max-new-tokens", "8",
-                    "--json", str(tmp_path / "e.json"))
+                    "--json", str(tmp_path / "e.json"), "--logits")
     assert eager.returncode == 0, eager.stderr
     ort = run_cli("run", "--artifacts", str(exports("gqa", 2)), "--backend", "ort", "--tp", "2",
-                  "--prompt-ids", prompt, "--max-new-tokens", "8", "--json", str(tmp_path / "o.json"))
+                  "--prompt-ids", prompt, "--max-new-tokens", "8", "--json", str(tmp_path / "o.json"),
+                  "--logits")
     assert ort.returncode == 0, ort.stderr
     (e,), (o,) = read_json(tmp_path / "e.json")["batches"], read_json(tmp_path / "o.json")["batches"]
     assert o["tokens"] == e["tokens"]

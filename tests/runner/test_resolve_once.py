@@ -151,7 +151,7 @@ def _spied_env(tmp_path: Path) -> dict[str, str]:
 
 def _args(out: Path, tp: int) -> list[str]:
     return ["run", "--backend", "eager", "--tp", str(tp), "--prompt", "def parse(", "--max-new-tokens", "4",
-            "--json", str(out), "--no-progress"]
+            "--json", str(out), "--logits", "--no-progress"]
 
 
 def _assert_same(a: dict, b: dict) -> None:
