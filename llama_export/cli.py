@@ -412,15 +412,17 @@ def _cmd_serve(args, argv: list[str]) -> int:
 
     source = _source(args)
     api_key = args.api_key if args.api_key is not None else os.environ.get("LLAMA_EXPORT_API_KEY") or None
+    if api_key == "":
+        raise InputError("--api-key is empty; pass a key, or leave it out to serve without one")
     where = source.artifacts if source.artifacts is not None else source.checkpoint_dir
     name = args.model_name or Path(where).name
     engine = open_engine(source.resolve(), tp=args.tp, slots=args.max_batch, capacity=args.cache_capacity,
                          prefill_tokens=args.prefill_tokens, device=args.device, threads=args.threads)
-    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host} without --api-key: anyone who reaches this port can use the model",
-              file=sys.stderr)
 
     def started(port: int, _stop) -> None:
+        if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: serving on {args.host} without --api-key: anyone who reaches this port can use the "
+                  "model", file=sys.stderr)
         print(f"serving {name!r} on http://{args.host}:{port}/v1 ({args.max_batch} slots of {engine.capacity} "
               f"tokens, tp={args.tp}, {source.backend.value}); SIGTERM or Ctrl-C to stop", file=sys.stderr, flush=True)
 

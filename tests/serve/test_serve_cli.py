@@ -85,3 +85,12 @@ def test_a_model_that_fails_while_serving_ends_the_server_non_zero(tmp_path):
         assert len(err) == 1 and "non-finite" in err[0] and "restart" in err[0], err
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("args,words", [(["--api-key", ""], "--api-key is empty"),
+                                        (["--host", "203.0.113.9", "--port", "0"], "cannot listen on 203.0.113.9")])
+def test_a_bad_key_or_host_is_one_line_and_exit_2(args, words):
+    r = subprocess.run([sys.executable, "-m", "llama_export.cli", "serve", *args], capture_output=True, text=True,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr

@@ -255,22 +255,30 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
     assert engine.active == 0
 
 
+def _toy_engine(step, *, slots: int):
+    """An engine on `step`, a stand-in model (vocabulary 8, 16 tokens per slot, a one-layer toy cache)."""
+    import numpy as np
+
+    from llama_export.engine.engine import Engine, Ranks
+
+    def make_cache(batch, capacity):
+        return [np.zeros((batch, 1, capacity, 2), np.float32)], [np.zeros((batch, 1, capacity, 2), np.float32)]
+
+    return Engine(Ranks([step], [make_cache], slots=slots, capacity=16), vocab_size=8, slots=slots, capacity=16)
+
+
 def test_a_failed_engine_turns_health_to_503_and_requests_get_a_server_error():
     """The model fails mid-request (non-finite logits, as a dead rank's garbage would): the request ends
     with an error object, not a hang; /health says 503 (and `serve` then exits non-zero: test_serve_cli)."""
     import numpy as np
     from starlette.testclient import TestClient
 
-    from llama_export.engine.engine import Engine, Ranks
     from llama_export.serve.app import create_app
 
     def step(tokens, cached, lengths, keys, values):
         return np.full((len(tokens), 8), np.nan, dtype=np.float32), keys, values
 
-    def make_cache(batch, capacity):
-        return [np.zeros((batch, 1, capacity, 2), np.float32)], [np.zeros((batch, 1, capacity, 2), np.float32)]
-
-    engine = Engine(Ranks([step], [make_cache], slots=2, capacity=16), vocab_size=8, slots=2, capacity=16)
+    engine = _toy_engine(step, slots=2)
     with TestClient(create_app(engine, model_name="m")) as http:
         assert http.get("/health").status_code == 200
         r = http.post("/v1/completions", json={"model": "m", "prompt": [1, 2], "max_tokens": 3})
@@ -304,7 +312,6 @@ def test_a_full_queue_gets_429_with_retry_after_and_a_wrong_method_405():
     from starlette.testclient import TestClient
 
     from llama_export.engine import Request
-    from llama_export.engine.engine import Engine, Ranks
     from llama_export.serve.app import create_app
 
     go = threading.Event()
@@ -315,10 +322,7 @@ def test_a_full_queue_gets_429_with_retry_after_and_a_wrong_method_405():
         logits[:, 3] = 1
         return logits, keys, values
 
-    def make_cache(batch, capacity):
-        return [np.zeros((batch, 1, capacity, 2), np.float32)], [np.zeros((batch, 1, capacity, 2), np.float32)]
-
-    engine = Engine(Ranks([step], [make_cache], slots=1, capacity=16), vocab_size=8, slots=1, capacity=16)
+    engine = _toy_engine(step, slots=1)
     running = engine.submit(Request((1, 2), max_tokens=2))
     waiting = engine.submit(Request((1, 2), max_tokens=2))
     deadline = time.monotonic() + 10
@@ -341,7 +345,6 @@ def test_a_model_without_a_tokenizer_streams_an_event_per_token():
     import numpy as np
     from starlette.testclient import TestClient
 
-    from llama_export.engine.engine import Engine, Ranks
     from llama_export.serve.app import create_app
 
     def step(tokens, cached, lengths, keys, values):
@@ -349,10 +352,7 @@ def test_a_model_without_a_tokenizer_streams_an_event_per_token():
         logits[:, 5] = 1
         return logits, keys, values
 
-    def make_cache(batch, capacity):
-        return [np.zeros((batch, 1, capacity, 2), np.float32)], [np.zeros((batch, 1, capacity, 2), np.float32)]
-
-    engine = Engine(Ranks([step], [make_cache], slots=1, capacity=16), vocab_size=8, slots=1, capacity=16)
+    engine = _toy_engine(step, slots=1)
     with TestClient(create_app(engine, model_name="m")) as http:
         body = {"model": "m", "prompt": [1, 2], "max_tokens": 4, "stream": True,
                 "stream_options": {"include_usage": True}}
