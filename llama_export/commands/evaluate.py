@@ -29,7 +29,7 @@ from llama_export.parallel.plan import check_tp
 from llama_export.progress import count_bar
 from llama_export.engine.generate import check_finite, log_softmax
 from llama_export.runner.step import MakeCache, StepFn, host
-from llama_export.runner.env import rank_env, read_handoff
+from llama_export.runner.env import plan_once
 from llama_export.runner.launch import on_ranks
 from llama_export.runner.source import ModelSource, ResolvedSource
 from llama_export.text.user_files import read_user_text
@@ -186,11 +186,7 @@ def plan_eval(opts: EvalOptions, source: ResolvedSource) -> EvalPlan:
 def run_eval(opts: EvalOptions, argv: list[str], report: Callable[[Perplexity], None]) -> int:
     """Entry point of the `eval` subcommand (parent or rank process); rank 0 calls `report`."""
     source = opts.source.resolve()
-    if rank_env() is None:  # the launcher (or the only rank): resolve and validate once, for every rank
-        opts.source.check_runs_alone()
-        plan = plan_eval(opts, source)
-    else:  # a rank: what its launcher decided; under torchrun, its own plan
-        plan = read_handoff(EvalPlan) or plan_eval(opts, source)
+    plan = plan_once(EvalPlan, lambda: plan_eval(opts, source), first=opts.source.check_runs_alone)
 
     def work(env, comm, device: str, threads: int) -> int:
         step, make_cache, _ = source.step(comm=comm, device=device, threads=threads)

@@ -31,7 +31,7 @@ from llama_export.engine.generate import (
     pad_prompts,
     validate_prompt,
 )
-from llama_export.runner.env import RankEnv, rank_env, read_handoff, seconds_since_start
+from llama_export.runner.env import RankEnv, plan_once, seconds_since_start
 from llama_export.runner.launch import on_ranks
 from llama_export.runner.source import ModelSource, ResolvedSource
 from llama_export.text import TextStream, Tokenizer, single_turn
@@ -145,11 +145,7 @@ def run(opts: RunOptions, argv: list[str], reporter: Reporter | None = None) -> 
 
     `argv` is what rank processes are started with; `reporter` receives rank 0's output."""
     source = opts.source.resolve()
-    if rank_env() is None:  # the launcher (or the only rank): resolve and validate once, for every rank
-        opts.source.check_runs_alone()
-        plan = plan_run(opts, source)
-    else:  # a rank: what its launcher decided; under torchrun, its own plan
-        plan = read_handoff(RunPlan) or plan_run(opts, source)
+    plan = plan_once(RunPlan, lambda: plan_run(opts, source), first=opts.source.check_runs_alone)
     work = functools.partial(_run_rank, opts, source, plan, reporter or _Silent())
     return on_ranks(opts.tp, opts.device, argv, work, threads=opts.threads, handoff=plan)
 

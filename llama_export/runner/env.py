@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -214,6 +215,16 @@ def _channel_file(suffix: str) -> Path | None:
 def handoff_json(value: object) -> str:
     """A command's handoff (a dataclass of JSON-able fields) as the launcher writes it."""
     return json.dumps(dataclasses.asdict(value))
+
+
+def plan_once(schema: type[T], make_plan: Callable[[], T], *, first: Callable[[], None]) -> T:
+    """A command's plan, made once for every rank: in a plain process (the launcher, or the only rank)
+    `first()` then `make_plan()`; in a rank the launcher started, what it handed down; under torchrun
+    (nothing handed down), each rank's own `make_plan()`."""
+    if rank_env() is None:
+        first()
+        return make_plan()
+    return read_handoff(schema) or make_plan()
 
 
 def read_handoff(schema: type[T]) -> T | None:

@@ -115,6 +115,7 @@ import os
 from pathlib import Path
 
 from llama_export.commands import run
+from llama_export.runner import env
 from llama_export.text import formats
 
 _who = os.environ.get("RANK", "launcher")
@@ -134,7 +135,7 @@ def _spy(module, name, describe=None):
 
 _spy(formats, "detect_format")  # a tokenizer load
 _spy(run, "plan_run")  # tokenize and validate the prompts
-_spy(run, "read_handoff", lambda plan: "read_handoff: " + ("a plan" if plan is not None else "none"))
+_spy(env, "read_handoff", lambda plan: "read_handoff: " + ("a plan" if plan is not None else "none"))
 '''
 
 
