@@ -50,6 +50,8 @@ SECTIONS = (
             "8B-shaped model, int4 on ONNX Runtime CPU vs llama.cpp q4_0", main=True),
     Section("bench_serve.py", "serve", "Serving under load",
             "concurrent streaming clients against `llama-export serve` (and llama-server)", main=True),
+    Section("bench_engine.py", "engine", "A warm engine's own cost",
+            "time a request spends outside the forwards; RSS over 1,000 requests"),
     Section("bench_real_size.py", "real-size", "Real sizes: Llama-3.1-8B and Llama-3.2-1B shapes",
             "8B-shaped exports at TP=1/2/4: time and peak memory; 1B exports validated", main=True),
     Section("llama-export plan", "plans", "Plans of the largest models",

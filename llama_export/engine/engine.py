@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -69,48 +68,48 @@ class Completion:
 
 class Handle:
     """A submitted request: iterate it for its tokens as they come, `(id, text delta)` (the last item
-    may be `(None, text)`: text held back until the end), or wait for its `result()`."""
+    may be `(None, text)`: text held back until the end), or wait for its `result()`.
+
+    Tokens go through a queue that only an iterating reader wakes on; `result()` waits for the end
+    alone, so a caller that only wants the completion is not woken once per token."""
+
+    _END = object()  # the queue's last item
 
     def __init__(self, request: Request) -> None:
         self.request = request
-        self._events: queue.Queue = queue.Queue()
+        self._tokens: queue.SimpleQueue = queue.SimpleQueue()
+        self._ended = threading.Event()
         self._done: Completion | None = None
         self._error: BaseException | None = None
         self.cancelled = False  # set by `Engine.cancel`
 
     def __iter__(self) -> Iterator[tuple[int | None, str]]:
-        while self._done is None and self._error is None:
-            kind, value = self._events.get()
-            if kind == "token":
-                yield value
-            elif kind == "done":
-                self._done = value
-            else:
-                self._error = value
+        while (item := self._tokens.get()) is not Handle._END:
+            yield item
         if self._error is not None:
             raise self._error
 
     @property
     def finished(self) -> bool:
-        """Whoever reads this handle has seen its end (the completion or the error)."""
-        return self._done is not None or self._error is not None
+        """The request has ended (its completion or an error is there to read)."""
+        return self._ended.is_set()
 
     def result(self, timeout: float | None = None) -> Completion:
         """The completion, once finished; raises what ended the engine, or TimeoutError."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._done is None and self._error is None:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                kind, value = self._events.get(timeout=left)
-            except queue.Empty:
-                raise TimeoutError(f"the request did not finish within {timeout} s") from None
-            if kind == "done":
-                self._done = value
-            elif kind == "error":
-                self._error = value
+        if not self._ended.wait(timeout):
+            raise TimeoutError(f"the request did not finish within {timeout} s")
         if self._error is not None:
             raise self._error
         return self._done
+
+    # the engine's side
+    def _token(self, token: int | None, text: str) -> None:
+        self._tokens.put((token, text))
+
+    def _end(self, done: Completion | None = None, error: BaseException | None = None) -> None:
+        self._done, self._error = done, error
+        self._ended.set()
+        self._tokens.put(Handle._END)
 
 
 class Ranks:
@@ -306,7 +305,7 @@ class Engine:
         """Requests cancelled since the last step end now (their slots are free for `_admit`)."""
         for h in [h for h in self._waiting if h.cancelled]:
             self._waiting.remove(h)
-            h._events.put(("done", Completion(prompt=h.request.prompt, finish_reason=CANCELLED)))
+            h._end(Completion(prompt=h.request.prompt, finish_reason=CANCELLED))
         for live in [x for x in self._live.values() if x.handle.cancelled]:
             self._finish(live, CANCELLED, locked=True)
 
@@ -377,7 +376,7 @@ class Engine:
             if cut is not None:
                 live.text = live.text[:cut]
                 finished = STOP
-        live.handle._events.put(("token", (token, live.text[shown:])))
+        live.handle._token(token, live.text[shown:])
         if finished is None and len(live.out) >= req.max_tokens:
             finished = LENGTH
         if finished is None and live.cached >= self.capacity:
@@ -390,7 +389,7 @@ class Engine:
             rest = live.stream.finish()  # an unfinished character held back at the end
             if rest:
                 live.text += rest
-                live.handle._events.put(("token", (None, rest)))
+                live.handle._token(None, rest)
         done = Completion(prompt=live.request.prompt, tokens=list(live.out),
                           text=live.text if live.stream is not None else None, finish_reason=reason)
         if locked:
@@ -398,7 +397,7 @@ class Engine:
         else:
             with self._cond:
                 del self._live[live.slot]
-        live.handle._events.put(("done", done))
+        live.handle._end(done)
 
     def _fail(self, error: BaseException) -> None:
         log.debug("the engine stopped: %s", error)  # the callers get the error itself
@@ -408,7 +407,7 @@ class Engine:
             self._live.clear()
             self._waiting.clear()
         for h in handles:
-            h._events.put(("error", error))
+            h._end(error=error)
         if self._on_error is not None:
             self._on_error(error)
 
