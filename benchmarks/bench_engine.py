@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A warm engine's own cost: the time a request spends outside the model's forwards, and whether memory
-stays flat over many requests (issue 24's targets: overhead <= 1 ms a request, RSS after 1,000 requests
+stays flat over many requests (the targets: overhead <= 1 ms a request, RSS after 1,000 requests
 within 5 % of RSS after 10).
 
     python benchmarks/bench_engine.py [--artifacts DIR] [--requests 1000] [--record benchmarks/results]
