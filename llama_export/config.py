@@ -1,5 +1,5 @@
-"""Typed, frozen configuration. Meta (`params.json`) and Hugging Face (`config.json`) field names are
-mapped here and nowhere else.
+"""Typed, frozen configuration. Meta (`params.json`), Hugging Face (`config.json`) and GGUF (`llama.*`
+metadata) field names are mapped here and nowhere else.
 
 Each file is parsed strictly into its own schema (`MetaParams`, `HFConfig`) before it becomes a
 `ModelConfig`; the ranges below hold for both files and for `ModelConfig` itself, so a value that would
@@ -280,6 +280,43 @@ class ModelConfig:
         ))
 
 
+    # ---- GGUF metadata (llama.cpp) -------------------------------------------------------------
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], *, n_tokens: int | None, tied: bool,
+                  rope_scaling: RopeScaling | None = None, max_seq_len: int | None = None,
+                  source: str = "the GGUF") -> ModelConfig:
+        """Build from a LLaMA GGUF's `llama.*` metadata (llama.cpp's key names, `GGUFParams`). What the file
+        says elsewhere is passed in: `n_tokens`, the length of tokenizer.ggml.tokens (the vocabulary, as
+        llama.cpp counts it; None: `llama.vocab_size`); `tied`, no output.weight (llama.cpp then uses the
+        embedding); `rope_scaling`, Llama-3.1 scaling recovered from rope_freqs.weight."""
+        g = parse_value({k: v for k, v in metadata.items() if k.startswith("llama.")}, GGUFParams, source=source,
+                        fix=GGUF_FIX)
+        vocab = n_tokens if n_tokens is not None else g.vocab_size
+        if vocab is None:
+            raise ConfigError(f"{source} has neither tokenizer.ggml.tokens nor llama.vocab_size; {GGUF_FIX}")
+        cfg = _in_file_terms(source, GGUF_NAMES, lambda: cls(
+            dim=g.embedding_length,
+            n_layers=g.block_count,
+            n_heads=g.head_count,
+            n_kv_heads=g.head_count_kv or g.head_count,
+            vocab_size=vocab,
+            hidden_dim=g.feed_forward_length,
+            norm_eps=g.layer_norm_rms_epsilon,
+            rope_theta=g.freq_base,
+            rope_scaling=rope_scaling,
+            max_seq_len=max_seq_len or g.context_length,
+            head_dim=g.key_length,
+            tie_word_embeddings=tied,
+        ))
+        if g.value_length is not None and g.value_length != cfg.head_dim:
+            raise ConfigError(f"{source}: llama.attention.value_length={g.value_length} differs from the key length "
+                              f"{cfg.head_dim}; LLaMA's heads have one size, so this is not a LLaMA")
+        if g.dimension_count is not None and g.dimension_count != cfg.head_dim:
+            raise ConfigError(f"{source}: llama.rope.dimension_count={g.dimension_count} rotates part of each "
+                              f"{cfg.head_dim}-wide head; only full-head RoPE (LLaMA's) is supported")
+        return cfg
+
+
 class _FileSchema(BaseModel):
     # Checkpoint configs carry many fields this tool does not use (architectures, torch_dtype, ...).
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True, defer_build=True)
@@ -343,12 +380,41 @@ class HFConfig(_FileSchema):
     mlp_bias: Literal[False] = Field(False, description="LLaMA has no biases")
 
 
+GGUF_FIX = "convert the model again with llama.cpp's convert_hf_to_gguf.py"
+
+
+def _gguf(key: str, **kw) -> Any:
+    return Field(alias=f"llama.{key}", **kw)
+
+
+class GGUFParams(_FileSchema):
+    """A LLaMA GGUF's hyper-parameters: llama.cpp's `llama.*` metadata keys (gguf-py `Keys.LLM`/`Keys.Attention`/
+    `Keys.Rope`), as `gguf_file.GGUFFile.metadata` holds them."""
+
+    embedding_length: Width = _gguf("embedding_length")
+    block_count: LayerCount = _gguf("block_count")
+    head_count: HeadCount = _gguf("attention.head_count")
+    head_count_kv: HeadCount | None = _gguf("attention.head_count_kv", default=None)
+    feed_forward_length: Width = _gguf("feed_forward_length")
+    layer_norm_rms_epsilon: NormEps = _gguf("attention.layer_norm_rms_epsilon")
+    freq_base: RopeTheta = _gguf("rope.freq_base", default=10000.0)  # llama.cpp's default too
+    context_length: ContextLength = _gguf("context_length")
+    key_length: HeadDim | None = _gguf("attention.key_length", default=None)
+    value_length: HeadDim | None = _gguf("attention.value_length", default=None)
+    dimension_count: HeadDim | None = _gguf("rope.dimension_count", default=None)
+    vocab_size: VocabSize | None = _gguf("vocab_size", default=None)
+
+
 # ModelConfig field -> the file's spelling, for errors that involve several fields.
 META_NAMES: dict[str, str] = {}
 HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
             "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
             "max_seq_len": "max_position_embeddings"}
 
+GGUF_NAMES = {"dim": "llama.embedding_length", "n_layers": "llama.block_count", "n_heads": "llama.attention.head_count",
+              "n_kv_heads": "llama.attention.head_count_kv", "hidden_dim": "llama.feed_forward_length",
+              "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
+              "max_seq_len": "llama.context_length", "head_dim": "llama.attention.key_length"}
 
 def _in_file_terms(source: str, names: dict[str, str], build):
     """Run `build()`; a ConfigError it raises is reworded with the file's field names and prefixed

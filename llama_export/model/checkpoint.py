@@ -3,6 +3,8 @@
 Formats (detected from the files present):
 - Meta: `params.json` + `consolidated.NN.pth` (any number of source shards, resharded to any valid tp).
 - Hugging Face: `config.json` + `model.safetensors` or `model.safetensors.index.json` + shards.
+- GGUF (llama.cpp): one `.gguf` file (or a folder holding exactly one), weights dequantized on read
+  (`gguf_format`).
 
 A rank reads only its own slices: `.pth` files are memory-mapped (`torch.load(mmap=True,
 weights_only=True)`) and safetensors are sliced lazily, so peak memory tracks the rank's share. Packed
@@ -12,6 +14,7 @@ built one parameter at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import logging
@@ -22,6 +25,7 @@ from torch import Tensor
 
 from llama_export.config import ModelConfig, WeightQuant, read_hf_config, read_meta_params
 from llama_export.errors import CheckpointError
+from llama_export.gguf_file import GGUFFile, checkpoint_gguf, is_gguf, open_gguf
 from llama_export.model.memory import HeapTrimmer
 from llama_export.model.quantize import quantize_model_
 from llama_export.model.transformer import Transformer
@@ -41,34 +45,51 @@ log = logging.getLogger(__name__)
 class CheckpointFormat(str, enum.Enum):
     META = "meta"
     HF = "hf"
+    GGUF = "gguf"
 
 
 def detect_format(path: Path) -> CheckpointFormat:
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist; pass --checkpoint DIR")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass --checkpoint DIR (or FILE.gguf)")
+    if checkpoint_gguf(path) is not None:
+        return CheckpointFormat.GGUF
     if (path / "params.json").is_file():
         return CheckpointFormat.META
     if (path / "config.json").is_file():
         return CheckpointFormat.HF
     raise CheckpointError(
-        f"{path} holds neither params.json (Meta format) nor config.json (Hugging Face format); "
-        "point --checkpoint at the folder that contains them"
+        f"{path} holds neither params.json (Meta format), config.json (Hugging Face format) nor a .gguf file; "
+        "point --checkpoint at the folder that contains them, or at the .gguf file"
     )
 
 
 def load_config(path: Path, *, max_seq_len: int | None = None) -> ModelConfig:
-    """The model config of a checkpoint folder, or of a lone `params.json` (Meta) / `config.json` (HF)
-    file (`plan --config`); `max_seq_len` (export --max-seq-len) overrides the file's."""
+    """The model config of a checkpoint folder or GGUF file, or of a lone `params.json` (Meta) /
+    `config.json` (HF) file (`plan --config`); `max_seq_len` (export --max-seq-len) overrides the file's."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and not is_gguf(path):
         file, meta = path, _is_meta_params(path)
     else:
-        meta = detect_format(path) is CheckpointFormat.META
+        fmt = detect_format(path)
+        if fmt is CheckpointFormat.GGUF:
+            return _gguf_config(open_gguf(checkpoint_gguf(path)), max_seq_len=max_seq_len)
+        meta = fmt is CheckpointFormat.META
         file = path / ("params.json" if meta else "config.json")
     if meta:
         return ModelConfig.from_meta_params(read_meta_params(file), max_seq_len=max_seq_len, source=str(file))
     return ModelConfig.from_hf_config(read_hf_config(file), max_seq_len=max_seq_len, source=str(file))
+
+
+def _gguf_config(g: GGUFFile, *, max_seq_len: int | None) -> ModelConfig:
+    """A GGUF's config: its metadata, with what only the tensors say (tied output, RoPE scaling)."""
+    from llama_export.model import gguf_format
+
+    tokens = g.get("tokenizer.ggml.tokens")
+    cfg = ModelConfig.from_gguf(g.metadata, n_tokens=len(tokens) if tokens is not None else None,
+                                tied=gguf_format.is_tied(g), max_seq_len=max_seq_len, source=str(g.path))
+    scaling = gguf_format.rope_scaling(g, head_dim=cfg.head_dim, theta=cfg.rope_theta)
+    return cfg if scaling is None else dataclasses.replace(cfg, rope_scaling=scaling)
 
 
 def _is_meta_params(file: Path) -> bool:
@@ -128,7 +149,12 @@ class RankWeights:
         self.shape = shape
         self.dtype = dtype
         self.shapes = expected_shapes(shape.cfg)
-        if detect_format(self.path) is CheckpointFormat.META:
+        fmt = detect_format(self.path)
+        if fmt is CheckpointFormat.GGUF:
+            from llama_export.model import gguf_format
+
+            self.reader = gguf_format.GGUFReader(open_gguf(checkpoint_gguf(self.path)), self.shapes)
+        elif fmt is CheckpointFormat.META:
             self.reader = meta_format.MetaReader(self.path, self.shapes)
         else:
             self.reader = hf_format.HFReader(self.path, shape.cfg, self.shapes)

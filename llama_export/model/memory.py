@@ -1,7 +1,8 @@
 """Giving memory back to the kernel while a checkpoint loads (Linux; no-ops elsewhere).
 
-- `release_pages`: the file pages under a block of a memory-mapped shard, once copied out
-  (`meta_format.copy_and_release`), so that a slice of a tensor does not leave the whole file resident.
+- `release_pages` / `release_array`: the file pages under a block of a memory-mapped shard, once copied
+  out (`meta_format.copy_and_release`, `gguf_format.GGUFReader.read`), so that a slice of a tensor does
+  not leave the whole file resident.
 - `HeapTrimmer`: the C heap's free pages after every so many loaded bytes. A load frees temporaries
   (the parts of a packed projection, a rotated copy) between the allocations that stay; glibc keeps
   such holes, and where the heap cannot grow in place (address-space layout, chosen per process) it
@@ -16,6 +17,7 @@ import ctypes
 import os
 import sys
 
+import numpy as np
 from torch import Tensor
 
 # A checkpoint reader copies a weight (or its slice) out of its file this many bytes of rows at a time, so
@@ -49,11 +51,21 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def release_pages(block: Tensor) -> None:
     """madvise(MADV_DONTNEED) on the whole pages under `block`."""
-    if _LIBC is None or not block.is_contiguous():
+    if block.is_contiguous():
+        _release(block.data_ptr(), block.numel() * block.element_size())
+
+
+def release_array(block: np.ndarray) -> None:
+    """`release_pages` for a numpy view of a mapped file (gguf-py's tensors)."""
+    if block.flags.c_contiguous:
+        _release(block.ctypes.data, block.nbytes)
+
+
+def _release(begin: int, nbytes: int) -> None:
+    if _LIBC is None:
         return
     page = _PAGE
-    begin = block.data_ptr()
-    end = begin + block.numel() * block.element_size()
+    end = begin + nbytes
     a = -(-begin // page) * page
     b = (end // page) * page
     if b > a:
