@@ -50,7 +50,7 @@ def is_gguf(file: Path) -> bool:
         return f.read(4) == MAGIC
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per opened file (`open_gguf` caches), compared by identity
 class GGUFFile:
     """An opened GGUF: its metadata (key -> Python value; arrays as lists) and gguf-py's reader, whose
     tensors' `data` are read-only views into the memory-mapped file."""

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from llama_export.errors import InputError
+from llama_export.gguf_file import checkpoint_gguf, open_gguf
 from llama_export.parsing import parse_json_file
 
 # Tokenizer files in order of preference: a Hugging Face `tokenizer.json` carries the conventions
@@ -31,7 +32,13 @@ TextFiles = Mapping[str, Path]  # file name (one of TEXT_FILES) -> where it is
 
 
 def text_files_in(folder: Path) -> dict[str, Path]:
-    """The text files present in a checkpoint folder (or any folder laid out like one)."""
+    """The text files present in a checkpoint folder (or any folder laid out like one); for a GGUF
+    checkpoint (`gguf_file.checkpoint_gguf`), the ones its metadata holds (`text.gguf`)."""
+    gguf = checkpoint_gguf(folder)
+    if gguf is not None:
+        from llama_export.text.gguf import gguf_text_files
+
+        return gguf_text_files(open_gguf(gguf))
     return {name: Path(folder) / name for name in TEXT_FILES if (Path(folder) / name).is_file()}
 
 
