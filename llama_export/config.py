@@ -403,6 +403,8 @@ class GGUFParams(_FileSchema):
     value_length: HeadDim | None = _gguf("attention.value_length", default=None)
     dimension_count: HeadDim | None = _gguf("rope.dimension_count", default=None)
     vocab_size: VocabSize | None = _gguf("vocab_size", default=None)
+    rope_scaling_type: Literal["none"] | None = _gguf(
+        "rope.scaling.type", default=None, description="linear and yarn scaling are not supported")
 
 
 # ModelConfig field -> the file's spelling, for errors that involve several fields.

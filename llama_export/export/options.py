@@ -16,7 +16,7 @@ class ExportOptions:
     tp: int = 1
     dtype: Precision = Precision.FP32  # activations (and weights, unless `weights` quantizes them)
     weights: WeightQuant | None = None
-    model_name: str | None = None  # default: the checkpoint folder's name
+    model_name: str | None = None  # default: the checkpoint folder's name (a GGUF file's, without .gguf)
     max_batch: int = 8
     max_seq_len: int | None = None  # default: the checkpoint's
     progress: bool = True
@@ -28,7 +28,8 @@ class ExportOptions:
     @property
     def name(self) -> str:
         """The model's folder name under `out`."""
-        return self.model_name or Path(self.checkpoint).resolve().name
+        path = Path(self.checkpoint).resolve()
+        return self.model_name or (path.stem if path.is_file() else path.name)
 
     @property
     def target(self) -> Path:
