@@ -54,7 +54,7 @@ def llama3_rope_factors(head_dim: int, theta: float, factor=8.0, low=1.0, high=4
 
 def write_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], *, qtype: str = "F32",
                tied: bool = False, tokenizer: Callable | None = None, rope_freqs: np.ndarray | None = None,
-               skip: tuple[str, ...] = (), metadata: dict | None = None,
+               skip: tuple[str, ...] = (), skip_tensors: tuple[str, ...] = (), metadata: dict | None = None,
                tensor: Callable[[str, np.ndarray], tuple[np.ndarray, str]] | None = None) -> Path:
     """`state` (Meta names and layout) as a LLaMA GGUF: 2-D weights as `qtype` (quantized with
     gguf.quants), norms F32; `tokenizer(writer)` adds tokenizer metadata; `skip` leaves metadata keys
@@ -62,13 +62,13 @@ def write_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], *, 
     array)` may replace a tensor's (data, type) as written."""
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), (metadata or {}).get("general.architecture", "llama"))
     keys = {"llama.context_length": cfg.max_seq_len, "llama.embedding_length": cfg.dim,
             "llama.block_count": cfg.n_layers, "llama.feed_forward_length": cfg.hidden_dim,
             "llama.attention.head_count": cfg.n_heads, "llama.attention.head_count_kv": cfg.n_kv_heads,
             "llama.rope.freq_base": cfg.rope_theta, "llama.attention.layer_norm_rms_epsilon": cfg.norm_eps,
             "llama.rope.dimension_count": cfg.head_dim, "llama.vocab_size": cfg.vocab_size,
-            **(metadata or {})}
+            **{k: v for k, v in (metadata or {}).items() if k != "general.architecture"}}
     for k, v in keys.items():
         if k in skip:
             continue
@@ -81,7 +81,7 @@ def write_gguf(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], *, 
     if tokenizer is not None:
         tokenizer(w)
     for name, t in state.items():
-        if tied and name == "output.weight":
+        if tied and name == "output.weight" or gguf_tensor_name(name) in skip_tensors:
             continue
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             heads = cfg.n_heads if "wq" in name else cfg.n_kv_heads

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -278,6 +279,30 @@ def _meta_without(name: str):
     return make
 
 
+def _gguf(*, name: str = "m.gguf", **kwargs):
+    """The tiny MHA model as a GGUF (tests/gguf_helpers.write_gguf with `kwargs`), run with --prompt-ids."""
+    def make(w: Workspace, s: Path) -> list[str]:
+        from tests.gguf_helpers import write_gguf
+
+        return _run(write_gguf(s / name, w.state["cfg"], w.state["state"], **kwargs))
+    return make
+
+
+def _gguf_bytes(edit: Callable[[bytes], bytes]):
+    """A GGUF of the tiny model whose bytes `edit` changes."""
+    def make(w: Workspace, s: Path) -> list[str]:
+        p = Path(_gguf()(w, s)[2])  # _run's arguments: the checkpoint is the third
+        p.write_bytes(edit(p.read_bytes()))
+        return _run(p)
+    return make
+
+
+def _two_ggufs(w: Workspace, s: Path) -> list[str]:
+    _gguf(name="a.gguf")(w, s)
+    _gguf(name="b.gguf")(w, s)
+    return _run(s)
+
+
 def _busy_target(w: Workspace, s: Path) -> list[str]:
     """Another process holds the target's lock while the export starts (two exports, one target)."""
     import sys
@@ -497,6 +522,26 @@ CASES: tuple[Case, ...] = (
          argv("run", "--checkpoint", "{meta}", "--prompt-ids", "1,2,101"), "token id 101 is outside the vocabulary [0, 101)"),
     Case("beyond-context", ALREADY, "prompt + `--max-new-tokens` beyond the context",
          argv(*_run(Path("{meta}"))[:-1], "62"), "exceeds the context limit max_seq_len=64"),
+    # -- GGUF checkpoints --
+    Case("gguf-not-gguf", ALREADY, "`--checkpoint` a .gguf file that is not a GGUF",
+         then(_write("m.gguf", "hello"), argv(*_run(Path("{scratch}/m.gguf")))), "is not a GGUF file"),
+    Case("gguf-truncated", ALREADY, "a truncated GGUF", _gguf_bytes(lambda b: b[: len(b) - 1000]),
+         "the GGUF is truncated"),
+    Case("gguf-header-cut", ALREADY, "a GGUF cut inside its header", _gguf_bytes(lambda b: b[:200]),
+         "truncated or corrupt"),
+    Case("gguf-other-arch", ALREADY, "a GGUF of another architecture (general.architecture)",
+         _gguf(metadata={"general.architecture": "qwen2"}), "this tool reads LLaMA-family GGUFs"),
+    Case("gguf-unsupported-type", ALREADY, "a GGUF weight of a type this tool does not dequantize (IQ4_NL)",
+         _gguf(tensor=lambda n, a: (np.zeros((a.shape[0], a.shape[1] // 32 * 18), np.uint8), "IQ4_NL")
+               if n == "blk.0.ffn_up.weight" and a.shape[1] % 32 == 0 else (a, "F32")), "which this tool does not dequantize"),
+    Case("gguf-missing-tensor", ALREADY, "a GGUF missing a tensor", _gguf(skip_tensors=("blk.1.ffn_down.weight",)),
+         "missing ['blk.1.ffn_down.weight']"),
+    Case("gguf-shape", ALREADY, "a GGUF whose llama.feed_forward_length does not match the weights",
+         _gguf(metadata={"llama.feed_forward_length": 200}), "the llama.* metadata implies"),
+    Case("gguf-missing-key", ALREADY, "a GGUF without llama.block_count", _gguf(skip=("llama.block_count",)),
+         "lacks the required field 'llama.block_count'"),
+    Case("gguf-two-files", ALREADY, "`--checkpoint` a folder holding two .gguf files", _two_ggufs,
+         "holds 2 GGUF files (a.gguf, b.gguf)"),
     # -- lost or left over before --
     Case("export-full", LOST, "`export` onto a full disk: no partial folder, the earlier export there intact",
          argv("export", "--checkpoint", "{meta}", "--out", "{root}/full", "--name", "meta", "--tp", "1",

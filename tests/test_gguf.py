@@ -198,3 +198,63 @@ def test_export_validates_on_onnxruntime_and_carries_the_tokenizer(tmp_path, ggu
     eager = ModelSource(Backend.EAGER, checkpoint=ggufs["Q4_1"]).resolve().tokenizer
     msgs = [{"role": "user", "content": "hi"}]
     assert exported.chat(msgs) == eager.chat(msgs) and exported.stop_ids == eager.stop_ids
+
+
+def _llama2_style_sentencepiece() -> bytes:
+    """A sentencepiece BPE model trained like Llama 2's (byte fallback, split digits, a dummy prefix, no
+    normalization) on the small corpus."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(l3.CORPUS * 4), model_writer=model, vocab_size=420, model_type="bpe",
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0,
+        num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+def test_sentencepiece_tokenizer_equals_sentencepiece(tmp_path):
+    """A sentencepiece LLaMA as llama.cpp writes one (tokenizer.ggml.model 'llama': pieces, scores and
+    token types of its tokenizer.model): the tokenizer built from the metadata encodes and decodes as
+    sentencepiece itself and as transformers' GGUF tokenizer."""
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import AutoTokenizer
+
+    from llama_export.text import load_tokenizer, text_files_in
+    from llama_export.text.sentencepiece import SentencePieceTokenizer
+
+    data = _llama2_style_sentencepiece()
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(data)
+
+    def add_spm(w) -> None:
+        w.add_tokenizer_model("llama")
+        w.add_token_list([p.piece for p in proto.pieces])
+        w.add_token_scores([p.score for p in proto.pieces])
+        w.add_token_types([int(p.type) for p in proto.pieces])
+        w.add_bos_token_id(proto.trainer_spec.bos_id)
+        w.add_eos_token_id(proto.trainer_spec.eos_id)
+        w.add_unk_token_id(proto.trainer_spec.unk_id)
+        w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+
+    cfg = dataclasses.replace(CFG, vocab_size=len(proto.pieces))
+    path = write_gguf(tmp_path / "spm.gguf", cfg, random_meta_state(cfg), tokenizer=add_spm)
+    tok = load_tokenizer(text_files_in(path), source=str(path))
+    sp = SentencePieceTokenizer(data, source="trained")
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    texts = [*l3.CORPUS, "def main():\n    return 1\n", "  leading and  double spaces", "x=12345;y=2.5\t\ttabs"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.decode(ids, skip_special=True) == text
+        # transformers' GGUF tokenizer (a Metaspace pre-tokenizer) adds no '▁' before text that starts
+        # with a space, where sentencepiece and llama.cpp do
+        if not text.startswith(" "):
+            assert ids == ref(text)["input_ids"], text
+        assert ids == sp.encode(text), text
+    # a control token stays whole, and the text after it gets its '▁' (llama.cpp's llama-server /tokenize
+    # with parse_special gives these ids for this file: <s> ▁a </s> ▁ b)
+    assert [tok.tok.id_to_token(i) for i in tok.encode("a</s>b")] == ["<s>", "\u2581a", "</s>", "\u2581", "b"]
+    assert tok.bos_id == sp.bos_id and tok.stop_ids == sp.stop_ids

@@ -9,9 +9,9 @@ through `text.hf.HFTokenizer` and an export of a GGUF carries its tokenizer like
 - `tokenizer.ggml.model == "gpt2"`: byte-level BPE. The vocabulary is already spelled in GPT-2's byte
   alphabet; `tokenizer.ggml.pre` names llama.cpp's pre-tokenizer, rebuilt as the same regex splits, in
   order (`PRE_TOKENIZERS`; llama.cpp `llm_tokenizer_bpe`, src/llama-vocab.cpp).
-- `"llama"`: sentencepiece BPE, as transformers' `LlamaTokenizer` builds it from the same pieces (merges
-  recovered from the scores, byte fallback, '▁' for spaces, a '▁' prepended to the text when
-  `tokenizer.ggml.add_space_prefix`).
+- `"llama"`: sentencepiece BPE as llama.cpp runs it: merges recovered from the scores (the best-scoring
+  pair first), byte fallback, '▁' for spaces and a '▁' before each piece of text (the start, and after
+  each special token) when `tokenizer.ggml.add_space_prefix` (Llama 2's tokenizer.json normalizer).
 Control tokens (token type 3) become special added tokens and user-defined ones (4) plain added tokens, so
 the chat template's markers stay whole.
 """
@@ -137,13 +137,17 @@ def _byte_level(tokens: list[str], merges: list[str], pre: str):
 
 
 def _sentencepiece(tokens: list[str], scores: list[float], types: list[int], *, unk: int | None, prefix: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges_by_score(tokens, scores), fuse_unk=True,
                                byte_fallback=True, unk_token=tokens[unk] if unk is not None else None))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
-                                                 split=False)
+    # llama.cpp (llm_tokenizer_spm) writes spaces as '▁' and, with add_space_prefix, puts one before every
+    # piece of text (the start, and after each special token), as sentencepiece's dummy prefix does; the
+    # normalizer of Llama 2's own tokenizer.json. (transformers' GGUF tokenizer uses a Metaspace
+    # pre-tokenizer instead, which adds no '▁' before text that starts with a space.)
+    steps = [normalizers.Prepend("\u2581")] if prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
     return tok
