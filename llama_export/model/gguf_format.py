@@ -170,17 +170,14 @@ class GGUFReader:
             lo, hi, cols = 0, rows, (sl.start, min(sl.stop, raw.shape[1]))
         if len(raw.shape) == 1:
             return _decode(raw.data, raw.type, (0, raw.shape[0]))
-        out = None
+        parts = []
         row_bytes = raw.data.shape[1] * raw.data.itemsize
         step = max(1, COPY_BLOCK_BYTES // max(1, row_bytes))
         for r0 in range(lo, hi, step):
             block = raw.data[r0:min(hi, r0 + step)]
-            part = _decode(block, raw.type, cols)
-            if out is None:
-                out = torch.empty((hi - lo, part.shape[1]), dtype=part.dtype)
-            out[r0 - lo : r0 - lo + part.shape[0]] = part
+            parts.append(_decode(block, raw.type, cols))
             release_array(block)
-        return out
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _decode(data: np.ndarray, kind: str, cols: tuple[int, int]) -> Tensor:
