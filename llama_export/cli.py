@@ -173,7 +173,7 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
     from llama_export.config import MAX_TP, Backend, ModelDType, Precision
 
     src = p.add_argument_group("model source")
-    src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (eager; default: the built-in demo model)")
+    src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder, or a .gguf file (eager; default: the built-in demo model)")
     src.add_argument("--artifacts", type=Path, help="export directory with manifest.json (ort; for trt the engines directory)")
     _enum_arg(src, "--backend", Backend, default=Backend.EAGER,
               help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines)")
@@ -452,7 +452,7 @@ def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
     from llama_export.config import MAX_CONTEXT, MAX_TP, ModelDType, WeightQuant
     from llama_export.validate.settings import VALIDATION
 
-    p.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder (default: the built-in demo model)")
+    p.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder, or a .gguf file (default: the built-in demo model)")
     p.add_argument("--tp", type=int_in(1, MAX_TP), nargs="+", default=None,
                    help=f"tensor-parallel degree(s) (default: {_shown(DEMO_TPS)} for the built-in demo model, "
                    f"{_shown(CHECKPOINT_TPS)} for a --checkpoint)")
@@ -522,8 +522,8 @@ def _add_plan_parser(sub) -> None:
         "targets. Exits 2 when a rank does not fit --memory-limit.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder")
-    src.add_argument("--config", type=Path, help="a params.json (Meta) or config.json (HF) on its own")
+    src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder, or a .gguf file")
+    src.add_argument("--config", type=Path, help="a params.json (Meta), config.json (HF) or .gguf file on its own (only its header is read)")
     p.add_argument("--tp", type=int_in(1, MAX_TP), default=1, help="tensor-parallel degree")
     _enum_arg(p, "--dtype", Precision, default=Precision.FP16, help="graph dtype")
     p.add_argument("--max-seq-len", type=int_in(2, MAX_CONTEXT), default=None, help="context limit (default: the config's)")
@@ -548,7 +548,7 @@ def _cmd_plan(args, argv: list[str]) -> int:
     from llama_export.progress import activity
 
     if args.config is not None and not args.config.is_file():
-        raise InputError(f"--config {args.config} is not a file; pass a params.json (Meta) or config.json (HF)")
+        raise InputError(f"--config {args.config} is not a file; pass a params.json (Meta), config.json (HF) or .gguf file")
     cfg = load_config(args.checkpoint or args.config, max_seq_len=args.max_seq_len)
     with activity(f"tracing two {cfg.dim}-wide layers at tp={args.tp}", enabled=not args.no_progress):
         plan = plan_export(cfg, tp=args.tp, dtype=args.dtype)
