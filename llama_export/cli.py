@@ -414,8 +414,10 @@ def _cmd_serve(args, argv: list[str]) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("LLAMA_EXPORT_API_KEY") or None
     if api_key == "":
         raise InputError("--api-key is empty; pass a key, or leave it out to serve without one")
+    from llama_export.gguf_file import checkpoint_name
+
     where = source.artifacts if source.artifacts is not None else source.checkpoint_dir
-    name = args.model_name or Path(where).name
+    name = args.model_name or checkpoint_name(where)
     engine = open_engine(source.resolve(), tp=args.tp, slots=args.max_batch, capacity=args.cache_capacity,
                          prefill_tokens=args.prefill_tokens, device=args.device, threads=args.threads)
 

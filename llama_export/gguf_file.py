@@ -42,6 +42,13 @@ def checkpoint_gguf(path: Path) -> Path | None:
     return found[0] if found else None
 
 
+def checkpoint_name(path: Path) -> str:
+    """A checkpoint's name (export folders, the served model): its folder's name, or a file's without the
+    suffix (`SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct.Q4_1`)."""
+    path = Path(path).resolve()
+    return path.stem if path.is_file() else path.name
+
+
 def is_gguf(file: Path) -> bool:
     """A file named .gguf, or one that starts with GGUF's magic (whatever its name)."""
     if Path(file).suffix.lower() == SUFFIX:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llama_export.config import ModelDType, Precision, WeightQuant
+from llama_export.gguf_file import checkpoint_name
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,7 @@ class ExportOptions:
     @property
     def name(self) -> str:
         """The model's folder name under `out`."""
-        path = Path(self.checkpoint).resolve()
-        return self.model_name or (path.stem if path.is_file() else path.name)
+        return self.model_name or checkpoint_name(self.checkpoint)
 
     @property
     def target(self) -> Path:
