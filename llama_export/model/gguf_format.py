@@ -161,22 +161,20 @@ class GGUFReader:
     def read(self, meta_name: str, sl: Slice) -> Tensor:
         """Global tensor `meta_name` restricted to `sl` (clipped at the tensor's end), copied out of the file."""
         raw = self.raw(meta_name)
-        rows = raw.shape[0]
-        if len(raw.shape) == 1 or sl.dim is None:
-            lo, hi, cols = 0, rows, (0, raw.shape[-1])
-        elif sl.dim == 0:
-            lo, hi, cols = sl.start, min(sl.stop, rows), (0, raw.shape[1])
-        else:
-            lo, hi, cols = 0, rows, (sl.start, min(sl.stop, raw.shape[1]))
         if len(raw.shape) == 1:
             return _decode(raw.data, raw.type, (0, raw.shape[0]))
+        rows, cols = raw.shape
+        lo, hi = (sl.start, min(sl.stop, rows)) if sl.dim == 0 else (0, rows)
+        span = (sl.start, min(sl.stop, cols)) if sl.dim == 1 else (0, cols)
         parts = []
         row_bytes = raw.data.shape[1] * raw.data.itemsize
         step = max(1, COPY_BLOCK_BYTES // max(1, row_bytes))
         for r0 in range(lo, hi, step):
             block = raw.data[r0:min(hi, r0 + step)]
-            parts.append(_decode(block, raw.type, cols))
+            parts.append(_decode(block, raw.type, span))
             release_array(block)
+        if not parts:  # a slice wholly past the end (vocabulary padding): `RankWeights` pads it
+            return torch.zeros((0, span[1] - span[0]), dtype=FLOAT.get(raw.type, torch.float32))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
