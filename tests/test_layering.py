@@ -1,6 +1,6 @@
 """The package's layering, read from the source: no import cycles, dependencies point one way.
 
-    errors, parsing, clock, config, dtypes, tolerances, files, progress, demo, gguf_file → artifact → text → parallel → model
+    errors, parsing, clock, config, dtypes, tolerances, files, progress, demo, gguf_file, models → artifact → text → parallel → model
         → export → backends → runner → engine → validate → commands, job → serve → cli
 
 Every `import` and `from ... import` of a `llama_export` module counts, also the ones inside functions
@@ -20,7 +20,7 @@ PKG = Path(__file__).resolve().parents[1] / "llama_export"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "errors", "parsing", "clock", "config", "dtypes", "tolerances", "files", "progress", "demo",
-     "gguf_file"),
+     "gguf_file", "models"),
     ("artifact",),
     ("text",),
     ("parallel",),
