@@ -463,6 +463,8 @@ CASES: tuple[Case, ...] = (
     Case("device-cuda", TRACE, "`--device cuda` where torch has no CUDA", argv(*_run(Path("{meta}")), "--device", "cuda"),
          "sees no CUDA device", needs="no-cuda"),
     Case("device-bogus", TRACE, "`--device tpu:0`", argv(*_run(Path("{meta}")), "--device", "tpu:0"), "is not a device"),
+    Case("model-unknown", ALREADY, "`--model gpt5` (no model of that name)", argv("export", "--model", "gpt5"),
+         "no model is called 'gpt5'; use one of demo, smollm2"),
     Case("temperature-nan", TRACE, "`--temperature nan`", argv(*_run(Path("{meta}")), "--temperature", "nan"),
          "argument --temperature: nan is outside [0, 1000]"),
     Case("top-p-zero", TRACE, "`--top-p 0`", argv(*_run(Path("{meta}")), "--top-p", "0"), "0 is outside (0, 1]"),
