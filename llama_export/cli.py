@@ -707,7 +707,27 @@ _HELP = {  # subcommand -> its one-line help (the top-level --help lists them)
     "plan": "per-rank sizes of an export, from the config alone (no weights read)",
     "build": "build TensorRT engines (one per rank and segment) from an export",
     "serve": "an OpenAI-compatible HTTP server on a long-lived engine (continuous batching)",
+    "doctor": "what this machine can run: versions, GPUs, ONNX Runtime providers, TensorRT, NCCL",
 }
+
+
+def _add_doctor_parser(sub) -> None:
+    p = sub.add_parser("doctor", help=_HELP["doctor"], description=(
+        "One line per check: python, torch (CUDA build), onnxruntime / onnxruntime-gpu, the providers a "
+        "session really uses, GPUs and compute capability, TensorRT, triton, NCCL; each that is missing "
+        "says what to do. Exit 0 when the CPU path (torch and ONNX Runtime's CPU provider) works, else 1."))
+    p.set_defaults(func=_cmd_doctor)
+
+
+def _cmd_doctor(args, argv: list[str]) -> int:
+    from llama_export.backends.doctor import cpu_path_ok, report
+
+    checks = report()
+    for c in checks:
+        print(c.line())
+    ok = cpu_path_ok(checks)
+    print("the CPU path works" if ok else "the CPU path does not work: see the lines marked missing above")
+    return 0 if ok else 1
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -722,7 +742,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     adders = {"export": _add_export_parser, "run": _add_run_parser, "compare": _add_compare_parser,
               "eval": _add_eval_parser, "plan": _add_plan_parser, "build": _add_build_parser,
-              "serve": _add_serve_parser}
+              "serve": _add_serve_parser, "doctor": _add_doctor_parser}
     assert adders.keys() == _HELP.keys()
     for name, add in adders.items():
         if command is None or command == name:

@@ -42,13 +42,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _ort():
+def import_onnxruntime() -> Any:
+    """`import onnxruntime` (either distribution installs it), or BackendUnavailableError (one line)
+    saying what to install, or that it is too old."""
     try:
         import onnxruntime
     except ImportError:
-        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
+        raise BackendUnavailableError(
+            "neither onnxruntime nor onnxruntime-gpu is installed: pip install -e '.[cpu]' (CPU), or "
+            "'.[gpu]' beside a CUDA torch") from None
     runtime.check_version(onnxruntime)
     return onnxruntime
+
+
+def session_providers(ort: Any, device: str) -> list:
+    """The execution providers a session on `device` ("cpu", "cuda", "cuda:N") asks for, in order;
+    BackendUnavailableError (one line) for CUDA on an onnxruntime without its CUDA provider."""
+    kind, _, index = device.partition(":")
+    if kind != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailableError(
+            "--device cuda with the ort backend needs onnxruntime-gpu (pip install -e '.[gpu]'); "
+            "this onnxruntime has only " + ", ".join(ort.get_available_providers()))
+    return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
 
 
 class OrtBackend:
@@ -60,17 +77,12 @@ class OrtBackend:
         `EXACT_ACCURACY_LEVEL`) instead of the fast int8-activation kernels (see `weight_only.py`).
         `threads`: intra-op threads of each session (None: ONNX Runtime's default, the machine's cores).
         `extra_outputs`: values inside the graphs to return as well, where a segment has them."""
-        ort = _ort()
+        ort = import_onnxruntime()
         self.device = str(device)
         kind, _, index = self.device.partition(":")
         self._kind, self._index = kind, int(index or 0)
-        providers = ["CPUExecutionProvider"]
+        providers = session_providers(ort, self.device)
         if kind == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendUnavailableError(
-                    "--device cuda with the ort backend needs onnxruntime-gpu (pip install onnxruntime-gpu); "
-                    "this onnxruntime has only " + ", ".join(ort.get_available_providers()))
-            providers = [("CUDAExecutionProvider", {"device_id": self._index}), *providers]
             if manifest.dtype is Precision.FP32:
                 log.warning("onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 only: this fp32 export's "
                             "attention runs on the CPU provider (a copy each way per layer); export fp16 or bf16 "

@@ -49,7 +49,7 @@ RMS_NORM_ID = f"{schema.DOMAIN}::{schema.RMS_NORM}"
 ROPE_ID = f"{schema.DOMAIN}::{schema.ROPE}"
 INSTALL_HINT = (
     "install TensorRT 11 and its Python bindings on a machine with an NVIDIA GPU: "
-    "pip install 'llama_export[gpu]' (the tensorrt wheels fetch NVIDIA's libraries from NVIDIA's index)"
+    "pip install -e '.[gpu,tensorrt]' (the tensorrt wheels fetch NVIDIA's libraries from NVIDIA's index)"
 )
 _TYPES = "FP32|FP16|BF16"  # x, weight and y share one of these (AutoTuneCombination syntax)
 
