@@ -114,15 +114,16 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(self.local_heads * cfg.head_dim, cfg.dim, comm)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start: Tensor, lengths: Tensor, past_k: Tensor,
-                past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                past_v: Tensor, *, plan: ops.StepPlan | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, S, dim]; cos/sin: RoPE tables [max_seq_len, head_dim/2]; start/lengths: [B] cached and
-        new tokens per row; past_k/past_v: [B, local_kv_heads, C, head_dim]. Returns (out, k, v): the
-        cache with this step's keys/values written (see `ops.attention`)."""
+        new tokens per row; past_k/past_v: [B, local_kv_heads, C, head_dim]; plan: the forward's
+        `ops.plan_step` (eager). Returns (out, k, v): the cache with this step's keys/values written (see
+        `ops.attention`)."""
         xqkv = self.wqkv(x).unflatten(-1, (self.local_heads + 2 * self.local_kv_heads, self.head_dim))
         xq, xk, xv = xqkv.split([self.local_heads, self.local_kv_heads, self.local_kv_heads], dim=2)
         xq = ops.rope(xq, cos, sin, start, True)  # [B, S, h, hd]
         xk = ops.rope(xk, cos, sin, start, True)  # [B, S, kvh, hd]
-        out, keys, values = ops.attention(xq, xk, xv, past_k, past_v, start, lengths)  # out [B, S, h*hd]
+        out, keys, values = ops.attention(xq, xk, xv, past_k, past_v, start, lengths, plan=plan)  # [B, S, h*hd]
         return self.wo(out), keys, values
 
 
@@ -150,7 +151,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(shape, comm)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start: Tensor, lengths: Tensor, past_k: Tensor,
-                past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        attn, keys, values = self.attention(self.attention_norm(x), cos, sin, start, lengths, past_k, past_v)
+                past_v: Tensor, *, plan: ops.StepPlan | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        attn, keys, values = self.attention(self.attention_norm(x), cos, sin, start, lengths, past_k, past_v,
+                                            plan=plan)
         h = x + attn
         return h + self.feed_forward(self.ffn_norm(h)), keys, values

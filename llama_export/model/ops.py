@@ -21,7 +21,9 @@ return its input, and torch.export cannot translate a mutating custom op). Both 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,8 +55,39 @@ def rope_reference(x: Tensor, cos: Tensor, sin: Tensor, start: Tensor, interleav
     return out.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What every layer's attention takes from a step's lengths, worked out once per forward: on CUDA
+    each `int(tensor)` or boolean index is a host sync, which once per layer stalls the GPU n_layers
+    times a step. Built from host lengths (`Transformer.step`) it costs no sync at all."""
+
+    rows: Tensor  # [N] int64: the batch row of each valid new token
+    cols: Tensor  # [N] int64: its index in the step
+    slots: Tensor  # [N] int64: its cache slot, start[b] + i
+    total: int  # cache slots any query can see: max(start + lengths)
+    hidden: Tensor  # [B, 1, 1, S, total] bool: slot j is hidden from query (b, i) when j > start[b] + i
+
+
+def plan_step(start: Tensor | np.ndarray, lengths: Tensor | np.ndarray, seqlen: int, device: torch.device
+              ) -> StepPlan:
+    """The `StepPlan` of a step of `seqlen` tokens; start/lengths `[B]` on the host (numpy or CPU
+    tensors: no sync) or on `device` (one copy to the host)."""
+    if isinstance(start, Tensor) and start.device.type != "cpu":
+        start, lengths = torch.stack((start, lengths)).cpu()  # one copy, one sync
+    start_h, lengths_h = np.asarray(start, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    rows, cols = np.nonzero(np.arange(seqlen)[None, :] < lengths_h[:, None])  # valid tokens, right-padded
+    total = int((start_h + lengths_h).max()) if len(start_h) else 0
+    pos = torch.as_tensor(start_h, device=device)[:, None] + torch.arange(seqlen, device=device)[None, :]  # [B, S]
+    hidden = torch.arange(total, device=device)[None, None, :] > pos[:, :, None]  # [B, S, T]
+
+    def dev(a: np.ndarray) -> Tensor:
+        return torch.as_tensor(a, dtype=torch.int64, device=device)
+
+    return StepPlan(dev(rows), dev(cols), dev(start_h[rows] + cols), total, hidden[:, None, None])
+
+
 def attention_in_place(q: Tensor, k: Tensor, v: Tensor, cache_k: Tensor, cache_v: Tensor, start: Tensor,
-                       lengths: Tensor) -> Tensor:
+                       lengths: Tensor, plan: StepPlan | None = None) -> Tensor:
     """Write the new keys/values into the cache, then attend; returns ``y [B, S, H*D]``.
 
     q: ``[B, S, H, D]``; k/v: ``[B, S, KVH, D]`` (H a multiple of KVH: query head h reads KV head
@@ -62,24 +95,24 @@ def attention_in_place(q: Tensor, k: Tensor, v: Tensor, cache_k: Tensor, cache_v
     Token ``(b, i)`` is valid for ``i < lengths[b]`` (right padding) and lands in slot ``start[b] + i``;
     query ``(b, i)`` attends keys ``j <= start[b] + i``, scores ``q·k / sqrt(D)`` with softmax in fp32.
     Outputs of padding rows and cache slots at or past ``start[b] + lengths[b]`` are unspecified.
+    `plan`: `plan_step(start, lengths, S)`, made here when not given.
     """
     bsz, seqlen, n_heads, head_dim = q.shape
-    pos = positions(start, seqlen)  # [B, S]
-    valid = torch.arange(seqlen, device=q.device)[None, :] < lengths[:, None]
-    rows = torch.arange(bsz, device=q.device)[:, None].expand(bsz, seqlen)[valid]
-    slots = pos[valid]
-    cache_k[rows, :, slots] = k[valid]  # [N, KVH, D] into [B, KVH, C, D] at (b, :, slot)
-    cache_v[rows, :, slots] = v[valid]
-    total = int((start + lengths).max())  # slots any query can see
-    keys, values = cache_k[:, :, :total], cache_v[:, :, :total]  # [B, KVH, T, D] (views)
-    n_rep = n_heads // keys.shape[1]
-    if n_rep > 1:
-        keys, values = keys.repeat_interleave(n_rep, dim=1), values.repeat_interleave(n_rep, dim=1)
-    scores = torch.matmul(q.transpose(1, 2), keys.transpose(2, 3)).float() / math.sqrt(head_dim)  # [B, H, S, T]
-    hidden = torch.arange(total, device=q.device)[None, None, :] > pos[:, :, None]  # [B, S, T]
-    scores = scores.masked_fill(hidden[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(probs, values).transpose(1, 2).reshape(bsz, seqlen, n_heads * head_dim)
+    if plan is None:
+        plan = plan_step(start, lengths, seqlen, q.device)
+    cache_k[plan.rows, :, plan.slots] = k[plan.rows, plan.cols]  # [N, KVH, D] into [B, KVH, C, D] at (b, :, slot)
+    cache_v[plan.rows, :, plan.slots] = v[plan.rows, plan.cols]
+    keys, values = cache_k[:, :, :plan.total], cache_v[:, :, :plan.total]  # [B, KVH, T, D] (views)
+    n_kv = keys.shape[1]
+    group = n_heads // n_kv
+    # Grouped attention without repeating KV heads: the `group` query heads of KV head g are heads
+    # [g*group, (g+1)*group), so [B, H, S, D] -> [B, KVH, group*S, D] shares one key matrix per KV head.
+    qg = q.transpose(1, 2).reshape(bsz, n_kv, group * seqlen, head_dim)
+    scores = torch.matmul(qg, keys.transpose(2, 3)).float() / math.sqrt(head_dim)  # [B, KVH, group*S, T]
+    scores = scores.view(bsz, n_kv, group, seqlen, plan.total).masked_fill(plan.hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(bsz, n_kv, group * seqlen, plan.total)
+    y = torch.matmul(probs, values)  # [B, KVH, group*S, D]
+    return y.view(bsz, n_heads, seqlen, head_dim).transpose(1, 2).reshape(bsz, seqlen, n_heads * head_dim)
 
 
 @torch.library.custom_op("llama_export::rms_norm", mutates_args=())
@@ -120,11 +153,12 @@ def _(q, k, v, past_key, past_value, start, lengths):
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, past_key: Tensor, past_value: Tensor, start: Tensor,
-              lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, present_key, present_value); eager runs return the cache tensors themselves, written in place."""
+              lengths: Tensor, *, plan: StepPlan | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, present_key, present_value); eager runs return the cache tensors themselves, written in place.
+    `plan`: the forward's `plan_step` (eager only; export traces the custom op)."""
     if torch.compiler.is_exporting():
         return attention_functional(q, k, v, past_key, past_value, start, lengths)
-    y = attention_in_place(q, k, v, past_key, past_value, start, lengths)
+    y = attention_in_place(q, k, v, past_key, past_value, start, lengths, plan)
     return y, past_key, past_value
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from llama_export.config import ModelConfig
+from llama_export.model import ops
 from llama_export.model.layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -58,21 +59,27 @@ class Transformer(nn.Module):
         arrays (numpy, or tensors) and are moved to this model's device; runs without autograd."""
         device = self.rope_cos.device
         with torch.inference_mode():
+            # The lengths are on the host here: the attention plan needs no copy back from the device.
+            plan = ops.plan_step(torch.as_tensor(cache_lengths).cpu(), torch.as_tensor(token_lengths).cpu(),
+                                 torch.as_tensor(tokens).shape[1], device)
             return self(*(torch.as_tensor(x, device=device) for x in (tokens, cache_lengths, token_lengths)),
-                        keys, values)
+                        keys, values, plan=plan)
 
     def forward(self, tokens: Tensor, cache_lengths: Tensor, token_lengths: Tensor, keys: list[Tensor],
-                values: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                values: list[Tensor], *, plan: ops.StepPlan | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """tokens: [B, S] int64, right-padded: row b's valid tokens are `tokens[b, :token_lengths[b]]` at
         positions `cache_lengths[b] + i`. keys/values: the cache, [B, local_kv_heads, C, head_dim].
+        plan: `ops.plan_step` of these lengths (made here, once for all layers, when not given).
 
         Returns fp32 logits `[B, vocab_size]` of each row's last valid token and the caches with this
         step written (eager: the same tensors, updated in place)."""
         bsz = tokens.shape[0]
         h = self.tok_embeddings(tokens)  # [B, S, dim]
+        if plan is None and not torch.compiler.is_exporting():  # export traces the attention custom op
+            plan = ops.plan_step(cache_lengths, token_lengths, tokens.shape[1], h.device)
         new_keys, new_values = [], []
         for layer, k, v in zip(self.layers, keys, values):
-            h, k, v = layer(h, self.rope_cos, self.rope_sin, cache_lengths, token_lengths, k, v)
+            h, k, v = layer(h, self.rope_cos, self.rope_sin, cache_lengths, token_lengths, k, v, plan=plan)
             new_keys.append(k)
             new_values.append(v)
         # [B, 1, dim]: kept 3-D so that the output projection is a MatMul like every other weight
