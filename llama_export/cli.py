@@ -536,7 +536,9 @@ def _cmd_export(args, argv: list[str]) -> int:
 
 
 def _add_plan_parser(sub) -> None:
+    from llama_export.artifact.manifest import MAX_BATCH
     from llama_export.config import MAX_CONTEXT, MAX_TP, Precision
+    from llama_export.export.options import ExportOptions
 
     p = sub.add_parser(
         "plan",
@@ -552,6 +554,8 @@ def _add_plan_parser(sub) -> None:
     _enum_arg(p, "--dtype", Precision, default=Precision.FP16, help="graph dtype")
     p.add_argument("--max-seq-len", type=int_in(2, MAX_CONTEXT), default=None, help="context limit (default: the config's)")
     p.add_argument("--memory-limit", type=_parse_bytes, help="refuse when a rank needs more, e.g. 80GiB or 24GB")
+    p.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=ExportOptions(checkpoint=Path(".")).max_batch,
+                   help="rows of a TensorRT engine's profiles, for its GPU memory (as `build --max-batch`)")
     p.add_argument("--no-progress", action="store_true", help="no progress line while tracing")
     p.set_defaults(func=_cmd_plan)
 
@@ -567,7 +571,7 @@ def _parse_bytes(text: str) -> int:
 
 
 def _cmd_plan(args, argv: list[str]) -> int:
-    from llama_export.export.sizing import fmt_bytes, format_plan, plan_export
+    from llama_export.export.sizing import fmt_bytes, format_engine_memory, format_plan, plan_export
     from llama_export.model.checkpoint import load_config
     from llama_export.progress import activity
 
@@ -577,6 +581,8 @@ def _cmd_plan(args, argv: list[str]) -> int:
     with activity(f"tracing two {cfg.dim}-wide layers at tp={args.tp}", enabled=not args.no_progress):
         plan = plan_export(cfg, tp=args.tp, dtype=args.dtype)
     print(format_plan(plan))
+    print()
+    print(format_engine_memory(plan, max_batch=args.max_batch, capacity=cfg.max_seq_len))
     if args.memory_limit is not None:
         with activity("checking which --tp fits --memory-limit", enabled=not args.no_progress):
             plan.check_fits(args.memory_limit)
@@ -585,7 +591,8 @@ def _cmd_plan(args, argv: list[str]) -> int:
 
 
 def _add_build_parser(sub) -> None:
-    from llama_export.config import MAX_TP
+    from llama_export.artifact.manifest import MAX_BATCH
+    from llama_export.config import MAX_CONTEXT, MAX_TP
     from llama_export.backends.tensorrt.build import BuildOptions
 
     d = BuildOptions()
@@ -609,13 +616,20 @@ def _add_build_parser(sub) -> None:
                    help="builder workspace limit in GiB")
     p.add_argument("--timing-cache", type=Path, default=d.timing_cache,
                    help="timing cache to start from (default: the one in --out, if any)")
+    p.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=d.max_batch,
+                   help="rows of the engines' profiles (default: the export's max_batch)")
+    p.add_argument("--max-seq-len", type=int_in(2, MAX_CONTEXT), default=d.max_seq_len,
+                   help="the engines' KV cache slots per row and longest prefill (default: the model's max_seq_len)")
+    p.add_argument("--gpu-memory", type=_parse_bytes, default=d.gpu_memory,
+                   help="refuse when a rank would need more, e.g. 80GiB (default: the GPU's memory)")
     p.set_defaults(func=_cmd_build)
 
 
 def _cmd_build(args, argv: list[str]) -> int:
     from llama_export.backends.tensorrt.plugins import import_tensorrt
 
-    import_tensorrt()  # fail before reading anything, with the install hint
+    if args.gpu_memory is None:  # else a rank that cannot fit is refused first, without TensorRT
+        import_tensorrt()  # fail before reading anything, with the install hint
     from llama_export.artifact.manifest import load_manifest
     from llama_export.backends.tensorrt.build import BuildOptions, build_engines, default_out_dir
 
@@ -626,7 +640,8 @@ def _cmd_build(args, argv: list[str]) -> int:
     check_output_dir(out, what="--out")  # before the first engine is built
     options = BuildOptions(ranks=tuple(args.ranks) if args.ranks else None, refit=args.refit,
                            aot_plugins=args.aot_plugins, workspace_gib=args.workspace_gib,
-                           timing_cache=args.timing_cache)
+                           timing_cache=args.timing_cache, max_batch=args.max_batch,
+                           max_seq_len=args.max_seq_len, gpu_memory=args.gpu_memory)
     build_engines(args.artifacts, out, options)
     print(f"engines: {out}")
     return 0

@@ -25,7 +25,7 @@ from llama_export.errors import ConfigError
 from llama_export.export.exporter import rank_graph, segment_kinds
 from llama_export.export.passes.partition import partition
 from llama_export.model.checkpoint import expected_shapes
-from llama_export.parallel.plan import check_tp, model_parameter_names, valid_tp_degrees
+from llama_export.parallel.plan import RankShape, check_tp, model_parameter_names, valid_tp_degrees
 
 GiB = 1 << 30
 # The export memory target: at most this plus twice the largest weight tensor of the rank.
@@ -149,6 +149,105 @@ def plan_export(cfg: ModelConfig, *, tp: int, dtype: Precision, max_batch: int =
         ) + tuple(sized[-2:])
     kv = _kv_bytes_per_layer_token(graph) * cfg.n_layers
     return ExportPlan(cfg=cfg, tp=tp, dtype=dtype, segments=segments, kv_bytes_per_token=kv, max_batch=max_batch)
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """One TensorRT rank's GPU memory for one optimization profile, estimated before any build (TensorRT's
+    own activation figure, `get_device_memory_size_for_profile_v2`, exists only once an engine is built).
+
+    weights: the rank's graphs, as the export writes them. kv_cache: keys and values of every layer for
+    `batch` rows of `capacity` slots (the runner allocates them once). activations: the largest segment's
+    tensors at the profile's largest shape, each counted once without TensorRT's reuse (an upper bound),
+    the boolean attention mask [B, 1, S, C] included, the attention scores not (IAttention is one fused
+    kernel: `backends/tensorrt/lowering.py`); every execution context of the rank shares one buffer of this
+    size (`backends/tensorrt/runner.py`)."""
+
+    profile: str  # prefill | decode
+    batch: int
+    seq: int
+    capacity: int
+    weights: int
+    kv_cache: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+    def describe(self) -> str:
+        return (f"{self.profile} (batch {self.batch}, {self.seq} tokens, cache {self.capacity}): "
+                f"{fmt_bytes(self.total)} = weights {fmt_bytes(self.weights)} + KV cache {fmt_bytes(self.kv_cache)} "
+                f"+ activations {fmt_bytes(self.activations)}")
+
+
+def engine_memory(cfg: ModelConfig, *, tp: int, dtype: Precision, weight_bytes: int, max_batch: int,
+                  capacity: int) -> tuple[EngineMemory, EngineMemory]:
+    """(prefill, decode) `EngineMemory` of one rank: profiles of `max_batch` rows, prefill up to
+    `capacity` tokens (`backends/tensorrt/profiles.py`)."""
+    shape = RankShape(cfg, tp, 0)
+    e = dtype.torch_dtype.itemsize
+    h, kv, d = shape.local_heads, shape.local_kv_heads, cfg.head_dim
+    kv_cache = 2 * cfg.n_layers * max_batch * kv * capacity * d * e
+
+    def activations(b: int, s: int) -> int:
+        tokens = b * s
+        attention = tokens * e * (3 * cfg.dim + (h + 2 * kv) * d + (h + kv) * d + h * d) + b * s * capacity
+        ffn = tokens * e * (3 * cfg.dim + 3 * shape.local_hidden)
+        head = b * e * cfg.dim + b * shape.local_vocab * 4
+        return max(attention, ffn, head)
+
+    return tuple(EngineMemory(name, max_batch, s, capacity, weight_bytes, kv_cache, activations(max_batch, s))
+                 for name, s in (("prefill", capacity), ("decode", 1)))
+
+
+def largest_fitting_capacity(cfg: ModelConfig, *, tp: int, dtype: Precision, weight_bytes: int,
+                             max_batch: int, limit: int) -> int:
+    """The largest cache capacity (at most max_seq_len; rounded down to a multiple of 256 from 256 on)
+    whose prefill profile fits `limit` bytes at `max_batch` rows; 0 when none does."""
+    best, lo, hi = 0, 1, cfg.max_seq_len
+    while lo <= hi:  # the need grows with the capacity
+        mid = (lo + hi) // 2
+        prefill, _ = engine_memory(cfg, tp=tp, dtype=dtype, weight_bytes=weight_bytes, max_batch=max_batch,
+                                   capacity=mid)
+        if prefill.total <= limit:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best - best % 256 if best >= 256 else best
+
+
+def check_engine_fits(cfg: ModelConfig, *, tp: int, dtype: Precision, weight_bytes: int, max_batch: int,
+                      capacity: int, limit: int, limit_name: str) -> tuple[EngineMemory, EngineMemory]:
+    """The rank's (prefill, decode) `EngineMemory`, or ConfigError (one line naming --max-batch and
+    --max-seq-len, with values that fit) when the larger one needs more than `limit` bytes."""
+    profiles = engine_memory(cfg, tp=tp, dtype=dtype, weight_bytes=weight_bytes, max_batch=max_batch,
+                             capacity=capacity)
+    worst = max(profiles, key=lambda m: m.total)
+    if worst.total <= limit:
+        return profiles
+    fits = largest_fitting_capacity(cfg, tp=tp, dtype=dtype, weight_bytes=weight_bytes, max_batch=max_batch,
+                                    limit=limit)
+    one_row = largest_fitting_capacity(cfg, tp=tp, dtype=dtype, weight_bytes=weight_bytes, max_batch=1,
+                                       limit=limit)
+    if fits:
+        way_out = f"use --max-seq-len {fits} or less at --max-batch {max_batch}, or a smaller --max-batch"
+    elif one_row:
+        way_out = f"use --max-batch 1 with --max-seq-len {one_row} or less"
+    else:
+        way_out = f"the weights alone ({fmt_bytes(weight_bytes)}) leave too little; use a larger --tp"
+    raise ConfigError(f"a TensorRT rank needs {worst.describe()} but {limit_name} is {fmt_bytes(limit)}; {way_out}")
+
+
+def format_engine_memory(plan: ExportPlan, *, max_batch: int, capacity: int) -> str:
+    """The lines `llama-export plan` prints for one TensorRT rank of this plan."""
+    lines = [f"TensorRT rank (--max-batch {max_batch}, --max-seq-len {capacity}), estimated:"]
+    for m in engine_memory(plan.cfg, tp=plan.tp, dtype=plan.dtype, weight_bytes=plan.rank_bytes,
+                           max_batch=max_batch, capacity=capacity):
+        lines.append(f"  {m.describe()}")
+    lines.append("  activations: the largest segment's tensors at the profile's largest shape, the [B, 1, S, C] "
+                 "mask included; every execution context of the rank shares one buffer of that size")
+    return "\n".join(lines)
 
 
 def _tensors(model: ir.Model) -> tuple[TensorSize, ...]:

@@ -67,6 +67,7 @@ def empty_cache(manifest: Manifest, rank: int, batch: int, capacity: int, *,
 
 def backend_capacity(backend: Backend, manifest: Manifest, capacity: int) -> int:
     """The KV cache capacity to allocate for `backend` when `capacity` slots per row are enough: TensorRT
-    engines take one static length, the model's max_seq_len (`backends/tensorrt/profiles.py`); the other
+    engines take one static length, the max_seq_len of the manifest beside them (the build's --max-seq-len,
+    `backends/tensorrt/profiles.py`); the other
     backends take `capacity`."""
     return manifest.model.max_seq_len if backend is Backend.TENSORRT else capacity

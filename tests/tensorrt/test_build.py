@@ -106,7 +106,7 @@ def test_build_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
     from llama_export.cli import main
 
     d, _ = _export_dir(tmp_path, n_layers=1)
-    with pytest.raises(BackendUnavailableError, match=r"pip install 'llama_export\[gpu\]'"):
+    with pytest.raises(BackendUnavailableError, match=r"pip install -e '\.\[gpu,tensorrt\]'"):
         build.build_engines(d, tmp_path / "engines")
     assert main(["build", "--artifacts", str(d)]) == 2
     from llama_export.backends.tensorrt.runner import TensorRTBackend

@@ -35,11 +35,11 @@ from pydantic import Field
 from llama_export.backends.tensorrt import lowering, profiles, structure
 from llama_export.backends.tensorrt.plugins import import_tensorrt, register_plugins
 from llama_export.config import ContextLength, Precision, TPDegree
-from llama_export.errors import ArtifactError, BackendUnavailableError
+from llama_export.errors import ArtifactError, BackendUnavailableError, ConfigError
+from llama_export.export.sizing import EngineMemory, check_engine_fits
 from llama_export.files import staged_dir
 from llama_export.parsing import parse_json
 from llama_export.artifact.manifest import (
-    MANIFEST_NAME,
     Manifest,
     Segment,
     Sha256,
@@ -158,6 +158,8 @@ def assemble_build_manifest(
     gpu_name: str,
     compute_capability: tuple[int, int],
     plugins: Literal["aot", "jit"],
+    max_batch: int | None = None,
+    max_seq_len: int | None = None,
 ) -> BuildManifest:
     """The build_manifest.json content (pure: no TensorRT, no files)."""
     builds = sum(r.refit_from is None for r in records)
@@ -172,12 +174,20 @@ def assemble_build_manifest(
         gpu=GpuRecord(gpu_name, f"{compute_capability[0]}.{compute_capability[1]}"),
         plugins=plugins,
         profile_names=tuple(profiles.PROFILE_NAMES),
-        max_batch=manifest.max_batch,
-        max_seq_len=manifest.model.max_seq_len,
+        max_batch=manifest.max_batch if max_batch is None else max_batch,
+        max_seq_len=manifest.model.max_seq_len if max_seq_len is None else max_seq_len,
         engines_built=builds,
         engines_refit=len(records) - builds,
         engines=tuple(records),
     )
+
+
+def engines_manifest(manifest: Manifest, max_batch: int, max_seq_len: int) -> Manifest:
+    """The export manifest that goes beside the engines: the export's, with the engines' batch and
+    context limits (their cache capacity), so that a run allocates caches of the engines' static
+    length and refuses what they cannot take."""
+    model = dataclasses.replace(manifest.model, max_seq_len=max_seq_len)
+    return dataclasses.replace(manifest, model=model, max_batch=max_batch)
 
 
 def default_out_dir(manifest: Manifest, root: Path = Path("engines")) -> Path:
@@ -280,12 +290,14 @@ class _Builder:
         return bytes(self.timing_cache.serialize())
 
 
-def _gpu() -> tuple[str, tuple[int, int]]:
+def _gpu() -> tuple[str, tuple[int, int], int]:
+    """(name, compute capability, total memory in bytes) of the current GPU."""
     import torch
 
     if not torch.cuda.is_available():
         raise BackendUnavailableError("building TensorRT engines needs a CUDA GPU and a CUDA build of torch")
-    return torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    return (torch.cuda.get_device_name(), torch.cuda.get_device_capability(),
+            torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
 @dataclass(frozen=True)
@@ -297,6 +309,42 @@ class BuildOptions:
     aot_plugins: bool = True  # AOT PTX plugins; False: the plugins' Python (JIT) implementation
     workspace_gib: float = 4.0
     timing_cache: Path | None = None  # default: out_dir/timing.cache of a previous build
+    max_batch: int | None = None  # rows of the profiles; None: the export's max_batch (at most that)
+    max_seq_len: int | None = None  # KV cache slots per row and longest prefill; None: the model's (at most)
+    gpu_memory: int | None = None  # bytes one rank may use; None: the GPU's memory
+
+
+def engine_limits(manifest: Manifest, options: BuildOptions) -> tuple[int, int]:
+    """(max_batch, max_seq_len) of the engines: the options', which may not exceed the export's."""
+    max_batch = manifest.max_batch if options.max_batch is None else options.max_batch
+    max_seq_len = manifest.model.max_seq_len if options.max_seq_len is None else options.max_seq_len
+    if max_batch > manifest.max_batch:
+        raise ConfigError(f"--max-batch {max_batch} is larger than the export's max_batch {manifest.max_batch}; "
+                          f"use --max-batch {manifest.max_batch} or less, or re-export with a larger --max-batch")
+    if max_seq_len > manifest.model.max_seq_len:
+        raise ConfigError(f"--max-seq-len {max_seq_len} is longer than the model's max_seq_len "
+                          f"{manifest.model.max_seq_len}; use --max-seq-len {manifest.model.max_seq_len} or less")
+    return max_batch, max_seq_len
+
+
+def rank_weight_bytes(manifest: Manifest, artifacts_dir: Path, rank: int) -> int:
+    """Bytes of one rank's graphs on disk (each segment's .onnx and its external data)."""
+    total = 0
+    for seg in manifest.rank(rank).segments:
+        path = resolve_inside(artifacts_dir, seg.file)
+        total += sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.is_file())
+    return total
+
+
+def check_memory(manifest: Manifest, artifacts_dir: Path, options: BuildOptions, *, limit: int,
+                 limit_name: str) -> tuple[EngineMemory, EngineMemory]:
+    """Each rank's (prefill, decode) GPU memory estimate (`export.sizing.engine_memory`), or ConfigError
+    (one line naming --max-batch / --max-seq-len) when a rank to build needs more than `limit` bytes."""
+    max_batch, max_seq_len = engine_limits(manifest, options)
+    ranks = range(manifest.tp) if options.ranks is None else options.ranks
+    weights = max(rank_weight_bytes(manifest, artifacts_dir, r) for r in ranks)
+    return check_engine_fits(manifest.model, tp=manifest.tp, dtype=manifest.dtype, weight_bytes=weights,
+                             max_batch=max_batch, capacity=max_seq_len, limit=limit, limit_name=limit_name)
 
 
 def build_engines(artifacts_dir: Path, out_dir: Path, options: BuildOptions = BuildOptions()) -> Path:
@@ -304,14 +352,21 @@ def build_engines(artifacts_dir: Path, out_dir: Path, options: BuildOptions = Bu
 
     The updated timing cache is written with the engines. The engine directory is staged and swapped
     into place whole (`files.staged_dir`)."""
-    trt = import_tensorrt()
-    register_plugins()
-    gpu_name, cc = _gpu()
     artifacts_dir, out_dir = Path(artifacts_dir), Path(out_dir)
     manifest = load_manifest(artifacts_dir)
     ranks = list(range(manifest.tp)) if options.ranks is None else list(options.ranks)
     for r in ranks:
         manifest.rank(r)  # validates
+    max_batch, max_seq_len = engine_limits(manifest, options)
+    if options.gpu_memory is not None:  # refused before TensorRT is even imported
+        check_memory(manifest, artifacts_dir, options, limit=options.gpu_memory, limit_name="--gpu-memory")
+    trt = import_tensorrt()
+    register_plugins()
+    gpu_name, cc, gpu_bytes = _gpu()
+    if options.gpu_memory is None:
+        for m in check_memory(manifest, artifacts_dir, options, limit=gpu_bytes,
+                              limit_name=f"the memory of {gpu_name}"):
+            log.info("rank memory, estimated: %s", m.describe())
     with staged_dir(out_dir) as tmp:
         builder = _Builder(trt, options.timing_cache or out_dir / TIMING_CACHE, aot_plugins=options.aot_plugins,
                            workspace_gib=options.workspace_gib)
@@ -321,7 +376,8 @@ def build_engines(artifacts_dir: Path, out_dir: Path, options: BuildOptions = Bu
         for r in ranks:
             (tmp / f"rank{r}").mkdir()
             for seg in manifest.rank(r).segments:
-                rec = _one_segment(builder, manifest, artifacts_dir, tmp, r, seg, first, refit=options.refit)
+                rec = _one_segment(builder, manifest, artifacts_dir, tmp, r, seg, first, refit=options.refit,
+                                   max_batch=max_batch, max_seq_len=max_seq_len)
                 records.append(rec)
                 log.info("[%d/%d] rank %d %s: %s", len(records), total, r, seg.name,
                          f"refit from {rec.refit_from}" if rec.refit_from else "built")
@@ -329,9 +385,11 @@ def build_engines(artifacts_dir: Path, out_dir: Path, options: BuildOptions = Bu
         doc = assemble_build_manifest(
             manifest, records, tensorrt_version=trt.__version__, gpu_name=gpu_name,
             compute_capability=cc, plugins="aot" if options.aot_plugins else "jit",
+            max_batch=max_batch, max_seq_len=max_seq_len,
         )
         (tmp / BUILD_MANIFEST).write_text(doc.to_json(), encoding="utf-8")
-        shutil.copyfile(artifacts_dir / MANIFEST_NAME, tmp / EXPORT_MANIFEST)
+        (tmp / EXPORT_MANIFEST).write_text(engines_manifest(manifest, max_batch, max_seq_len).to_json(),
+                                           encoding="utf-8")
         for t in manifest.text_files:  # at the same relative paths, so the copied manifest describes them
             shutil.copyfile(resolve_inside(artifacts_dir, t.file), tmp / t.file)
         for f in tmp.rglob("*.trt.onnx*"):
@@ -349,6 +407,8 @@ def _one_segment(
     first: dict[str, tuple[str, onnx.ModelProto, bytes]],
     *,
     refit: bool,
+    max_batch: int,
+    max_seq_len: int,
 ) -> EngineRecord:
     src = resolve_inside(artifacts_dir, seg.file)
     lowered_path = tmp / f"rank{rank}" / f"{seg.name}.trt.onnx"
@@ -356,7 +416,7 @@ def _one_segment(
     lowered = onnx.load(str(lowered_path))
     key = structure.structure_key(lowered)
     seg_id = f"rank{rank}/{seg.name}"
-    profs = profiles.plan_profiles(seg.inputs, max_batch=manifest.max_batch, max_seq_len=manifest.model.max_seq_len)
+    profs = profiles.plan_profiles(seg.inputs, max_batch=max_batch, max_seq_len=max_seq_len)
     io_names = {t.name: t.name for t in (*seg.inputs, *seg.outputs)}
     refit_from = None
     if refit and key in first:

@@ -9,9 +9,10 @@ Segment inputs carry symbolic shapes from the manifest: ints, the names "batch",
 
 opt batch is max_batch (serving runs full batches), opt prefill seq is max_seq_len // 2 (at least 1).
 The v2 graph inputs are covered by these names: tokens [batch, seq], cache_lengths and token_lengths
-[batch] (int64), past_* [batch, kv_heads, capacity, head_dim]. The capacity is pinned to max_seq_len:
-TensorRT's KV-cache-update layer (what the ONNX TensorScatter of the lowered attention becomes) wants a
-static cache length, so the runner allocates TensorRT caches at max_seq_len (`runner.py`). Tested on the
+[batch] (int64), past_* [batch, kv_heads, capacity, head_dim]. The capacity is pinned to max_seq_len,
+the build's `--max-seq-len` (default the model's): TensorRT's KV-cache-update layer (what the ONNX
+TensorScatter of the lowered attention becomes) wants a static cache length, so the runner allocates
+TensorRT caches of that length (the manifest beside the engines records it: `build.engines_manifest`). Tested on the
 segments of real exports (tests/tensorrt/test_lowering.py); unverified here: no TensorRT build ran in
 this project's environment.
 """

@@ -62,9 +62,17 @@ class _Segment:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
 
-    def context(self, profile: int, stream: torch.cuda.Stream) -> trt.IExecutionContext:
+    def device_memory_size(self) -> int:
+        """The most device memory any of this engine's profiles needs for one execution context."""
+        return max(self.engine.get_device_memory_size_for_profile_v2(p)
+                   for p in range(self.engine.num_optimization_profiles))
+
+    def context(self, profile: int, stream: torch.cuda.Stream, scratch: Tensor) -> trt.IExecutionContext:
+        """The execution context of `profile`, made on first use on the rank's shared `scratch` memory."""
         if profile not in self.contexts:
-            ctx = self.engine.create_execution_context()
+            trt = import_tensorrt()  # imported already: the module, typed for the conformance check
+            ctx = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            ctx.set_device_memory(scratch.data_ptr(), scratch.numel())
             if not ctx.set_optimization_profile_async(profile, stream.cuda_stream):
                 raise ArtifactError(f"TensorRT could not select optimization profile {profile}")
             self.contexts[profile] = ctx
@@ -122,6 +130,12 @@ class TensorRTBackend:
             self._empty = torch.empty(256, dtype=torch.uint8, device=self.device)  # address for empty tensors
             for e, plan in zip(entries, read_plans(build_dir, entries, rehash=rehash)):
                 self._segments.append(_Segment(self.trt, self._runtime, plan, e))
+            # One device-memory buffer for every execution context of the rank (2 per segment), as large
+            # as the largest one needs: the segments run one after another on one stream, so no two
+            # contexts use it at once (TensorRT-LLM shares one buffer the same way). Without it, each
+            # context allocates its own.
+            size = max(s.device_memory_size() for s in self._segments)
+            self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
         log.info("rank %d: loaded %d TensorRT engine(s) from %s", rank, len(self._segments), build_dir)
 
     def run_segment(self, index: int, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -137,7 +151,7 @@ class TensorRTBackend:
             raise InputError(f"segment {index} takes {sorted(wanted)}, got {sorted(feeds)}")
         shapes = {name: tuple(t.shape) for name, t in feeds.items()}
         profile = profiles.choose_profile(seg.profiles, shapes)
-        ctx = seg.context(profile, self._stream)
+        ctx = seg.context(profile, self._stream, self._scratch)
         keep = []
         bound: dict[str, Tensor] = {}  # manifest input name -> the tensor bound to the engine
         for name in seg.inputs:
@@ -176,7 +190,9 @@ class TensorRTBackend:
         return torch.zeros(shape, dtype=dtypes.by_name(dtype).torch, device=self.device)
 
     def close(self) -> None:
-        """Drop contexts and engines (frees their device memory)."""
+        """Drop contexts and engines (frees their device memory) once the rank's stream is idle."""
+        if self._segments:
+            self._stream.synchronize()  # the shared scratch memory may still be in use
         for seg in self._segments:
             seg.contexts.clear()
         self._segments.clear()
