@@ -137,6 +137,27 @@ def _lowered_segments(path, rank: int) -> list[onnx.ModelProto]:
     return out
 
 
+@pytest.mark.parametrize("which", ["fp32", "fp16"])
+def test_lower_file_marks_every_attention_decomposable(exported, which, tmp_path) -> None:
+    """TensorRT builds an IAttention as one fused kernel unless it is marked decomposable (none likely for
+    fp32): every Attention of a written lowering carries TRT_decomposable=1, which is all that differs
+    from the checked graph, and its weights still load."""
+    path = exported[which]
+    seg = next(s for s in load_manifest(path).rank(0).segments if s.kind in ("attention", "full"))
+    dst = tmp_path / "seg.trt.onnx"
+    lowering.lower_file(resolve_inside(path, seg.file), dst)
+    written = onnx.load(str(dst))  # with its external data
+    attention = [n for n in written.graph.node if n.op_type == "Attention" and n.domain == ""]
+    assert attention and all(_attrs(n).get(lowering.DECOMPOSABLE) == 1 for n in attention)
+    for n in attention:  # without the mark, the graph is the checked lowering
+        kept = [a for a in n.attribute if a.name != lowering.DECOMPOSABLE]
+        del n.attribute[:]
+        n.attribute.extend(kept)
+    schema.check_model(written)
+    with pytest.raises(onnx.checker.ValidationError, match=lowering.DECOMPOSABLE):
+        onnx.checker.check_model(onnx.load(str(dst)), full_check=True)  # the ONNX schema does not admit it
+
+
 def _parser_rule_violations(model: onnx.ModelProto) -> list[str]:
     """What onnx-tensorrt's TensorScatter / Attention importers and checkers reject, for the nodes of `model`
     (ranks from ONNX shape inference on the graph with its plugin nodes decomposed)."""

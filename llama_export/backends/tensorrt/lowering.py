@@ -35,6 +35,14 @@ What the parser accepts was read in onnx-tensorrt's source (`onnxOpImporters.cpp
   Attention"), which is why this lowering leaves that attribute out (the reference decomposition sets it
   to fp32). The boolean mask [B, 1, S, C] and GQA (KV heads dividing query heads) are what TensorRT's
   IAttention documents. The softmax precision is then TensorRT's choice.
+- Attention becomes one IAttention, which the builder must run as a single fused kernel unless it is
+  marked decomposable; where TensorRT has no fused kernel (likely fp32, or a head_dim such as 48) the
+  build fails. The importer reads `TRT_decomposable` (int, default 0) into `IAttention::setDecomposable`
+  (onnx-tensorrt's Attention importer; the attribute NVIDIA's TensorRT-Edge-LLM and Model Optimizer write
+  on standard Attention nodes for TensorRT >= 10.15; `IAttention.decomposable` in the 11.4 bindings:
+  "whether decomposition into primitive ops is allowed when no attention fusion is supported"), so
+  `lower_file` writes `TRT_decomposable=1` on each Attention: the fused kernel where TensorRT has one,
+  primitive layers otherwise; a build never fails for want of a kernel.
 - Plugin nodes: `start` stays int64 (TensorRT plugin I/O takes INT64; only BOOL and UINT8 are refused).
 None of this was parsed or built here: TensorRT's libraries cannot be installed in this environment.
 
@@ -52,6 +60,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from llama_export.artifact import schema
@@ -61,6 +70,7 @@ from llama_export.export.passes import Pass
 from llama_export.export.passes.rewrite import Emit, replace, require_opsets
 
 PLUGIN_OPS = (schema.RMS_NORM, schema.ROPE)
+DECOMPOSABLE = "TRT_decomposable"  # onnx-tensorrt's Attention attribute: IAttention::setDecomposable
 
 
 def _attention(node: ir.Node, op: Emit) -> tuple[ir.Value, ir.Value, ir.Value]:
@@ -135,13 +145,34 @@ class TensorRTLoweringPass(Pass, ir.passes.InPlacePass):
             raise ArtifactError(f"functions {shadowing} would be inlined instead of the TensorRT plugins")
 
 
+def mark_decomposable(path: Path) -> int:
+    """Set `TRT_decomposable=1` on every standard Attention node of the ONNX file `path` (the graph only;
+    its external data stays as written); returns how many. See the module docstring: without it,
+    TensorRT builds each Attention as one fused kernel or fails."""
+    proto = onnx.load(str(path), load_external_data=False)
+    marked = 0
+    for node in proto.graph.node:
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+            kept = [a for a in node.attribute if a.name != DECOMPOSABLE]
+            del node.attribute[:]
+            node.attribute.extend([*kept, onnx.helper.make_attribute(DECOMPOSABLE, 1)])
+            marked += 1
+    onnx.save(proto, str(path))
+    return marked
+
+
 def lower_file(src: Path, dst: Path) -> None:
-    """Lower the ONNX file `src` (external data resolved next to it), write it to `dst` and check it.
+    """Lower the ONNX file `src` (external data resolved next to it), write it to `dst`, check it, then
+    mark its Attention nodes decomposable for TensorRT.
 
     The weights are copied beside `dst` in the export's layout (`schema.save_with_data`), so `dst` loads
-    wherever it is written.
+    wherever it is written. The check (onnx.checker, full) runs before the marking: `TRT_decomposable`
+    is TensorRT's attribute, which the ONNX schema of Attention (and so the checker and ONNX Runtime)
+    does not admit.
     """
     model = ir.load(str(src))
     TensorRTLoweringPass()(model)
     schema.save_with_data(model, dst)
     schema.check_model(dst, what=f"lowered graph {dst.name}")
+    marked = mark_decomposable(dst)
+    log.debug("%s: %d Attention node(s) marked %s=1", dst.name, marked, DECOMPOSABLE)
