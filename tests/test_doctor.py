@@ -131,3 +131,12 @@ def test_a_run_without_any_onnxruntime_says_so_in_one_line(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip().splitlines() == [f"error: {NO_ORT}: pip install -e '.[cpu]' (CPU), or '.[gpu]' "
                                              "beside a CUDA torch"]
+
+
+def test_a_run_refuses_a_session_that_dropped_the_cuda_provider():
+    from llama_export.backends.ort import check_providers_used
+
+    asked = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    with pytest.raises(BackendUnavailableError, match="could not use CUDAExecutionProvider .*runs on CPUExecutionProvider"):
+        check_providers_used(_FakeSession(b"", asked), asked)
+    check_providers_used(_FakeSession(b"", ["CPUExecutionProvider"]), ["CPUExecutionProvider"])

@@ -68,6 +68,18 @@ def session_providers(ort: Any, device: str) -> list:
     return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
 
 
+def check_providers_used(session: Any, asked: list) -> None:
+    """BackendUnavailableError (one line) when `session` dropped the first provider it was asked for:
+    ONNX Runtime falls back to the CPU, with only a warning on its own log, when the CUDA provider's
+    libraries (CUDA, cuDNN) do not load."""
+    want = asked[0][0] if isinstance(asked[0], tuple) else asked[0]
+    used = session.get_providers()
+    if want not in used:
+        raise BackendUnavailableError(
+            f"onnxruntime could not use {want} (the session runs on {', '.join(used)}): its CUDA or cuDNN "
+            "libraries did not load; `llama-export doctor` shows what is installed")
+
+
 class OrtBackend:
     """RankBackend over ONNX Runtime sessions (CPU execution provider; CUDA where onnxruntime-gpu is)."""
 
@@ -112,6 +124,7 @@ class OrtBackend:
                 session, more = _lowered_in_memory(ort, resolve_inside(root, seg.file), opts, providers,
                                                    exact=exact, extra_outputs=extra_outputs, fuse_attention=fuse)
                 names += more
+            check_providers_used(session, providers)
             self.sessions.append(session)
             self.output_names.append(names)
         # The outputs this backend allocates (not written into a past_* buffer), by segment.
