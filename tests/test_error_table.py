@@ -565,6 +565,10 @@ CASES: tuple[Case, ...] = (
          argv(*_run(Path("{meta}"))), "unset RANK and WORLD_SIZE", env={"RANK": "1", "WORLD_SIZE": "2"}),
     Case("plan-no-tp-fits", WRONG, "`plan --memory-limit` below what any TP degree needs (suggested a larger --tp)",
          argv("plan", "--config", "{hf}/config.json", "--memory-limit", "1GiB", "--no-progress"), "no valid --tp fits"),
+    Case("build-beyond-gpu-memory", TRACE, "`build` of engines whose prefill profile and KV cache do not fit the "
+         "GPU (out of device memory inside TensorRT)",
+         argv("build", "--artifacts", "{export}", "--out", "{scratch}/engines", "--gpu-memory", "1MiB"),
+         "use --max-seq-len"),
     Case("json-onto-manifest", LOST, "`--json` onto the export's manifest.json",
          argv(*_run_ort(Path("{export}")), "--json", "{export}/manifest.json"), "which this command reads"),
     Case("json-onto-config", LOST, "`--json` onto the checkpoint's config.json",
