@@ -299,7 +299,7 @@ code model.
 
 ## Retrain
 
-From the repository root, with `llama_export` importable (`pip install -e .` or `PYTHONPATH=.`):
+From the repository root, with `llama_export` importable (`pip install -e '.[cpu]'` or `PYTHONPATH=.`):
 
 ```
 {retrain_command(tc)}
