@@ -9,14 +9,25 @@ requests submitted at any time from any thread, batched step by step (continuous
                               ▼
                              finished (the slot is free for the next request)
 
-Each step of the loop: admit waiting requests into free slots; prefill chunks of admitted prompts (each
-on its slot's row of the cache); then one decode call for the slots that are generating. The cache is
+Each step of the loop: admit waiting requests into free slots (those admitted together in ascending
+prompt length, so that rows of similar length sit side by side); prefill chunks of admitted prompts,
+several rows per call (`_prefill`: runs of neighbouring slots, padded to their longest chunk, grouped by
+`generate.prefill_groups`); then one decode call for the slots that are generating. Decode rows do not
+join a prefill call: a call computes its longest row's length for every row, so a decode row in a call of
+128-token chunks costs 128 tokens of compute instead of 1 (measured in the commit that made this
+choice: a separate decode call costs less than the padding from about 2 decode rows on). The cache is
 `[slots, kv_heads, capacity, head_dim]` per layer and rank, allocated once; a slot's row is written in
 place at that row's own positions (`artifact/schema.py`), so requests of any length share it.
 
 A request draws its tokens from its own generator (seeded by its `seed`) from its own row's logits, so
 what it generates does not depend on what else is in the batch; greedy requests give the ids of a run
-of that prompt alone (`engine.generate`).
+of that prompt alone.
+
+The loop runs on a thread of its own (`background=True`, the server's and the Python API's engine), or
+is driven by its caller (`background=False`: `step()` / `run_all()`), which is how `run`'s rank
+processes use it: every rank builds the engine over its own step function (its collectives inside the
+step), submits the same requests in the same order and steps in lockstep. The schedule depends only on
+the requests and the sampled ids, which every rank draws alike from identical (all-gathered) logits.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llama_export.engine import generate as _generate
 from llama_export.engine.generate import SamplingConfig, check_finite, run_rows, sample, validate_prompt
 from llama_export.errors import InputError, LlamaExportError
 from llama_export.runner.step import MakeCache, StepFn, host
@@ -53,6 +65,7 @@ class Request:
     sampling: SamplingConfig = SamplingConfig()
     stop_ids: frozenset[int] = frozenset()
     stop: tuple[str, ...] = ()  # stop strings (need the model's tokenizer); the text ends before them
+    logits: bool = False  # the completion keeps each generated token's logits (`Completion.logits`)
 
 
 @dataclass
@@ -64,6 +77,7 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     text: str | None = None
     finish_reason: str = LENGTH
+    logits: list[np.ndarray] | None = None  # `[vocab]` fp32 per generated token, when the request asked
 
 
 class Handle:
@@ -88,6 +102,23 @@ class Handle:
             yield item
         if self._error is not None:
             raise self._error
+
+    def poll(self) -> list[tuple[int | None, str]]:
+        """The tokens produced since the last poll, without waiting (for a caller that drives the
+        engine itself, `Engine.step`); the end is `finished`/`result()`."""
+        got = []
+        while self._done is None and self._error is None:
+            try:
+                kind, value = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "token":
+                got.append(value)
+            elif kind == "done":
+                self._done = value
+            else:
+                self._error = value
+        return got
 
     @property
     def finished(self) -> bool:
@@ -146,6 +177,7 @@ class _Live:
     out: list[int] = field(default_factory=list)
     stream: object | None = None  # TextStream, with a tokenizer
     text: str = ""
+    logits: list[np.ndarray] = field(default_factory=list)  # per generated token, when the request asks
 
     @property
     def request(self) -> Request:
@@ -167,10 +199,12 @@ class Engine:
     `ranks`: the model (`Ranks`); `vocab_size` and `max_seq_len` from its config; `slots` rows of KV
     cache of `capacity` tokens each (a request's prompt + max_tokens must fit one); `prefill_tokens`:
     prompt tokens prefilled per step at most, so that running requests keep getting tokens while long
-    prompts come in; `tokenizer`: for text prompts, text output and stop strings (optional)."""
+    prompts come in; `tokenizer`: for text prompts, text output and stop strings (optional);
+    `background`: the loop runs on a thread of its own, else the caller drives it (`step`, `run_all`)."""
 
     def __init__(self, ranks: Ranks, *, vocab_size: int, slots: int, capacity: int, prefill_tokens: int = 256,
-                 tokenizer=None, on_error: Callable[[BaseException], None] | None = None) -> None:
+                 tokenizer=None, on_error: Callable[[BaseException], None] | None = None,
+                 background: bool = True) -> None:
         if slots < 1 or capacity < 2 or prefill_tokens < 1:
             raise InputError(f"slots={slots}, capacity={capacity}, prefill_tokens={prefill_tokens}: need at "
                              "least 1 slot, 2 tokens of capacity and 1 prefill token per step")
@@ -187,8 +221,13 @@ class Engine:
         self._closing = False
         self._failed: BaseException | None = None
         self.steps = 0  # loop iterations that ran a forward (for tests and metrics)
-        self._thread = threading.Thread(target=self._loop, name="llama_export-engine", daemon=True)
-        self._thread.start()
+        self.prefill_calls = 0  # forwards that prefilled prompt chunks (several rows each where it can)
+        self.prefill_s = 0.0  # seconds in prefill forwards and their first tokens' sampling
+        self.decode_s = 0.0  # seconds in decode forwards and their sampling
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="llama_export-engine", daemon=True)
+            self._thread.start()
 
     # ---- the API ----------------------------------------------------------------------------------
 
@@ -256,12 +295,36 @@ class Engine:
             handle.cancelled = True
             self._cond.notify()
 
+    def step(self) -> bool:
+        """One iteration of the loop on the caller's thread (an engine made with `background=False`):
+        admit, prefill, decode. Returns whether requests remain; an error propagates to the caller."""
+        if self._thread is not None:
+            raise RuntimeError("this engine runs its own loop; step() is for an engine made with background=False")
+        with self._cond:
+            self._drop_cancelled()
+            self._admit()
+        if self._live:
+            self._step()
+        return bool(self._live or self._waiting)
+
+    def run_all(self, requests: Sequence[Request]) -> list[Completion]:
+        """Submit `requests` in order and step until every one has finished (`background=False`):
+        deterministic, so that ranks driving engines of their own in lockstep take the same steps."""
+        handles = [self.submit(r) for r in requests]
+        while self.step():
+            pass
+        return [h.result(timeout=0) for h in handles]
+
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting requests, finish the ones submitted, and stop the loop."""
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            while self.step():
+                pass
 
     def __enter__(self) -> Engine:
         return self
@@ -310,10 +373,19 @@ class Engine:
             self._finish(live, CANCELLED, locked=True)
 
     def _admit(self) -> None:
-        free = [s for s in range(self.slots) if s not in self._live]
-        while free and self._waiting:
+        """Waiting requests into free slots, first come first served; those admitted together take the
+        lowest free slots in ascending prompt length (neighbours of similar length share prefill calls).
+        A request for no tokens ends here."""
+        free = [s for s in range(self.slots) if s not in self._live]  # ascending: active rows stay packed
+        admitted = []
+        while len(admitted) < len(free) and self._waiting:
             handle = self._waiting.pop(0)
-            slot = free.pop(0)  # the lowest free slot: active rows stay packed at the front
+            if handle.request.max_tokens == 0:
+                handle._events.put(("done", Completion(prompt=handle.request.prompt,
+                                                       logits=[] if handle.request.logits else None)))
+            else:
+                admitted.append(handle)
+        for handle, slot in zip(sorted(admitted, key=lambda h: len(h.request.prompt)), free):
             live = _Live(handle, slot, np.random.default_rng(handle.request.sampling.seed))
             if self.tokenizer is not None:
                 from llama_export.text import TextStream
@@ -323,26 +395,50 @@ class Engine:
             self._live[slot] = live
 
     def _step(self) -> None:
-        budget = self.prefill_tokens
+        chunks, budget = [], self.prefill_tokens
         for live in sorted(self._live.values(), key=lambda x: x.slot):
             if not live.decoding and budget > 0:
-                budget -= self._prefill_chunk(live, budget)
+                n = min(budget, len(live.request.prompt) - live.prefilled)
+                chunks.append((live, n))
+                budget -= n
+        if chunks:
+            t0 = time.perf_counter()
+            self._prefill(chunks)
+            self.prefill_s += time.perf_counter() - t0
         decoding = sorted((x for x in self._live.values() if x.decoding), key=lambda x: x.slot)
         if decoding:
+            t0 = time.perf_counter()
             self._decode(decoding)
+            self.decode_s += time.perf_counter() - t0
         self.steps += 1
 
-    def _prefill_chunk(self, live: _Live, budget: int) -> int:
-        """Prefill the next chunk of `live`'s prompt (at most `budget` tokens) into its row; the chunk
-        that ends the prompt samples the first token. Returns the tokens prefilled."""
-        prompt = live.request.prompt
-        chunk = prompt[live.prefilled:live.prefilled + budget]
-        logits = self.ranks(np.asarray([chunk], dtype=np.int64), np.asarray([live.prefilled], dtype=np.int64),
-                            np.asarray([len(chunk)], dtype=np.int64), slice(live.slot, live.slot + 1))
-        live.prefilled += len(chunk)
-        if live.prefilled == len(prompt):
-            self._emit(live, logits[0])
-        return len(chunk)
+    def _prefill(self, chunks: list[tuple[_Live, int]]) -> None:
+        """Prefill each `(row, n)`: the next n tokens of its prompt, rows in ascending slot order. Rows in
+        neighbouring slots share calls (right-padded to the call's longest chunk, `generate.prefill_groups`
+        choosing where to cut); a chunk that ends its prompt samples the first token."""
+        runs, start = [], 0  # maximal runs of consecutive slots: a call covers one slice of the cache
+        for i in range(1, len(chunks) + 1):
+            if i == len(chunks) or chunks[i][0].slot != chunks[i - 1][0].slot + 1:
+                runs.append(chunks[start:i])
+                start = i
+        for run in runs:
+            for a, b in _generate.prefill_groups(np.array([n for _, n in run], dtype=np.int64)):
+                self._prefill_call(run[a:b])
+
+    def _prefill_call(self, group: list[tuple[_Live, int]]) -> None:
+        width = max(n for _, n in group)
+        tokens = np.zeros((len(group), width), dtype=np.int64)
+        for r, (live, n) in enumerate(group):
+            tokens[r, :n] = live.request.prompt[live.prefilled:live.prefilled + n]
+        cached = np.array([live.prefilled for live, _ in group], dtype=np.int64)
+        lengths = np.array([n for _, n in group], dtype=np.int64)
+        first = group[0][0].slot
+        logits = self.ranks(tokens, cached, lengths, slice(first, first + len(group)))
+        self.prefill_calls += 1
+        for r, (live, n) in enumerate(group):
+            live.prefilled += n
+            if live.prefilled == len(live.request.prompt):
+                self._emit(live, logits[r])
 
     def _decode(self, decoding: list[_Live]) -> None:
         """One token for every decoding row, in one call over the slots from the first decoding row to
@@ -367,6 +463,8 @@ class Engine:
         check_finite(logits[None, :], lambda _: f"after {live.prefilled + len(live.out)} tokens of a request")
         token = int(sample(logits[None, :], live.request.sampling, live.rng)[0])
         live.out.append(token)
+        if live.request.logits:
+            live.logits.append(np.array(logits, dtype=np.float32))
         req = live.request
         finished = STOP if token in req.stop_ids else None
         shown = len(live.text)
@@ -391,7 +489,8 @@ class Engine:
                 live.text += rest
                 live.handle._token(None, rest)
         done = Completion(prompt=live.request.prompt, tokens=list(live.out),
-                          text=live.text if live.stream is not None else None, finish_reason=reason)
+                          text=live.text if live.stream is not None else None, finish_reason=reason,
+                          logits=live.logits if live.request.logits else None)
         if locked:
             del self._live[live.slot]
         else:

@@ -66,14 +66,17 @@ PREFILL_CALL_TOKENS = 16
 
 
 def prefill_groups(lengths: np.ndarray) -> list[tuple[int, int]]:
-    """Row ranges `[a, b)` of ascending prompt `lengths` to prefill one call each: the grouping with the
-    fewest padded token slots computed (a call computes its longest row's length for every row), each
-    call counting PREFILL_CALL_TOKENS more. Equal lengths stay one call."""
+    """Ranges `[a, b)` of neighbouring rows with prompt (chunk) `lengths` to prefill one call each: the
+    grouping with the fewest padded token slots computed (a call computes its longest row's length for
+    every row), each call counting PREFILL_CALL_TOKENS more. Equal lengths stay one call; rows in
+    ascending length (as the engine admits them together) group best."""
     n = len(lengths)
     cost, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for j in range(1, n + 1):  # best grouping of the first j rows: its last call is rows cut[j] .. j-1
-        for i in range(j):
-            c = cost[i] + (j - i) * int(lengths[j - 1]) + PREFILL_CALL_TOKENS
+        width = 0
+        for i in range(j - 1, -1, -1):
+            width = max(width, int(lengths[i]))
+            c = cost[i] + (j - i) * width + PREFILL_CALL_TOKENS
             if c < cost[j]:
                 cost[j], cut[j] = c, i
     groups, j = [], n
