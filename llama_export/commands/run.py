@@ -5,9 +5,10 @@ degree, prompts, KV cache capacity): the result is a `RunPlan`. It then either r
 (tp=1, on the same resolved source) or starts the rank processes (`launch.launch_local`) and hands them
 the plan through the run folder, so that they neither tokenize nor validate again (only rank 0 loads
 the tokenizer, to print text); under torchrun each rank plans for itself. Each rank builds its step
-function for the chosen backend and runs the same generation loop; rank 0 reports.
+function for the chosen backend and drives the engine over it (`engine.Engine`, `background=False`: the
+one generation loop, also `serve`'s) in lockstep with the other ranks; rank 0 reports.
 All prompts run as one batch (one forward per decode step), whatever their lengths; the prefill groups
-rows of similar length (`generate.prefill_groups`).
+rows of similar length (`generate.prefill_groups`); a prompt's row ends at its stop id.
 """
 
 from __future__ import annotations
@@ -24,13 +25,8 @@ from llama_export.errors import InputError
 from llama_export.files import write_json
 from llama_export.parallel.comm import Communicator
 from llama_export.parallel.plan import check_tp
-from llama_export.engine.generate import (
-    GenerationResult,
-    SamplingConfig,
-    generate_stream,
-    pad_prompts,
-    validate_prompt,
-)
+from llama_export.engine.engine import Engine, Ranks, Request
+from llama_export.engine.generate import GenerationResult, SamplingConfig, steps_of, validate_prompt
 from llama_export.runner.env import RankEnv, plan_once, seconds_since_start
 from llama_export.runner.launch import on_ranks
 from llama_export.runner.source import ModelSource, ResolvedSource
@@ -200,12 +196,12 @@ class _Silent:
 
 def _run_rank(opts: RunOptions, source: ResolvedSource, plan: RunPlan, reporter: Reporter,
               env: RankEnv, comm: Communicator, device: str, threads: int) -> int:
-    """One rank's generation (`launch.RankWork`, the first four arguments bound)."""
+    """One rank's generation (`launch.RankWork`, the first four arguments bound): the engine over this
+    rank's step function, driven here; every rank submits the same requests and steps in lockstep."""
     tok = source.tokenizer if opts.is_text and env.rank == 0 else None  # only rank 0 shows text
     step, make_cache, _ = source.step(comm=comm, device=device, threads=threads,
                                       progress=opts.progress and env.rank == 0)
     rows = [list(r) for r in plan.prompt_ids]
-    prompt, lengths = pad_prompts(rows)
     echo = opts.prompts is not None
     stream = TextStream(tok.decode) if tok is not None and opts.stream and len(rows) == 1 else None
     if stream is not None and echo:
@@ -213,25 +209,35 @@ def _run_rank(opts: RunOptions, source: ResolvedSource, plan: RunPlan, reporter:
     # One throw-away step first, so that the reported prefill time is not the first call's set-up
     # (kernel selection, allocator warm-up, lazy initialisation), on a cache of its own.
     one = np.ones(1, dtype=np.int64)
-    step(prompt[:1, :1], one - 1, one, *make_cache(1, 1))
-    result = GenerationResult(prompt=prompt, prompt_lengths=lengths)
-    stopped = False
+    step(np.array([rows[0][:1]], dtype=np.int64), one - 1, one, *make_cache(1, 1))
+    # Every row in a slot of its own and every prompt prefilled in the first step, as one batch.
+    engine = Engine(Ranks([step], [make_cache], slots=len(rows), capacity=plan.capacity),
+                    vocab_size=source.config.vocab_size, slots=len(rows), capacity=plan.capacity,
+                    prefill_tokens=sum(len(r) for r in rows), background=False)
+    handles = [engine.submit(Request(tuple(r), max_tokens=plan.max_new_tokens, sampling=opts.sampling,
+                                     stop_ids=frozenset(plan.stop_ids), logits=opts.logits)) for r in rows]
     first_token_s = None
-    for rec, result in generate_stream(
-        step, prompt, make_cache(len(rows), plan.capacity), prompt_lengths=lengths,
-        max_new_tokens=plan.max_new_tokens, sampling=opts.sampling, stop_ids=plan.stop_ids,
-        keep_logits=opts.logits,
-    ):
-        if len(result.steps) == 1:
-            first_token_s = seconds_since_start()
-        if stream is not None and not stopped:
-            token = int(rec.tokens[0])
-            stopped = token in tok.stop_ids
-            if not stopped and (delta := stream.push([token])):
+
+    def show() -> None:  # prompt 0's new text (its stop id ends its request: nothing follows it)
+        for token, _ in handles[0].poll() if stream is not None else ():
+            if token not in tok.stop_ids and (delta := stream.push([token])):
                 reporter.text(delta)
+
+    more = True
+    while more:
+        more = engine.step()
+        if first_token_s is None and (since := seconds_since_start()) is not None:
+            first_token_s = since - engine.decode_s  # the first step prefilled every prompt, then decoded once
+        show()
+    done = [h.result(timeout=0) for h in handles]
     if stream is not None and (rest := stream.finish()):
         reporter.text(rest)
     if env.rank == 0:
+        tokens = [c.tokens for c in done]
+        result = GenerationResult(
+            prompt=np.zeros((len(rows), 0), dtype=np.int64), prompt_lengths=np.array([len(r) for r in rows]),
+            tokens=tokens, steps=steps_of(tokens, [c.logits for c in done] if opts.logits else None),
+            prefill_s=engine.prefill_s, decode_s=engine.decode_s)
         _report(opts, plan, result, reporter, tok=tok, streamed=stream is not None, first_token_s=first_token_s)
     return 0
 
@@ -242,16 +248,16 @@ def _report(opts: RunOptions, plan: RunPlan, result: GenerationResult, reporter:
     rows = [list(r) for r in plan.prompt_ids]
     if opts.json_out is not None:
         _write_json(opts, result, rows, first_token_s)
-    texts = [tok.decode(tok.until_stop(ids)) for ids in result.new_tokens.tolist()] if tok is not None \
-        else [""] * len(rows)
+    texts = [tok.decode(tok.until_stop(ids)) for ids in result.tokens] if tok is not None else [""] * len(rows)
     n_new = len(result.steps)
     prompt_tokens = int(result.prompt_lengths.sum())
+    decoded = sum(max(0, len(t) - 1) for t in result.tokens)
     reporter.finish(opts, RunSummary(
         prompts=opts.prompts if opts.chat is None else (opts.chat,), texts=tuple(texts),
-        tokens=tuple(tuple(row) for row in result.new_tokens.tolist()),
+        tokens=tuple(tuple(row) for row in result.tokens),
         prompt_tokens=prompt_tokens, new_tokens=n_new,
         prefill_tok_s=prompt_tokens / result.prefill_s if result.prefill_s else 0.0,
-        decode_tok_s=len(rows) * max(0, n_new - 1) / result.decode_s if result.decode_s else 0.0,
+        decode_tok_s=decoded / result.decode_s if result.decode_s else 0.0,
         streamed=streamed, echo_prompt=opts.prompts is not None,
         context_limit=plan.context_limit if plan.max_new_tokens < opts.max_new_tokens and n_new == plan.max_new_tokens
         else None,
@@ -261,7 +267,8 @@ def _report(opts: RunOptions, plan: RunPlan, result: GenerationResult, reporter:
 
 def _write_json(opts: RunOptions, result: GenerationResult, rows: list[list[int]],
                 first_token_s: float | None) -> None:
-    """The run's one batch (every prompt, in order; `prompt_ids` unpadded)."""
+    """The run's one batch (every prompt, in order; `prompt_ids` unpadded; `tokens` per prompt, each up
+    to its stop id; a step lists the prompts that generated at it in `rows` when some had ended)."""
     payload = {
         "backend": opts.source.backend.value,
         "tp": opts.tp,
@@ -269,8 +276,9 @@ def _write_json(opts: RunOptions, result: GenerationResult, rows: list[list[int]
         "batches": [{
             "prompts": list(range(len(rows))),
             "prompt_ids": rows,
-            "tokens": result.new_tokens.tolist(),
-            "steps": [{"tokens": s.tokens.tolist(), **({"logits": s.logits.tolist()} if opts.logits else {})}
+            "tokens": result.tokens,
+            "steps": [{"tokens": s.tokens.tolist(), **({"logits": s.logits.tolist()} if opts.logits else {}),
+                       **({"rows": s.rows.tolist()} if len(s.rows) < len(rows) else {})}
                       for s in result.steps],
             "prefill_s": result.prefill_s,
             "decode_s": result.decode_s,

@@ -96,6 +96,7 @@ class Handle:
         self._done: Completion | None = None
         self._error: BaseException | None = None
         self.cancelled = False  # set by `Engine.cancel`
+        self.index = 0  # submitted as the engine's index-th request (from 0; names it in errors)
 
     def __iter__(self) -> Iterator[tuple[int | None, str]]:
         while (item := self._tokens.get()) is not Handle._END:
@@ -196,13 +197,13 @@ class _Live:
 class Engine:
     """Serves requests on one model, batched step by step (see the module docstring).
 
-    `ranks`: the model (`Ranks`); `vocab_size` and `max_seq_len` from its config; `slots` rows of KV
-    cache of `capacity` tokens each (a request's prompt + max_tokens must fit one); `prefill_tokens`:
+    `ranks`: the model (`Ranks`); `vocab_size` from its config (None: ids are not checked against it);
+    `slots` rows of KV cache of `capacity` tokens each (a request's prompt + max_tokens must fit one); `prefill_tokens`:
     prompt tokens prefilled per step at most, so that running requests keep getting tokens while long
     prompts come in; `tokenizer`: for text prompts, text output and stop strings (optional);
     `background`: the loop runs on a thread of its own, else the caller drives it (`step`, `run_all`)."""
 
-    def __init__(self, ranks: Ranks, *, vocab_size: int, slots: int, capacity: int, prefill_tokens: int = 256,
+    def __init__(self, ranks: Ranks, *, vocab_size: int | None, slots: int, capacity: int, prefill_tokens: int = 256,
                  tokenizer=None, on_error: Callable[[BaseException], None] | None = None,
                  background: bool = True) -> None:
         if slots < 1 or capacity < 2 or prefill_tokens < 1:
@@ -216,6 +217,7 @@ class Engine:
         self.tokenizer = tokenizer
         self._on_error = on_error
         self._waiting: list[Handle] = []
+        self._submitted = 0
         self._live: dict[int, _Live] = {}
         self._cond = threading.Condition()
         self._closing = False
@@ -244,6 +246,8 @@ class Engine:
                 raise LlamaExportError(f"the engine stopped after an error: {self._failed}")
             if self._closing:
                 raise InputError("the engine is closed")
+            handle.index = self._submitted
+            self._submitted += 1
             self._waiting.append(handle)
             self._cond.notify()
         return handle
@@ -460,7 +464,8 @@ class Engine:
 
     def _emit(self, live: _Live, logits: np.ndarray) -> None:
         """Sample `live`'s next token from its row's logits, hand it over, and end it if it is done."""
-        check_finite(logits[None, :], lambda _: f"after {live.prefilled + len(live.out)} tokens of a request")
+        check_finite(logits[None, :], lambda _: f"in {f'decode step {len(live.out)}' if live.out else 'the prefill'} "
+                                                f"of request {live.handle.index}")
         token = int(sample(logits[None, :], live.request.sampling, live.rng)[0])
         live.out.append(token)
         if live.request.logits:

@@ -1,4 +1,5 @@
-"""Generation loop shared by every backend: prefill, then one token at a time with the KV cache.
+"""What generation is made of (sampling, prompt checks, prefill grouping, one step on cache rows), and
+`generate`: one batch through the engine (`engine.py`, the only generation loop).
 
 The step function is the rank's model (`runner.step`). Prompts of different lengths run as one batch: the
 prefill takes rows of similar length together (`prefill_groups`: each call computes its longest row's
@@ -10,15 +11,14 @@ seeded sampling pick the same token everywhere without extra communication.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from llama_export.errors import InputError, NonFiniteError
-from llama_export.runner.step import StepFn, host
+from llama_export.runner.step import StepFn
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,11 @@ class SamplingConfig:
             raise InputError(f"top_k={self.top_k} must be >= 0 (0 keeps every token)")
 
 
-def validate_prompt(prompt: np.ndarray, *, vocab_size: int, max_seq_len: int, max_new_tokens: int,
+def validate_prompt(prompt: np.ndarray, *, vocab_size: int | None, max_seq_len: int, max_new_tokens: int,
                     limit_name: str | None = None) -> None:
-    """Raise InputError for an empty prompt, unknown token ids, or a prompt that outgrows the context
-    (`max_seq_len` tokens per row, called `limit_name` in messages: default "max_seq_len=N")."""
+    """Raise InputError for an empty prompt, unknown token ids (only negative ones where `vocab_size` is
+    None: not known to the caller), or a prompt that outgrows the context (`max_seq_len` tokens per row,
+    called `limit_name` in messages: default "max_seq_len=N")."""
     limit_name = limit_name or f"max_seq_len={max_seq_len}"
     prompt = np.asarray(prompt)
     if prompt.ndim != 2:
@@ -124,10 +125,11 @@ def validate_prompt(prompt: np.ndarray, *, vocab_size: int, max_seq_len: int, ma
             f"the prompt ({prompt.shape[1]} tokens) does not fit the context {limit_name} with "
             "room for one new token; shorten it"
         )
-    bad = prompt[(prompt < 0) | (prompt >= vocab_size)]
+    bad = prompt[(prompt < 0) | (prompt >= vocab_size)] if vocab_size is not None else prompt[prompt < 0]
     if bad.size:
         raise InputError(
-            f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size}); check the tokenizer/model pair"
+            f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size if vocab_size is not None else 'V'}); "
+            "check the tokenizer/model pair"
         )
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -156,27 +158,45 @@ def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) ->
 
 @dataclass
 class StepRecord:
-    tokens: np.ndarray  # [B] chosen ids
-    logits: np.ndarray  # [B, V] fp32
+    """The i-th generated token of each row that has one (`rows`: all of them, unless some row ended
+    earlier at a stop id)."""
+
+    tokens: np.ndarray  # [R] chosen ids
+    logits: np.ndarray  # [R, V] fp32 ([R, 0] when the logits were not kept)
+    rows: np.ndarray  # [R] which rows of the batch
 
 
 @dataclass
 class GenerationResult:
+    """A batch's completions: each row's ids (its stop id included, where it stopped), and the same by
+    step (`steps`)."""
+
     prompt: np.ndarray  # [B, S] right-padded ids
     prompt_lengths: np.ndarray  # [B]
-    steps: list[StepRecord] = field(default_factory=list)
-    prefill_s: float = 0.0
+    tokens: list[list[int]]  # per row, ragged where rows stopped at different steps
+    steps: list[StepRecord]
+    prefill_s: float = 0.0  # prefill forwards and the first tokens' sampling
     decode_s: float = 0.0
 
     @property
     def new_tokens(self) -> np.ndarray:
-        """[B, K] generated ids."""
-        if not self.steps:
-            return np.zeros((self.prompt.shape[0], 0), dtype=np.int64)
-        return np.stack([s.tokens for s in self.steps], axis=1)
+        """[B, K] generated ids (every row the same length: no row stopped early)."""
+        if len({len(t) for t in self.tokens}) > 1:
+            raise ValueError("rows stopped at different steps; read `tokens` (ragged) instead")
+        return np.array(self.tokens, dtype=np.int64).reshape(len(self.tokens), -1)
 
 
-def generate_stream(
+def steps_of(tokens: list[list[int]], logits: list[list[np.ndarray]] | None) -> list[StepRecord]:
+    """Per-row ids (and logits per token, if kept) regrouped by step."""
+    out = []
+    for i in range(max((len(t) for t in tokens), default=0)):
+        rows = np.array([r for r, t in enumerate(tokens) if len(t) > i], dtype=np.int64)
+        lg = np.stack([logits[r][i] for r in rows]) if logits is not None else np.zeros((len(rows), 0), np.float32)
+        out.append(StepRecord(tokens=np.array([tokens[r][i] for r in rows], dtype=np.int64), logits=lg, rows=rows))
+    return out
+
+
+def generate(
     step: StepFn,
     prompt: Any,
     cache: tuple[list, list],
@@ -186,57 +206,32 @@ def generate_stream(
     sampling: SamplingConfig = SamplingConfig(),
     stop_ids: Collection[int] = (),
     keep_logits: bool = True,
-) -> Iterator[tuple[StepRecord, GenerationResult]]:
-    """Yield each chosen token as soon as it exists; stops when every row has produced one of
-    `stop_ids` (a row that stopped keeps running until then) or after max_new_tokens.
+) -> GenerationResult:
+    """Generate for a batch of prompts through the engine (`engine.Engine`, driven here): one request
+    per row, every row in a slot of `cache`, all prompts prefilled in the first step (`prefill_groups`),
+    then one token per row per step; a row ends at max_new_tokens or one of `stop_ids`. Each row samples
+    from its own generator seeded with `sampling.seed`, so a row gives what its prompt gives alone.
 
     prompt: `[B, S]` ids (numpy, or anything `np.asarray` takes: a CPU tensor), right-padded when
     `prompt_lengths` says rows are shorter than S; cache: empty (`make_cache`) keys and values whose
     capacity holds every row's prompt + max_new_tokens (its rows end up in prompt-length order)."""
-    rng = np.random.default_rng(sampling.seed)
+    from llama_export.engine.engine import Engine, Ranks, Request  # the engine builds on this module
+
     prompt = np.ascontiguousarray(prompt, dtype=np.int64)
     bsz = prompt.shape[0]
     lengths = np.asarray(prompt_lengths, dtype=np.int64) if prompt_lengths is not None else \
         np.full(bsz, prompt.shape[1], dtype=np.int64)
-    result = GenerationResult(prompt=prompt, prompt_lengths=lengths)
-    keys, values = cache
-    check_capacity(lengths, max_new_tokens, keys[0].shape[2])
-    # The batch runs in prompt-length order (cache row r holds prompt order[r]), so that each prefill
-    # group is a contiguous slice of the cache; logits are put back in the caller's order before
-    # sampling, so every row draws what it would have drawn unordered.
-    order = np.argsort(lengths, kind="stable")
-    reordered = bool((order != np.arange(bsz)).any())
-    restore = np.argsort(order)
-    lengths = lengths[order]
-    cached = np.zeros_like(lengths)
-    finished = np.zeros(bsz, dtype=bool)
-    stops = np.array(sorted(stop_ids), dtype=np.int64)
-    for i in range(max_new_tokens):
-        t0 = time.perf_counter()
-        if i == 0:
-            logits = _prefill(step, prompt[order], lengths, keys, values)
-        else:
-            logits, keys, values = step(tokens, cached, lengths, keys, values)
-            logits = host(logits)
-        if reordered:
-            logits = logits[restore]
-        check_finite(logits, lambda r, i=i: f"in {'the prefill' if i == 0 else f'decode step {i}'}, row {r}")
-        nxt = sample(logits, sampling, rng)
-        dt = time.perf_counter() - t0
-        if i == 0:
-            result.prefill_s += dt
-        else:
-            result.decode_s += dt
-        rec = StepRecord(tokens=nxt, logits=logits if keep_logits else logits[:, :0])
-        result.steps.append(rec)
-        yield rec, result
-        if stops.size:
-            finished |= np.isin(nxt, stops)
-            if bool(finished.all()):
-                break
-        cached = cached + lengths
-        lengths = np.ones_like(lengths)
-        tokens = np.ascontiguousarray(nxt[order][:, None])
+    capacity = cache[0][0].shape[2]
+    check_capacity(lengths, max_new_tokens, capacity)
+    engine = Engine(Ranks([step], [lambda _slots, _capacity: cache], slots=bsz, capacity=capacity), vocab_size=None,
+                    slots=bsz, capacity=capacity, prefill_tokens=int(lengths.sum()), background=False)
+    done = engine.run_all([Request(tuple(int(t) for t in prompt[b, :lengths[b]]), max_tokens=max_new_tokens,
+                                   sampling=sampling, stop_ids=frozenset(int(t) for t in stop_ids),
+                                   logits=keep_logits) for b in range(bsz)])
+    tokens = [c.tokens for c in done]
+    return GenerationResult(prompt=prompt, prompt_lengths=lengths, tokens=tokens,
+                            steps=steps_of(tokens, [c.logits for c in done] if keep_logits else None),
+                            prefill_s=engine.prefill_s, decode_s=engine.decode_s)
 
 
 def run_rows(step: StepFn, tokens: np.ndarray, cache_lengths: np.ndarray, token_lengths: np.ndarray,
@@ -250,35 +245,3 @@ def run_rows(step: StepFn, tokens: np.ndarray, cache_lengths: np.ndarray, token_
         if got is not given:
             given[...] = got
     return logits
-
-
-def _prefill(step: StepFn, prompt: np.ndarray, lengths: np.ndarray, keys: list, values: list) -> np.ndarray:
-    """Logits `[B, V]` of the prompts (rows in ascending length), one step call per `prefill_groups`
-    group on its rows' slice of the cache."""
-    parts = []
-    for a, b in prefill_groups(lengths):
-        width = int(lengths[b - 1])
-        parts.append(host(run_rows(step, prompt[a:b, :width], np.zeros(b - a, dtype=np.int64), lengths[a:b],
-                                   keys, values, slice(a, b))))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def generate(
-    step: StepFn,
-    prompt: Any,
-    cache: tuple[list, list],
-    *,
-    max_new_tokens: int,
-    prompt_lengths: Any = None,
-    sampling: SamplingConfig = SamplingConfig(),
-    stop_ids: Collection[int] = (),
-) -> GenerationResult:
-    """`generate_stream` run to the end."""
-    result = None
-    for _, result in generate_stream(step, prompt, cache, max_new_tokens=max_new_tokens,  # noqa: B007
-                                     prompt_lengths=prompt_lengths, sampling=sampling, stop_ids=stop_ids):
-        pass
-    if result is None:
-        prompt = np.asarray(prompt, dtype=np.int64)
-        result = GenerationResult(prompt=prompt, prompt_lengths=np.full(prompt.shape[0], prompt.shape[1]))
-    return result

@@ -108,7 +108,7 @@ def test_non_finite_logits_end_generation_naming_the_step_and_row():
     prompt = np.array([[1, 2], [2, 1]])
     ok = generate(_step_with_inf_at(99, 0), prompt, cache, max_new_tokens=4)
     assert ok.new_tokens.tolist() == [[1] * 4, [1] * 4]
-    with pytest.raises(NonFiniteError, match=r"in decode step 2, row 1: .*run in fp32"):
+    with pytest.raises(NonFiniteError, match=r"in decode step 2 of request 1: .*run in fp32"):
         generate(_step_with_inf_at(2, 1), prompt, cache, max_new_tokens=4)
-    with pytest.raises(NonFiniteError, match=r"in the prefill, row 0"):
+    with pytest.raises(NonFiniteError, match=r"in the prefill of request 0"):
         generate(_step_with_inf_at(0, 0), prompt, cache, max_new_tokens=4)
