@@ -113,7 +113,8 @@ import numpy as np
 from llama_export.artifact.manifest import load_manifest
 from llama_export.backends import open_backend
 from llama_export.config import Backend
-from llama_export.engine.generate import generate, pad_prompts
+from llama_export.engine.batch import generate
+from llama_export.engine.generate import pad_prompts
 from llama_export.parallel.comm import LocalComm
 from llama_export.runner.stitch import empty_cache, segmented_step
 reqs = json.loads(sys.argv[1]); path = {str(args.artifacts)!r}

@@ -43,7 +43,7 @@ def ours(path: Path, backend: str, threads: int):
     sys.path.insert(0, str(REPO))
     from llama_export.config import Backend
     from llama_export.parallel.comm import LocalComm
-    from llama_export.engine.generate import generate
+    from llama_export.engine.batch import generate
     from llama_export.runner.source import ModelSource
 
     b = Backend(backend)

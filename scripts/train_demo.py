@@ -36,7 +36,7 @@ from torch import Tensor
 from llama_export.config import ModelConfig, meta_ffn_hidden_dim
 from llama_export.model.checkpoint import build_model, checkpoint_state
 from llama_export.model.meta_format import save_meta_checkpoint, to_meta_params
-from llama_export.engine.generate import generate
+from llama_export.engine.batch import generate
 from llama_export.model.transformer import Transformer
 from llama_export.parallel.plan import check_tp
 

@@ -58,7 +58,7 @@ def test_config_is_valid_for_tp(tp: int) -> None:
 
 @torch.no_grad()
 def test_greedy_decoding_looks_like_python_with_clear_margins(model, sp: spm.SentencePieceProcessor) -> None:
-    from llama_export.engine.generate import generate
+    from llama_export.engine.batch import generate
 
     ids = [sp.bos_id(), *sp.encode("def ")]
     steps = generate(model.step, torch.tensor([ids]), model.empty_cache(1, len(ids) + 33), max_new_tokens=33).steps

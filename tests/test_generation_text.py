@@ -11,7 +11,7 @@ from llama_export.export.exporter import ExportOptions, export
 from llama_export.artifact.manifest import load_manifest
 from llama_export.model.checkpoint import build_model
 from llama_export.parallel.comm import ThreadGroup
-from llama_export.engine.generate import generate
+from llama_export.engine.batch import generate
 from llama_export.backends import open_backend
 from llama_export.runner.source import ModelSource
 from llama_export.runner.stitch import empty_cache, segmented_step

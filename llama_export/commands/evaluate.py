@@ -8,8 +8,9 @@ given at least W - S and at most W - 1 tokens before it (fewer only in window 0)
 The step functions return last-token logits, so a window is streamed through the KV cache: its first
 W - S tokens are one prefill (whose logits score token jS + W - S), then each further token is one
 decode step that scores the next. The logits are exactly those a full-sequence forward over the window
-would give at those positions, which is what the tests check against. Full windows have the same
-shape, so `batch` of them run as one batch; window 0 and a final partial window run alone.
+would give at those positions, which is what the tests check against. That is the engine's scoring
+request (`engine.Request.scoring`): each window is one, `batch` of them in the engine's slots at a time,
+so eval runs the same loop as `run` and `serve`, with known tokens in place of sampled ones.
 
     NLL = -sum_i log softmax(logits_i)[t_i]  (in float64),   perplexity = exp(NLL / scored tokens)
 """
@@ -27,8 +28,8 @@ import numpy as np
 from llama_export.errors import InputError
 from llama_export.parallel.plan import check_tp
 from llama_export.progress import count_bar
-from llama_export.engine.generate import check_finite, log_softmax
-from llama_export.runner.step import MakeCache, StepFn, host
+from llama_export.engine.engine import Engine, Ranks, Request
+from llama_export.runner.step import MakeCache, StepFn
 from llama_export.runner.env import plan_once
 from llama_export.runner.launch import on_ranks
 from llama_export.runner.source import ModelSource, ResolvedSource
@@ -74,57 +75,30 @@ def plan_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]
     return out
 
 
-def _nll(logits, targets: np.ndarray, positions: np.ndarray) -> float:
-    """Summed -log p(target) over rows; logits [B, V] fp32 (numpy or tensor), targets [B] at `positions`
-    [B] of the text (for the message when the logits are not finite)."""
-    logits = host(logits)
-    check_finite(logits, lambda r: f"predicting token {int(positions[r])} of the text")
-    logp = log_softmax(logits)
-    return -float(np.take_along_axis(logp, targets.reshape(-1, 1), axis=-1).sum())
-
-
-def _run_group(step: StepFn, make_cache: MakeCache, ids: np.ndarray, group: list[tuple[int, int, int]]) -> float:
-    """NLL of windows that share their shape (same context and scored lengths), as one batch."""
-    ctx = np.stack([ids[s:f] for s, f, _ in group])  # [B, f - s]
-    scored = np.stack([ids[f:e] for _, f, e in group])  # [B, e - f]
-    bsz, n_ctx = ctx.shape
-    keys, values = make_cache(bsz, n_ctx + scored.shape[1])
-    cached = np.zeros(bsz, dtype=np.int64)
-    lengths = np.full(bsz, n_ctx, dtype=np.int64)
-    logits, keys, values = step(ctx, cached, lengths, keys, values)
-    first = np.array([f for _, f, _ in group], dtype=np.int64)  # position of scored[:, 0] in the text
-    total = _nll(logits, scored[:, 0], first)
-    cached, lengths = cached + lengths, np.ones_like(lengths)
-    for k in range(1, scored.shape[1]):
-        logits, keys, values = step(np.ascontiguousarray(scored[:, k - 1: k]), cached, lengths, keys, values)
-        total += _nll(logits, scored[:, k], first + k)
-        cached = cached + 1
-    return total
-
-
 def perplexity(step: StepFn, make_cache: MakeCache, ids, *,
                window: int, stride: int, batch: int = 8,
                progress: Callable[[int, int], None] | None = None) -> Perplexity:
     """Perplexity of `ids` ([N] int64, numpy or tensor) under `step`; `make_cache(b, capacity)` gives an
-    empty cache for b rows.
+    empty cache for b rows. Each window is a scoring request (`Request.scoring`: its context, then its
+    scored tokens fed one per step) on an engine of `batch` slots that this function drives.
 
-    `progress(done, total)` is called after each group of windows, in windows."""
+    `progress(done, total)` is called as windows finish, in windows."""
     if batch < 1:
         raise InputError(f"batch={batch} must be at least 1")
     t0 = time.perf_counter()
     ids = np.asarray(ids, dtype=np.int64)
     windows = plan_windows(ids.size, window, stride)
-    groups: list[list[tuple[int, int, int]]] = [[windows[0]]]
-    full = [w for w in windows[1:] if w[2] - w[1] == stride]
-    groups += [full[i: i + batch] for i in range(0, len(full), batch)]
-    groups += [[w] for w in windows[1:] if w[2] - w[1] != stride]
-    total, done = 0.0, 0
-    for group in groups:
-        total += _run_group(step, make_cache, ids, group)
-        done += len(group)
-        if progress is not None:
+    engine = Engine(Ranks([step], [make_cache], slots=batch, capacity=window), vocab_size=None, slots=batch,
+                    capacity=window, prefill_tokens=batch * window, background=False)
+    handles = [engine.submit(Request.scoring(ids[s:f], ids[f:e])) for s, f, e in windows]
+    more, done = True, 0
+    while more:
+        more = engine.step()
+        if progress is not None and engine.completed > done:
+            done = engine.completed
             progress(done, len(windows))
-    return Perplexity(tokens=ids.size, scored=ids.size - 1, nll=total, window=window, stride=stride,
+    nll = -sum(sum(h.result(timeout=0).logprobs) for h in handles)
+    return Perplexity(tokens=ids.size, scored=ids.size - 1, nll=nll, window=window, stride=stride,
                       seconds=time.perf_counter() - t0)
 
 

@@ -26,7 +26,8 @@ from llama_export.files import write_json
 from llama_export.parallel.comm import Communicator
 from llama_export.parallel.plan import check_tp
 from llama_export.engine.engine import Engine, Ranks, Request
-from llama_export.engine.generate import GenerationResult, SamplingConfig, steps_of, validate_prompt
+from llama_export.engine.batch import GenerationResult, steps_of
+from llama_export.engine.generate import SamplingConfig, validate_prompt
 from llama_export.runner.env import RankEnv, plan_once, seconds_since_start
 from llama_export.runner.launch import on_ranks
 from llama_export.runner.source import ModelSource, ResolvedSource

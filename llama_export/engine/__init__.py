@@ -1,9 +1,10 @@
 """Generation: turning a rank's step function into tokens.
 
-`generate.py` is the loop of one batch (prefill in groups of similar length, then one token per row
-per step; sampling), which `run`, `eval` and the comparison use. `engine.py` is the long-lived engine:
-opened once on a model, it admits requests into KV cache slots as they come and runs one step for all of
-them (continuous batching), behind a thread-safe Python API:
+`engine.py` is the one generation loop: opened on a model, it admits requests into KV cache slots as
+they come and runs one step for all of them (continuous batching, prompts prefilled in grouped chunks),
+on a thread of its own behind a thread-safe Python API, or driven by its caller (`run`'s rank processes,
+`eval`'s scoring requests, `batch.generate`: one batch). `generate.py` holds what it is made of
+(sampling, prompt checks, prefill grouping, one step on cache rows):
 
     from llama_export.engine import open_engine
     from llama_export.runner.source import ModelSource

@@ -35,14 +35,22 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llama_export.engine import generate as _generate
-from llama_export.engine.generate import SamplingConfig, check_finite, run_rows, sample, validate_prompt
+from llama_export.engine.generate import (
+    SamplingConfig,
+    check_finite,
+    log_softmax,
+    prefill_groups,
+    run_rows,
+    sample,
+    validate_prompt,
+)
 from llama_export.errors import InputError, LlamaExportError
 from llama_export.runner.step import MakeCache, StepFn, host
 
@@ -66,6 +74,16 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     stop: tuple[str, ...] = ()  # stop strings (need the model's tokenizer); the text ends before them
     logits: bool = False  # the completion keeps each generated token's logits (`Completion.logits`)
+    # Tokens to score instead of generating (`Request.scoring`): each is taken as the next token, in
+    # place of a sampled one, and its log-probability is kept (`Completion.logprobs`)
+    score: tuple[int, ...] = ()
+
+    @classmethod
+    def scoring(cls, prompt: Sequence[int], continuation: Sequence[int]) -> Request:
+        """log p(continuation | prompt), token by token (perplexity; OpenAI's echo + logprobs): a
+        request whose new tokens are `continuation`, no stop."""
+        return cls(prompt=tuple(int(t) for t in prompt), max_tokens=len(continuation),
+                   score=tuple(int(t) for t in continuation))
 
 
 @dataclass
@@ -78,6 +96,7 @@ class Completion:
     text: str | None = None
     finish_reason: str = LENGTH
     logits: list[np.ndarray] | None = None  # `[vocab]` fp32 per generated token, when the request asked
+    logprobs: list[float] | None = None  # a scoring request's: log p(token) per scored token (float64)
 
 
 class Handle:
@@ -108,17 +127,15 @@ class Handle:
         """The tokens produced since the last poll, without waiting (for a caller that drives the
         engine itself, `Engine.step`); the end is `finished`/`result()`."""
         got = []
-        while self._done is None and self._error is None:
+        while True:
             try:
-                kind, value = self._events.get_nowait()
+                item = self._tokens.get_nowait()
             except queue.Empty:
                 break
-            if kind == "token":
-                got.append(value)
-            elif kind == "done":
-                self._done = value
-            else:
-                self._error = value
+            if item is Handle._END:
+                self._tokens.put(item)  # still the last item, for an iterating reader
+                break
+            got.append(item)
         return got
 
     @property
@@ -179,6 +196,7 @@ class _Live:
     stream: object | None = None  # TextStream, with a tokenizer
     text: str = ""
     logits: list[np.ndarray] = field(default_factory=list)  # per generated token, when the request asks
+    logprobs: list[float] = field(default_factory=list)  # per scored token, for a scoring request
 
     @property
     def request(self) -> Request:
@@ -223,6 +241,7 @@ class Engine:
         self._closing = False
         self._failed: BaseException | None = None
         self.steps = 0  # loop iterations that ran a forward (for tests and metrics)
+        self.completed = 0  # requests that have finished (cancelled ones included)
         self.prefill_calls = 0  # forwards that prefilled prompt chunks (several rows each where it can)
         self.prefill_s = 0.0  # seconds in prefill forwards and their first tokens' sampling
         self.decode_s = 0.0  # seconds in decode forwards and their sampling
@@ -238,6 +257,8 @@ class Engine:
         validate_prompt(np.asarray([request.prompt], dtype=np.int64), vocab_size=self.vocab_size,
                         max_seq_len=self.capacity, max_new_tokens=request.max_tokens,
                         limit_name=f"of a slot ({self.capacity} tokens, the engine's cache capacity)")
+        if request.score and (len(request.score) != request.max_tokens or request.stop or request.stop_ids):
+            raise InputError("a scoring request scores exactly its tokens, without stops (`Request.scoring`)")
         if request.stop and self.tokenizer is None:
             raise InputError("stop strings need the model's tokenizer; pass stop ids instead")
         handle = Handle(request)
@@ -372,6 +393,7 @@ class Engine:
         """Requests cancelled since the last step end now (their slots are free for `_admit`)."""
         for h in [h for h in self._waiting if h.cancelled]:
             self._waiting.remove(h)
+            self.completed += 1
             h._end(Completion(prompt=h.request.prompt, finish_reason=CANCELLED))
         for live in [x for x in self._live.values() if x.handle.cancelled]:
             self._finish(live, CANCELLED, locked=True)
@@ -385,8 +407,8 @@ class Engine:
         while len(admitted) < len(free) and self._waiting:
             handle = self._waiting.pop(0)
             if handle.request.max_tokens == 0:
-                handle._events.put(("done", Completion(prompt=handle.request.prompt,
-                                                       logits=[] if handle.request.logits else None)))
+                self.completed += 1
+                handle._end(Completion(prompt=handle.request.prompt, logits=[] if handle.request.logits else None))
             else:
                 admitted.append(handle)
         for handle, slot in zip(sorted(admitted, key=lambda h: len(h.request.prompt)), free):
@@ -426,7 +448,7 @@ class Engine:
                 runs.append(chunks[start:i])
                 start = i
         for run in runs:
-            for a, b in _generate.prefill_groups(np.array([n for _, n in run], dtype=np.int64)):
+            for a, b in prefill_groups(np.array([n for _, n in run], dtype=np.int64)):
                 self._prefill_call(run[a:b])
 
     def _prefill_call(self, group: list[tuple[_Live, int]]) -> None:
@@ -466,7 +488,11 @@ class Engine:
         """Sample `live`'s next token from its row's logits, hand it over, and end it if it is done."""
         check_finite(logits[None, :], lambda _: f"in {f'decode step {len(live.out)}' if live.out else 'the prefill'} "
                                                 f"of request {live.handle.index}")
-        token = int(sample(logits[None, :], live.request.sampling, live.rng)[0])
+        if live.request.score:
+            token = live.request.score[len(live.out)]
+            live.logprobs.append(float(log_softmax(logits)[token]))
+        else:
+            token = int(sample(logits[None, :], live.request.sampling, live.rng)[0])
         live.out.append(token)
         if live.request.logits:
             live.logits.append(np.array(logits, dtype=np.float32))
@@ -495,12 +521,14 @@ class Engine:
                 live.handle._token(None, rest)
         done = Completion(prompt=live.request.prompt, tokens=list(live.out),
                           text=live.text if live.stream is not None else None, finish_reason=reason,
-                          logits=live.logits if live.request.logits else None)
+                          logits=live.logits if live.request.logits else None,
+                          logprobs=live.logprobs if live.request.score else None)
         if locked:
             del self._live[live.slot]
         else:
             with self._cond:
                 del self._live[live.slot]
+        self.completed += 1
         live.handle._end(done)
 
     def _fail(self, error: BaseException) -> None:

@@ -56,7 +56,8 @@ from llama_export.validate import polygraphy_data
 from llama_export.tolerances import TOLERANCES
 from llama_export.validate.settings import VALIDATION, CompareSettings
 from llama_export.validate.diff import Comparison, TensorDiff, nan_first
-from llama_export.engine.generate import generate, validate_prompt
+from llama_export.engine.batch import generate
+from llama_export.engine.generate import validate_prompt
 from llama_export.runner.source import ModelSource, ResolvedSource
 from llama_export.runner.step import host
 from llama_export.runner.stitch import backend_capacity, empty_cache, segmented_step

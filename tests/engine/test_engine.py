@@ -12,7 +12,8 @@ import pytest
 from llama_export.config import Backend
 from llama_export.engine import Request, open_engine
 from llama_export.engine.engine import LENGTH, STOP, Engine, Ranks
-from llama_export.engine.generate import SamplingConfig, generate
+from llama_export.engine.batch import generate
+from llama_export.engine.generate import SamplingConfig
 from llama_export.errors import InputError, LlamaExportError
 from llama_export.export.exporter import ExportOptions, export
 from llama_export.model.checkpoint import build_model

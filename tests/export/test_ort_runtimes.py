@@ -18,7 +18,8 @@ import pytest
 from llama_export.artifact.manifest import load_manifest, resolve_inside
 from llama_export.backends.ort import OrtBackend, runtime
 from llama_export.config import ModelDType, Precision
-from llama_export.engine.generate import generate, pad_prompts
+from llama_export.engine.batch import generate
+from llama_export.engine.generate import pad_prompts
 from llama_export.errors import BackendUnavailableError
 from llama_export.export.exporter import ExportOptions
 from llama_export.job import run_job

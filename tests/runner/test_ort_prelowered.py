@@ -25,7 +25,8 @@ from llama_export.export.exporter import ExportOptions
 from llama_export.job import run_job
 from llama_export.model.meta_format import save_meta_checkpoint, to_meta_params
 from llama_export.parallel.comm import ThreadGroup
-from llama_export.engine.generate import generate, pad_prompts
+from llama_export.engine.batch import generate
+from llama_export.engine.generate import pad_prompts
 from llama_export.runner.stitch import empty_cache, segmented_step
 from tests.helpers import REPO, random_meta_state
 

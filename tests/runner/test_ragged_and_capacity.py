@@ -18,7 +18,8 @@ from llama_export.export.exporter import ExportOptions, export
 from llama_export.model.checkpoint import build_model
 from llama_export.parallel.comm import ThreadGroup
 from llama_export.engine import generate as generate_module
-from llama_export.engine.generate import generate, pad_prompts, prefill_groups
+from llama_export.engine.batch import generate
+from llama_export.engine.generate import pad_prompts, prefill_groups
 from llama_export.runner.stitch import empty_cache, segmented_step
 from llama_export.tolerances import TOLERANCES
 from tests.helpers import random_meta_state, read_json, run_cli, tiny_config, write_meta

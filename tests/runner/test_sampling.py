@@ -13,7 +13,8 @@ import torch
 from llama_export.errors import NonFiniteError
 from llama_export.model.checkpoint import build_model
 from llama_export.parallel.comm import ThreadGroup
-from llama_export.engine.generate import SamplingConfig, generate, sample
+from llama_export.engine.batch import generate
+from llama_export.engine.generate import SamplingConfig, sample
 from tests.helpers import random_meta_state, run_cli, read_json, tiny_config, write_meta
 
 

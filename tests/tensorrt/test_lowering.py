@@ -27,7 +27,8 @@ from llama_export.export.reference import DecomposePass
 from llama_export.model.checkpoint import build_model
 from llama_export.parallel.comm import ThreadGroup
 from llama_export.tolerances import TOLERANCES
-from llama_export.engine.generate import generate, pad_prompts
+from llama_export.engine.batch import generate
+from llama_export.engine.generate import pad_prompts
 from llama_export.runner.stitch import empty_cache, segmented_step
 from tests.helpers import random_meta_state, tiny_config, write_meta
 from tests.tensorrt.graphs import attention_like_segment
