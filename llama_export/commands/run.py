@@ -27,7 +27,7 @@ from llama_export.parallel.comm import Communicator
 from llama_export.parallel.plan import check_tp
 from llama_export.engine.engine import Engine, Ranks, Request
 from llama_export.engine.batch import GenerationResult, steps_of
-from llama_export.engine.generate import SamplingConfig, validate_prompt
+from llama_export.engine.generate import SamplingConfig, pad_prompts, validate_prompt
 from llama_export.runner.env import RankEnv, plan_once, seconds_since_start
 from llama_export.runner.launch import on_ranks
 from llama_export.runner.source import ModelSource, ResolvedSource
@@ -227,7 +227,7 @@ def _run_rank(opts: RunOptions, source: ResolvedSource, plan: RunPlan, reporter:
     more = True
     while more:
         more = engine.step()
-        if first_token_s is None and (since := seconds_since_start()) is not None:
+        if first_token_s is None and engine.prefill_s and (since := seconds_since_start()) is not None:
             first_token_s = since - engine.decode_s  # the first step prefilled every prompt, then decoded once
         show()
     done = [h.result(timeout=0) for h in handles]
@@ -235,10 +235,10 @@ def _run_rank(opts: RunOptions, source: ResolvedSource, plan: RunPlan, reporter:
         reporter.text(rest)
     if env.rank == 0:
         tokens = [c.tokens for c in done]
-        result = GenerationResult(
-            prompt=np.zeros((len(rows), 0), dtype=np.int64), prompt_lengths=np.array([len(r) for r in rows]),
-            tokens=tokens, steps=steps_of(tokens, [c.logits for c in done] if opts.logits else None),
-            prefill_s=engine.prefill_s, decode_s=engine.decode_s)
+        prompt, lengths = pad_prompts(rows)
+        result = GenerationResult(prompt=prompt, prompt_lengths=lengths, tokens=tokens,
+                                  steps=steps_of(tokens, [c.logits for c in done] if opts.logits else None),
+                                  prefill_s=engine.prefill_s, decode_s=engine.decode_s)
         _report(opts, plan, result, reporter, tok=tok, streamed=stream is not None, first_token_s=first_token_s)
     return 0
 

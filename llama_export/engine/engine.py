@@ -13,9 +13,10 @@ Each step of the loop: admit waiting requests into free slots (those admitted to
 prompt length, so that rows of similar length sit side by side); prefill chunks of admitted prompts,
 several rows per call (`_prefill`: runs of neighbouring slots, padded to their longest chunk, grouped by
 `generate.prefill_groups`); then one decode call for the slots that are generating. Decode rows do not
-join a prefill call: a call computes its longest row's length for every row, so a decode row in a call of
-128-token chunks costs 128 tokens of compute instead of 1 (measured in the commit that made this
-choice: a separate decode call costs less than the padding from about 2 decode rows on). The cache is
+join a prefill call (as llama.cpp's do): a call computes its longest row's length for every row, so a
+decode row in a call of 128-token chunks costs 128 tokens of compute instead of 1. Measured on the 134M
+fp32 model (ONNX Runtime, 2 threads): 2 rows x 128 prefill + 8 decode rows, 1.45 s as two calls vs
+5.93 s as one; 1 x 32 + 16 decode rows, 0.71 vs 2.32 s; 1 x 64 + 4, 0.66 vs 1.58 s. The cache is
 `[slots, kv_heads, capacity, head_dim]` per layer and rank, allocated once; a slot's row is written in
 place at that row's own positions (`artifact/schema.py`), so requests of any length share it.
 
@@ -216,9 +217,9 @@ class Engine:
     """Serves requests on one model, batched step by step (see the module docstring).
 
     `ranks`: the model (`Ranks`); `vocab_size` from its config (None: ids are not checked against it);
-    `slots` rows of KV cache of `capacity` tokens each (a request's prompt + max_tokens must fit one); `prefill_tokens`:
-    prompt tokens prefilled per step at most, so that running requests keep getting tokens while long
-    prompts come in; `tokenizer`: for text prompts, text output and stop strings (optional);
+    `slots` rows of KV cache of `capacity` tokens each (a request's prompt + max_tokens must fit one);
+    `prefill_tokens`: prompt tokens prefilled per step at most, so that running requests keep getting
+    tokens while long prompts come in; `tokenizer`: for text prompts, text output and stop strings (optional);
     `background`: the loop runs on a thread of its own, else the caller drives it (`step`, `run_all`)."""
 
     def __init__(self, ranks: Ranks, *, vocab_size: int | None, slots: int, capacity: int, prefill_tokens: int = 256,
