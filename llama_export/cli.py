@@ -487,6 +487,12 @@ def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
     q = WeightQuant(bits=4)
     p.add_argument("--block-size", type=int_in(16, 1 << 16), default=q.block_size,
                    help="int8/int4: input features per quantization block")
+    p.add_argument("--symmetric", action="store_true",
+                   help="int4: symmetric blocks (zero point 0, signed int4), the scheme TensorRT builds; default: "
+                   "asymmetric blocks with a uint4 zero point each (int8 is always symmetric)")
+    p.add_argument("--no-search", dest="search", action="store_false",
+                   help="int4: each block's scale covers its full range (the scheme of earlier exports) instead of the "
+                   "clipped range that minimizes its squared error")
     p.add_argument("--quantize-embedding", action="store_true", default=q.embedding,
                    help="int8/int4: quantize the embedding table too (default: kept in the activation dtype)")
     p.add_argument("--no-quantize-output", dest="quantize_output", action="store_false", default=q.output,
@@ -519,8 +525,9 @@ def _cmd_export(args, argv: list[str]) -> int:
                          progress=not args.no_progress)
     # each variant once, in the order asked (`--tp 1 1 --dtype fp32 fp32` is one export, not four)
     tps = list(dict.fromkeys(args.tp or (DEMO_TPS if args.checkpoint is None else CHECKPOINT_TPS)))
-    dtypes = list(dict.fromkeys(d if d.weights is None else dataclasses.replace(d, weights=WeightQuant(
-        d.weights.bits, args.block_size, output=args.quantize_output, embedding=args.quantize_embedding))
+    dtypes = list(dict.fromkeys(d if d.weights is None else dataclasses.replace(d, weights=dataclasses.replace(
+        d.weights, block_size=args.block_size, output=args.quantize_output, embedding=args.quantize_embedding,
+        **({"symmetric": True} if args.symmetric else {}), **({} if args.search else {"search": False})))
         for d in args.dtype))
     reports = run_job(base, tps, dtypes, validate=not args.no_validate,
                       settings=dataclasses.replace(VALIDATION, steps=args.steps))

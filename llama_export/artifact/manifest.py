@@ -131,11 +131,11 @@ class RankEntry:
 
 
 def _weight_quant(value: Any) -> Any:
-    """The manifest's weight_quant dict (`WeightQuant.to_dict`, with "symmetric") as a WeightQuant."""
+    """The manifest's weight_quant dict (`WeightQuant.to_dict`) as a WeightQuant."""
     if value is None or isinstance(value, WeightQuant):
         return value
     if not isinstance(value, dict):
-        raise ValueError("must be an object (bits, block_size, output, embedding, symmetric) or null")
+        raise ValueError("must be an object (bits, block_size, output, embedding, symmetric, search) or null")
     try:
         return WeightQuant.from_dict(value)
     except TypeError as e:  # an unknown or missing field

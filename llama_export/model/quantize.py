@@ -1,24 +1,40 @@
-"""Block-wise symmetric weight quantization: the numbers every exporter, backend and reference share.
+"""Block-wise weight quantization: the numbers every exporter, backend and reference share.
 
 A weight `w [rows, K]` (rows = output channels, K = the input features this rank holds) is cut into
-blocks of `block_size` consecutive input features per output channel; each block has one scale
+blocks of `block_size` consecutive input features per output channel; each block has one scale, and in
+the asymmetric scheme one integer zero point:
 
-    scale = max|w_block| / qmax,   q = clamp(round(w / scale), -qmax, qmax),   w ≈ q * scale
+    symmetric:   q = clamp(round(w / scale), -qmax, qmax),            w ≈ q * scale
+    asymmetric:  q = clamp(round(w / scale) + zero, 0, 2**bits - 1),  w ≈ (q - zero) * scale
 
-with qmax = 2**(bits-1) - 1 (127 for int8, 7 for int4): the restricted symmetric range (zero point 0,
-positive scales, -128 / -8 unused), as TensorRT's weight-only GEMMs and ONNX `DequantizeLinear`
-(opset 21+, `block_size`) take it. Rounding is half-to-even (torch.round), which numpy's rint matches.
-An all-zero block gets scale 1 (its q are 0). Scales are fp32 here and cast to the activation dtype by
-the graph pass.
+with qmax = 2**(bits-1) - 1 (127 for int8, 7 for int4): the symmetric scheme uses the restricted range
+(-128 / -8 unused), as TensorRT's weight-only GEMMs take it (they accept no zero point but 0); the
+asymmetric one stores unsigned q and a zero point in [0, 2**bits - 1] (uint4 / uint8), as ONNX
+`DequantizeLinear` (opset 21+, `block_size`, y = (x - zero_point) * scale) and ONNX Runtime's
+MatMulNBits / GatherBlockQuantized take them. Rounding is half-to-even (torch.round, numpy's rint).
+
+The scale comes from the block's range: max|w| / qmax (symmetric) or (max(w, 0) - min(w, 0)) /
+(2**bits - 1) with zero = round(-min(w, 0) / scale) (asymmetric; the range holds 0, so the integer zero
+point is in range and every element is within scale / 2 of its grid point). With `search`, the range is
+also tried shrunk by each ratio of `CLIP_RATIOS` (clipping the block's outliers to spend the levels on
+the bulk of its values), each candidate's scale is refit by least squares to the q it rounds to (the
+idea of llama.cpp's `make_qkx` and of HQQ-style quantizers), and each block keeps the candidate with the
+smallest squared error: never worse than the plain range, which is one of the candidates. An all-zero
+block gets scale 1 (its q are the zero point). Scales are rounded to the graph's scale dtype before q is
+computed, so q is the best integer for the scale the graph really multiplies by.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from llama_export.config import WeightQuant
 from llama_export.errors import ConfigError
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # `search`: range shrink factors tried
 
 
 def qmax(bits: int) -> int:
@@ -36,45 +52,94 @@ def check_blocks(name: str, k: int, block_size: int, *, hint: str = "", all_k: t
         )
 
 
-def quantize_blocks(w: Tensor, *, bits: int, block_size: int,
-                    scale_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """w [rows, K] -> (q int8 [rows, K] in [-qmax, qmax], scale [rows, K / block_size] in `scale_dtype`).
+class Blocks(NamedTuple):
+    """A quantized weight: q [rows, K] (int8 in [-qmax, qmax], or uint8 in [0, 2**bits - 1] when
+    asymmetric), scale [rows, K / block_size], zero [rows, K / block_size] uint8 (None: symmetric)."""
 
-    The scale is rounded to `scale_dtype` before q is computed, so q is the best integer for the scale
-    the graph will really multiply by. Rows are independent, so they are quantized a slice at a time
-    (`_CHUNK_ELEMENTS`): the fp32 temporaries stay small whatever the tensor (an 8B output projection
-    would otherwise need several 2 GiB copies at once)."""
+    q: Tensor
+    scale: Tensor
+    zero: Tensor | None
+
+
+def quantize_blocks(w: Tensor, *, bits: int, block_size: int, symmetric: bool = True, search: bool = False,
+                    scale_dtype: torch.dtype = torch.float32) -> Blocks:
+    """w [rows, K] -> `Blocks` in the scheme the module docstring writes out; scale in `scale_dtype`.
+
+    Rows are independent, so they are quantized a slice at a time (`_CHUNK_ELEMENTS`): the fp32
+    temporaries stay small whatever the tensor (an 8B output projection would otherwise need several
+    2 GiB copies at once)."""
     rows, k = w.shape
     assert k % block_size == 0, (k, block_size)  # callers check with `check_blocks` first
-    q = torch.empty(rows, k, dtype=torch.int8, device=w.device)
+    q = torch.empty(rows, k, dtype=torch.int8 if symmetric else torch.uint8, device=w.device)
     scale = torch.empty(rows, k // block_size, dtype=scale_dtype, device=w.device)
-    step = max(1, _CHUNK_ELEMENTS // k)
+    zero = None if symmetric else torch.empty(rows, k // block_size, dtype=torch.uint8, device=w.device)
+    step = max(1, _CHUNK_ELEMENTS // (k * (4 if search else 1)))
     for r in range(0, rows, step):
-        blocks = w[r:r + step].detach().to(torch.float32, copy=True).reshape(-1, k // block_size, block_size)
-        s = (blocks.abs().amax(dim=-1) / qmax(bits)).to(scale_dtype).float()
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        blocks.div_(s.unsqueeze(-1)).round_().clamp_(-qmax(bits), qmax(bits))
-        q[r:r + step] = blocks.reshape(-1, k).to(torch.int8)
+        blocks = w[r:r + step].detach().to(torch.float32).reshape(-1, k // block_size, block_size)
+        qb, s, z = _fit(blocks, bits=bits, symmetric=symmetric, search=search, scale_dtype=scale_dtype)
+        q[r:r + step] = qb.reshape(-1, k).to(q.dtype)
         scale[r:r + step] = s.to(scale_dtype)
-    return q, scale
+        if zero is not None:
+            zero[r:r + step] = z.to(torch.uint8)
+    return Blocks(q, scale, zero)
 
 
 _CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 per slice
 
 
-def dequantize_blocks(q: Tensor, scale: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Inverse of `quantize_blocks`: q [rows, K] int8, scale [rows, K/B] -> w [rows, K] in `dtype`.
+def _fit(blocks: Tensor, *, bits: int, symmetric: bool, search: bool,
+         scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """blocks [..., B] fp32 -> (q, scale, zero) as fp32 tensors holding integers (zero 0 if symmetric)."""
+    lo_q, hi_q = (-qmax(bits), qmax(bits)) if symmetric else (0, 2 ** bits - 1)
+    if symmetric:
+        span, base = blocks.abs().amax(dim=-1) / qmax(bits), None
+    else:
+        lo, hi = blocks.amin(dim=-1).clamp(max=0), blocks.amax(dim=-1).clamp(min=0)
+        span, base = (hi - lo) / hi_q, lo
 
-    The product is taken in the scale's dtype, as `DequantizeLinear` does (y = q * scale in its type)."""
+    def rounded(s: Tensor) -> Tensor:
+        s = s.to(scale_dtype).float()
+        return torch.where(s > 0, s, torch.ones_like(s))
+
+    def candidate(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        s = rounded(s)
+        z = torch.zeros_like(s) if base is None else (-base / s).round().clamp(lo_q, hi_q)
+        q = (blocks / s.unsqueeze(-1)).round_().add_(z.unsqueeze(-1)).clamp_(lo_q, hi_q)
+        err = (q - z.unsqueeze(-1)).mul_(s.unsqueeze(-1)).sub_(blocks).square_().sum(dim=-1)
+        return q, s, z, err
+
+    best = candidate(span)
+    if not search:
+        return best[:3]
+    for ratio in CLIP_RATIOS:
+        q, s, z, err = candidate(span * ratio)
+        # least-squares scale for these q: argmin_s sum((s (q - z) - w)^2) = <w, q - z> / <q - z, q - z>
+        d = q - z.unsqueeze(-1)
+        den = d.square().sum(dim=-1)
+        refit = torch.where(den > 0, (blocks * d).sum(dim=-1) / den.clamp(min=1), s)
+        for cand in ((q, s, z, err), candidate(refit.abs())):
+            better = cand[3] < best[3]
+            best = tuple(torch.where(better.unsqueeze(-1) if a.dim() > better.dim() else better, a, b)
+                         for a, b in zip(cand, best))
+    return best[:3]
+
+
+def dequantize_blocks(q: Tensor, scale: Tensor, zero: Tensor | None = None, *,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of `quantize_blocks`: q [rows, K], scale and zero [rows, K/B] -> w [rows, K] in `dtype`.
+
+    The product is taken in the scale's dtype, as `DequantizeLinear` does (y = (q - zero) * scale in its
+    type; q - zero is a small integer, exact in any float type)."""
     rows, k = q.shape
-    blocks = q.reshape(rows, scale.shape[1], -1).to(scale.dtype) * scale.unsqueeze(-1)
-    return blocks.reshape(rows, k).to(dtype)
+    ints = q.reshape(rows, scale.shape[1], -1).to(torch.int16)
+    if zero is not None:
+        ints = ints - zero.to(torch.int16).unsqueeze(-1)
+    return (ints.to(scale.dtype) * scale.unsqueeze(-1)).reshape(rows, k).to(dtype)
 
 
 def fake_quantize(w: Tensor, scheme: WeightQuant, *, scale_dtype: torch.dtype) -> Tensor:
     """`w` [rows, K] quantized and dequantized again: the values a quantized graph computes with."""
-    q, scale = quantize_blocks(w, bits=scheme.bits, block_size=scheme.block_size, scale_dtype=scale_dtype)
-    return dequantize_blocks(q, scale, dtype=w.dtype)
+    return dequantize_blocks(*quantize_blocks(w, **scheme.quantizer, scale_dtype=scale_dtype), dtype=w.dtype)
 
 
 def quantized_parameters(model: nn.Module, scheme: WeightQuant) -> list[str]:

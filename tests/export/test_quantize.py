@@ -45,12 +45,14 @@ def ckpt(tmp_path_factory):
 def exports(ckpt):
     cache = {}
 
-    def get(bits: int, tp: int):
-        if (bits, tp) not in cache:
-            scheme = WeightQuant(bits, BLOCK, embedding=True)
-            cache[bits, tp] = export(ExportOptions(checkpoint=ckpt, out=ckpt.parent / "g", tp=tp, weights=scheme,
-                                                   progress=False))
-        return cache[bits, tp]
+    def get(bits: int, tp: int, asym: bool = False):
+        """asym: the asymmetric searched scheme (`WeightQuant.default(4)`), else the symmetric plain one."""
+        if (bits, tp, asym) not in cache:
+            scheme = WeightQuant(bits, BLOCK, embedding=True, symmetric=not asym, search=asym)
+            out = ckpt.parent / ("ga" if asym else "g")
+            cache[bits, tp, asym] = export(ExportOptions(checkpoint=ckpt, out=out, tp=tp, weights=scheme,
+                                                         progress=False))
+        return cache[bits, tp, asym]
 
     return get
 
@@ -59,7 +61,8 @@ def exports(ckpt):
 def test_block_quantization_formula(bits):
     w = torch.randn(6, 64, generator=torch.Generator().manual_seed(bits))
     w[2, 16:32] = 0.0  # an all-zero block
-    q, scale = quantize_blocks(w, bits=bits, block_size=16)
+    q, scale, zero = quantize_blocks(w, bits=bits, block_size=16)
+    assert zero is None
     # written out independently: per (row, block) scale = max|w| / (2^(bits-1) - 1), round half to even
     qmax = 2 ** (bits - 1) - 1
     blocks = w.numpy().reshape(6, 4, 16)
@@ -71,6 +74,52 @@ def test_block_quantization_formula(bits):
     deq = fake_quantize(w, WeightQuant(bits, 16), scale_dtype=torch.float32)
     assert torch.all((deq - w).abs().reshape(6, 4, 16) <= scale.unsqueeze(-1) / 2 + 1e-7)
     assert torch.all(deq[2, 16:32] == 0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_asymmetric_block_quantization_formula(bits):
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(bits)) + 0.3
+    w[2, 16:32] = 0.0  # an all-zero block
+    w[3, 32:48] = w[3, 32:48].abs() + 0.1  # a block of one sign: its range is [0, max]
+    q, scale, zero = quantize_blocks(w, bits=bits, block_size=16, symmetric=False)
+    # written out independently: range [min(w, 0), max(w, 0)] over 2^bits - 1 steps, integer zero point
+    top = 2 ** bits - 1
+    blocks = w.numpy().reshape(6, 4, 16)
+    lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+    s = (hi - lo) / top
+    s[s == 0] = 1.0
+    z = np.clip(np.rint(-lo / s), 0, top)
+    want = np.clip(np.rint(blocks / s[..., None]) + z[..., None], 0, top).reshape(6, 64)
+    assert q.dtype == zero.dtype == torch.uint8
+    assert np.array_equal(q.numpy(), want) and np.array_equal(zero.numpy(), z)
+    assert np.allclose(scale.numpy(), s, rtol=1e-6)
+    deq = fake_quantize(w, WeightQuant(bits, 16, symmetric=False), scale_dtype=torch.float32)
+    # every element within half a step of its grid point: the range holds 0, so zero is in [0, top]
+    assert torch.all((deq - w).abs().reshape(6, 4, 16) <= scale.unsqueeze(-1) / 2 + 1e-6)
+    assert torch.all(deq[2, 16:32] == 0)
+
+
+def test_searched_asymmetric_int4_beats_the_old_scheme_on_outliers():
+    """Gaussian weights with a few large outliers (no grid of any kind underneath): per block, the
+    searched scale never does worse than the plain range (which is one of its candidates), and the
+    asymmetric plain range obeys its bound |w - w'| <= (max - min) / 30, below the symmetric bound
+    max|w| / 14 wherever the block's range is not symmetric about 0."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 512, generator=g) * 0.02
+    hits = torch.randint(0, w.numel(), (300,), generator=g)
+    w.view(-1)[hits] = torch.randn(300, generator=g) * 0.2  # ~0.2 % outliers, 10 sigma
+    blocks = w.reshape(256, -1, 32)
+
+    def sse(**kw) -> torch.Tensor:
+        deq = fake_quantize(w, WeightQuant(4, 32, **kw), scale_dtype=torch.float32)
+        return (deq - w).reshape(blocks.shape).square().sum(-1)
+
+    old, asym, sym_search, new = (sse(symmetric=True, search=False), sse(symmetric=False, search=False),
+                                  sse(symmetric=True, search=True), sse(symmetric=False, search=True))
+    assert torch.all(sym_search <= old * (1 + 1e-6)) and torch.all(new <= asym * (1 + 1e-6))
+    span = blocks.amax(-1).clamp(min=0) - blocks.amin(-1).clamp(max=0)
+    assert torch.all(asym <= 32 * (span / 30) ** 2 * (1 + 1e-5))  # 32 elements, each within half a step
+    assert new.sum() < 0.8 * old.sum(), float(new.sum() / old.sum())
 
 
 def test_graph_holds_standard_blocked_dequantize(exports, ckpt):
@@ -95,10 +144,10 @@ def test_graph_holds_standard_blocked_dequantize(exports, ckpt):
     assert np.allclose(deq, want.t().numpy(), atol=1e-7)
 
 
-@pytest.mark.parametrize("bits,tp", [(8, 1), (4, 1), (4, 2)])
-def test_ort_matches_dequantized_eager(bits, tp, exports, ckpt):
+@pytest.mark.parametrize("bits,tp,asym", [(8, 1, False), (4, 1, False), (4, 2, False), (4, 1, True), (4, 2, True)])
+def test_ort_matches_dequantized_eager(bits, tp, asym, exports, ckpt):
     """Validation: ORT computing the quantized graph exactly vs eager TP=1 with dequantized weights."""
-    cmp = validate_export(exports(bits, tp), ckpt)
+    cmp = validate_export(exports(bits, tp, asym), ckpt)
     assert cmp.max_abs <= TOLERANCES[Precision.FP32].logits_atol == 1e-4, str(cmp)
     assert cmp.tokens_agree == 1.0, str(cmp)
 
@@ -128,9 +177,9 @@ def _logits(path, tp: int, prompt: torch.Tensor, *, exact: bool, steps: int = 4)
 PROMPT = torch.randint(0, CFG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_fast_ort_kernels_match_the_canonical_graph(bits, exports):
-    path = exports(bits, 1)
+@pytest.mark.parametrize("bits,asym", [(8, False), (4, False), (4, True)])
+def test_fast_ort_kernels_match_the_canonical_graph(bits, asym, exports):
+    path = exports(bits, 1, asym)
     exact = _logits(path, 1, PROMPT, exact=True)
     fast = _logits(path, 1, PROMPT, exact=False)
     # the canonical graph run literally (DequantizeLinear + MatMul, ORT's optimizer off) = the exact lowering
@@ -160,11 +209,12 @@ def test_fast_ort_kernels_match_the_canonical_graph(bits, exports):
     assert rel <= 5e-2 and cos >= 0.999, (float(rel), float(cos))
 
 
-def test_tp2_quantized_matches_tp1_quantized(exports):
+@pytest.mark.parametrize("asym", [False, True])
+def test_tp2_quantized_matches_tp1_quantized(asym, exports):
     """The fast kernels at TP=2 vs TP=1 (int4; int8 takes the same path): blocks never straddle ranks, so
     the same integers and scales meet the same activation blocks; only summation order differs."""
-    one = _logits(exports(4, 1), 1, PROMPT, exact=False)
-    two = _logits(exports(4, 2), 2, PROMPT, exact=False)
+    one = _logits(exports(4, 1, asym), 1, PROMPT, exact=False)
+    two = _logits(exports(4, 2, asym), 2, PROMPT, exact=False)
     assert (one - two).abs().max() <= 1e-3
 
 
@@ -183,12 +233,13 @@ def test_block_size_that_would_straddle_ranks_is_refused(ckpt, tmp_path, capsys)
     assert e.value.code == 2 and "unknown dtype 'int3'" in capsys.readouterr().err
 
 
-def test_perplexity_through_ort_equals_dequantized_eager(exports, ckpt):
+@pytest.mark.parametrize("asym", [False, True])
+def test_perplexity_through_ort_equals_dequantized_eager(asym, exports, ckpt):
     """`eval` on a quantized export (exact arithmetic) = `eval` on the eager dequantized reference."""
     from llama_export.model.checkpoint import build_model
     from llama_export.commands.evaluate import perplexity
 
-    path = exports(4, 1)
+    path = exports(4, 1, asym)
     manifest = load_manifest(path)
     be = OrtBackend(manifest, path, rank=0, device="cpu", exact=True)
     step = segmented_step(manifest, be, comm=LocalComm())
@@ -198,6 +249,39 @@ def test_perplexity_through_ort_equals_dequantized_eager(exports, ckpt):
     model = build_model(ckpt, weights=manifest.weight_quant)
     want = perplexity(model.step, model.empty_cache, ids, window=24, stride=10, batch=3)
     assert got.nll == pytest.approx(want.nll, rel=1e-5)
+
+
+def test_asymmetric_graph_holds_uint4_with_zero_points(exports, ckpt):
+    """The asymmetric scheme in the graph: uint4 weights and a uint4 zero point per block, as the standard
+    three-input DequantizeLinear that onnx's reference evaluates (y = (q - zero) * scale)."""
+    from onnx.reference import ReferenceEvaluator
+
+    path = exports(4, 1, asym=True)
+    m = load_manifest(path)
+    assert m.weight_quant == WeightQuant(4, BLOCK, embedding=True, symmetric=False, search=True)
+    model = onnx.load(str(resolve_inside(path, m.rank(0).segments[0].file)))
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 4 * CFG.n_layers + 2 and all(len(n.input) == 3 for n in dqs)
+    inits = {i.name: i for i in model.graph.initializer}
+    name = "layers.0.feed_forward.w2.weight_t"
+    assert inits[f"{name}_q"].data_type == inits[f"{name}_zero"].data_type == onnx.TensorProto.UINT4
+    dq = onnx.helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0, block_size=BLOCK)
+    got = ReferenceEvaluator(dq).run(None, {k: onnx.numpy_helper.to_array(inits[f"{name}_{k2}"])
+                                            for k, k2 in (("q", "q"), ("s", "scale"), ("z", "zero"))})[0]
+    state = load_rank_state(ckpt, RankShape(CFG, 1, 0), dtype=torch.float32)
+    want = fake_quantize(state["layers.0.feed_forward.w2.weight"], m.weight_quant, scale_dtype=torch.float32)
+    assert np.allclose(got, want.t().numpy(), atol=1e-7)
+
+
+def test_tensorrt_refuses_an_asymmetric_export(exports):
+    from llama_export.artifact.manifest import load_manifest
+    from llama_export.backends.tensorrt.build import build_engines
+    from llama_export.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match=r"^tp1-int4b16-fp32 holds asymmetric int4 weights .* re-export "
+                                            r"with --symmetric for TensorRT$"):
+        build_engines(exports(4, 1, asym=True), exports(4, 1, asym=True).parent / "engines")
+    assert load_manifest(exports(4, 1)).weight_quant.symmetric  # the symmetric export is not refused here
 
 
 def test_tensorrt_lowering_keeps_the_blocked_dequantize(exports, tmp_path):

@@ -347,6 +347,18 @@ def check_memory(manifest: Manifest, artifacts_dir: Path, options: BuildOptions,
                              max_batch=max_batch, capacity=max_seq_len, limit=limit, limit_name=limit_name)
 
 
+def check_weight_quant(manifest: Manifest) -> None:
+    """Raise ArtifactError for weights TensorRT cannot build: its (de)quantize layers take zero points
+    that are all 0 only ("only symmetric quantization is supported", IQuantizeLayer / IDequantizeLayer in
+    the TensorRT 10-11 API), so an asymmetric int4 export (uint4 weights, a zero point per block) has no
+    TensorRT form; the export must be made symmetric."""
+    wq = manifest.weight_quant
+    if wq is not None and not wq.symmetric:
+        raise ArtifactError(
+            f"{manifest.variant} holds asymmetric int{wq.bits} weights (a zero point per block), which TensorRT "
+            f"cannot build (its dequantize takes zero points of 0 only); re-export with --symmetric for TensorRT")
+
+
 def build_engines(artifacts_dir: Path, out_dir: Path, options: BuildOptions = BuildOptions()) -> Path:
     """Build engines for `options.ranks` of the export in `artifacts_dir` into `out_dir`; returns it.
 

@@ -1,11 +1,12 @@
 """Pass: weight-only quantization of a segment whose weights are attached.
 
     before                                          after
-    W [K, N] fp ─► MatMul(x, W)             ──►     W_q [K, N] int4|int8 ─┐
-                                                    W_scale [K/B, N] fp  ─► DequantizeLinear(axis=0,
-                                                                             block_size=B) ─► MatMul(x, ·)
-    E [V, D] fp ─► Gather(E, tokens)        ──►     E_q [V, D], E_scale [V, D/B] ─► DequantizeLinear(axis=1,
-       (only with WeightQuant.embedding)                                             block_size=B) ─► Gather
+    W [K, N] fp ─► MatMul(x, W)             ──►     W_q [K, N] int4|int8 (uint4|uint8 asymmetric) ─┐
+                                                    W_scale [K/B, N] fp                            ─┤
+                                                    W_zero [K/B, N] uint4|uint8 (asymmetric only)  ─► DequantizeLinear(
+                                                                           axis=0, block_size=B) ─► MatMul(x, ·)
+    E [V, D] fp ─► Gather(E, tokens)        ──►     E_q [V, D], E_scale [V, D/B], (E_zero) ─► DequantizeLinear(axis=1,
+       (only with WeightQuant.embedding)                                                     block_size=B) ─► Gather
 
 Standard ONNX (opset 21+ blocked `DequantizeLinear`, INT4/INT8 initializers), which TensorRT's
 weight-only GEMMs consume as is; the ONNX Runtime lowering rewrites the pairs into its fused kernels
@@ -29,7 +30,9 @@ from llama_export.errors import ArtifactError
 from llama_export.export.passes import Pass
 from llama_export.model.quantize import check_blocks, quantize_blocks
 
-_INT = {8: (ir.DataType.INT8, "int8"), 4: (ir.DataType.INT4, ml_dtypes.int4)}
+# (bits, symmetric) -> the stored type: signed when symmetric (zero point 0), unsigned with zero points
+_INT = {(8, True): (ir.DataType.INT8, np.int8), (4, True): (ir.DataType.INT4, ml_dtypes.int4),
+        (8, False): (ir.DataType.UINT8, np.uint8), (4, False): (ir.DataType.UINT4, ml_dtypes.uint4)}
 
 
 def param_name(initializer: str) -> str:
@@ -54,28 +57,34 @@ def _as_torch(tensor: ir.TensorProtocol) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _lazy_quantized(tensor: ir.TensorProtocol, axis: int, bits: int, b: int, qtype, np_type,
-                    q_shape: ir.Shape, s_shape: ir.Shape) -> tuple[ir.LazyTensor, ir.LazyTensor]:
-    """(quantized, scale) of `tensor`, computed when the first is read; the scale is kept until it is
-    read (the writer takes them in turn, so one tensor's pair at most is held)."""
+def _lazy_quantized(tensor: ir.TensorProtocol, axis: int, scheme: WeightQuant, q_shape: ir.Shape,
+                    s_shape: ir.Shape) -> list[ir.LazyTensor]:
+    """[quantized, scale] (and zero point when asymmetric) of `tensor`, computed when the first is read;
+    the others are kept until read (the writer takes them in turn, so one tensor's set at most is held)."""
+    qtype, np_type = _INT[scheme.bits, scheme.symmetric]
     kept: dict[str, ir.TensorProtocol] = {}
 
     def compute() -> None:
         w = _as_torch(tensor)
         w = w.t() if axis == 0 else w  # rows = output channels, blocks along the input features
-        q, scale = quantize_blocks(w, bits=bits, block_size=b, scale_dtype=w.dtype)
+        q, scale, zero = quantize_blocks(w, **scheme.quantizer, scale_dtype=w.dtype)
         if axis == 0:
-            q, scale = q.t(), scale.t()
+            q, scale, zero = q.t(), scale.t(), None if zero is None else zero.t()
         kept["q"] = ir.Tensor(q.contiguous().numpy().astype(np_type), dtype=qtype)
         kept["scale"] = ir.tensor_adapters.TorchTensor(scale.contiguous())
+        if zero is not None:
+            kept["zero"] = ir.Tensor(zero.contiguous().numpy().astype(np_type), dtype=qtype)
 
     def take(key: str) -> ir.TensorProtocol:
         if key not in kept:
             compute()
         return kept.pop(key)
 
-    return (ir.LazyTensor(lambda: take("q"), dtype=qtype, shape=q_shape),
-            ir.LazyTensor(lambda: take("scale"), dtype=tensor.dtype, shape=s_shape))
+    out = [ir.LazyTensor(lambda: take("q"), dtype=qtype, shape=q_shape),
+           ir.LazyTensor(lambda: take("scale"), dtype=tensor.dtype, shape=s_shape)]
+    if not scheme.symmetric:
+        out.append(ir.LazyTensor(lambda: take("zero"), dtype=qtype, shape=s_shape))
+    return out
 
 
 class QuantizeWeightsPass(Pass, ir.passes.InPlacePass):
@@ -89,7 +98,6 @@ class QuantizeWeightsPass(Pass, ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = model.graph
         b = self.scheme.block_size
-        qtype, np_type = _INT[self.scheme.bits]
         for value in list(g.initializers.values()):
             tensor = value.const_value
             if tensor is None or value.shape is None or len(value.shape) != 2:
@@ -104,23 +112,23 @@ class QuantizeWeightsPass(Pass, ir.passes.InPlacePass):
             check_blocks(param, k, b, hint=self.where)
             q_shape = ir.Shape(list(value.shape))
             s_shape = ir.Shape([k // b, rows] if axis == 0 else [rows, k // b])
-            q_lazy, s_lazy = _lazy_quantized(tensor, axis, self.scheme.bits, b, qtype, np_type, q_shape, s_shape)
-            qv = ir.Value(name=f"{value.name}_q", const_value=q_lazy)
-            sv = ir.Value(name=f"{value.name}_scale", const_value=s_lazy)
-            for v in (qv, sv):
+            lazies = _lazy_quantized(tensor, axis, self.scheme, q_shape, s_shape)
+            inputs = [ir.Value(name=f"{value.name}_{suffix}", const_value=lazy)
+                      for suffix, lazy in zip(("q", "scale", "zero"), lazies)]
+            for v in inputs:
                 v.const_value.name = v.name
                 v.shape, v.type = v.const_value.shape, ir.TensorType(v.const_value.dtype)
             first = next(iter(value.uses()))[0]
             path = first.name.rsplit("/", 1)[0] if first.name and "/" in first.name else value.name
-            dq = ir.node("DequantizeLinear", [qv, sv], {"axis": axis, "block_size": b},
+            dq = ir.node("DequantizeLinear", inputs, {"axis": axis, "block_size": b},
                          name=f"{path}/DequantizeLinear")
             dq.outputs[0].name = f"{path}/DequantizeLinear_output_0"
             dq.outputs[0].dtype, dq.outputs[0].shape = tensor.dtype, value.shape
             g.insert_before(first, dq)
             ir.convenience.replace_all_uses_with(value, dq.outputs[0])
             g.initializers.pop(value.name)
-            g.register_initializer(qv)
-            g.register_initializer(sv)
+            for v in inputs:
+                g.register_initializer(v)
             self.quantized.append(param)
         return ir.passes.PassResult(model, modified=bool(self.quantized))
 
