@@ -58,6 +58,9 @@ SECTIONS = (
             "`llama-export plan` for Llama-3.1-70B and 405B"),
     Section("llama-export eval", "quantized-quality", "Quality of quantized weights",
             "perplexity of the demo model's int8/int4 exports on its held-out text", main=True),
+    Section("bench_quality.py", "int4-quality", "int4 on a real model beside llama.cpp",
+            "SmolLM2-135M: perplexity of int8/int4 schemes (eager, ORT) beside llama.cpp Q8_0/Q4_0/Q4_K_M/Q4_1; "
+            "int4 decode speed, new scheme vs old"),
     Section("bench_generate.py", "generate", "Prefill and decode: eager vs ONNX Runtime",
             "134M model: prefill latency and decode tok/s, eager vs ORT, TP=1/2"),
     Section("bench_verify.py", "verify", "Start-up file verification",

@@ -366,6 +366,7 @@ def build_engines(artifacts_dir: Path, out_dir: Path, options: BuildOptions = Bu
     into place whole (`files.staged_dir`)."""
     artifacts_dir, out_dir = Path(artifacts_dir), Path(out_dir)
     manifest = load_manifest(artifacts_dir)
+    check_weight_quant(manifest)  # before TensorRT is needed: the export itself is the problem
     ranks = list(range(manifest.tp)) if options.ranks is None else list(options.ranks)
     for r in ranks:
         manifest.rank(r)  # validates
