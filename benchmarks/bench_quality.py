@@ -87,7 +87,7 @@ def quantize_variant_(model, original: dict[str, torch.Tensor], v: Variant) -> N
             for cls, rows in class_rows(model.cfg, name).items():
                 scheme = override.get(cls, v.scheme if cls in v.classes else None)
                 if scheme is not None and (cls != "output" or scheme.output):
-                    params[name][rows] = fake_quantize(w[rows], scheme, scale_dtype=w.dtype)
+                    params[name][rows] = fake_quantize(w[rows], scheme, scale_dtype=w.dtype, param=name)
 
 
 def full_logprobs(model, ids: np.ndarray) -> torch.Tensor:
@@ -254,7 +254,7 @@ def schemes() -> dict[str, WeightQuant | None]:
     out: dict[str, WeightQuant | None] = {"fp32": None, "int8": WeightQuant(8)}
     for b in (32, 64, 128):
         out[f"int4-old-b{b}"] = WeightQuant(4, b)
-        out[f"int4-new-b{b}"] = WeightQuant(4, b, symmetric=False, search=True)
+        out[f"int4-new-b{b}"] = WeightQuant(4, b, symmetric=False, search=True, output_bits=8)
     return out
 
 

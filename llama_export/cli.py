@@ -493,6 +493,9 @@ def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--no-search", dest="search", action="store_false",
                    help="int4: each block's scale covers its full range (the scheme of earlier exports) instead of the "
                    "clipped range that minimizes its squared error")
+    p.add_argument("--output-bits", type=int, choices=(4, 8), default=None,
+                   help="int4: bits of the output projection (and a quantized embedding); default 8 (symmetric "
+                   "int8, as llama.cpp's Q4_0 / Q4_K_M keep it): it is the most sensitive weight")
     p.add_argument("--quantize-embedding", action="store_true", default=q.embedding,
                    help="int8/int4: quantize the embedding table too (default: kept in the activation dtype)")
     p.add_argument("--no-quantize-output", dest="quantize_output", action="store_false", default=q.output,
@@ -512,7 +515,6 @@ def add_export_arguments(p: argparse.ArgumentParser, d) -> None:
 def _cmd_export(args, argv: list[str]) -> int:
     import dataclasses
 
-    from llama_export.config import WeightQuant
     from llama_export.export.options import ExportOptions
     from llama_export.job import format_table, run_job
     from llama_export.validate.settings import VALIDATION
@@ -527,7 +529,8 @@ def _cmd_export(args, argv: list[str]) -> int:
     tps = list(dict.fromkeys(args.tp or (DEMO_TPS if args.checkpoint is None else CHECKPOINT_TPS)))
     dtypes = list(dict.fromkeys(d if d.weights is None else dataclasses.replace(d, weights=dataclasses.replace(
         d.weights, block_size=args.block_size, output=args.quantize_output, embedding=args.quantize_embedding,
-        **({"symmetric": True} if args.symmetric else {}), **({} if args.search else {"search": False})))
+        **({"symmetric": True} if args.symmetric else {}), **({} if args.search else {"search": False}),
+        **({} if args.output_bits is None else {"output_bits": args.output_bits})))
         for d in args.dtype))
     reports = run_job(base, tps, dtypes, validate=not args.no_validate,
                       settings=dataclasses.replace(VALIDATION, steps=args.steps))

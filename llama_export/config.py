@@ -45,7 +45,9 @@ class WeightQuant:
     per block; `search`: each block's scale (and zero point) minimizes its squared error over a few
     clipped ranges instead of covering the block's full range (`model.quantize` has the formulas).
     Which weights: every 2-D weight of the layers, the output projection if `output`, the embedding table
-    (blocks along the model dimension) if `embedding`; norms never."""
+    (blocks along the model dimension) if `embedding`; norms never. `output_bits`: the output
+    projection's (and a quantized embedding's) bits where they differ from `bits` (8: symmetric int8, as
+    llama.cpp's Q4_0 and Q4_K_M keep a model's output / tied embedding at 8 bits); None: `bits`."""
 
     bits: int
     block_size: int = 32
@@ -53,10 +55,12 @@ class WeightQuant:
     embedding: bool = False
     symmetric: bool = True
     search: bool = False
+    output_bits: int | None = None
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise ConfigError(f"weight bits={self.bits} is not supported; use 8 (int8) or 4 (int4)")
+        for bits in (self.bits, self.output_bits or self.bits):
+            if bits not in (4, 8):
+                raise ConfigError(f"weight bits={bits} is not supported; use 8 (int8) or 4 (int4)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size {self.block_size} must be a power of two >= 16 (e.g. 32, 64, 128)")
 
@@ -64,6 +68,13 @@ class WeightQuant:
     def name(self) -> str:
         """'int4', 'int8'; a block size other than 32 is spelled: 'int4b128'."""
         return f"int{self.bits}" + ("" if self.block_size == 32 else f"b{self.block_size}")
+
+    def at(self, param: str) -> WeightQuant:
+        """The scheme parameter `param` is quantized with: this one, or for the output projection and
+        the embedding with `output_bits` set, int8 symmetric in the same blocks."""
+        if self.output_bits in (None, self.bits) or param not in ("output.weight", "tok_embeddings.weight"):
+            return self
+        return WeightQuant(self.output_bits, self.block_size, self.output, self.embedding)
 
     @property
     def quantizer(self) -> dict[str, Any]:
@@ -84,15 +95,16 @@ class WeightQuant:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WeightQuant:
-        """The scheme a manifest records; exports written before `search` existed used the plain range."""
-        return cls(**{"search": False, **d})
+        """The scheme a manifest records; exports written before `search` existed used the plain range
+        and one bit width."""
+        return cls(**{"search": False, "output_bits": None, **d})
 
     @classmethod
     def default(cls, bits: int) -> WeightQuant:
         """`--dtype int4` / `int8`: the scheme each means unless options say otherwise. int4: asymmetric
         with searched ranges (on SmolLM2-135M, GPL-3, blocks of 64: perplexity +~5 % over fp32 where the
         symmetric plain range gave +91 %; docs/quantization.md); int8: symmetric plain range (+0.5 %)."""
-        return cls(bits) if bits == 8 else cls(bits, symmetric=False, search=True)
+        return cls(bits) if bits == 8 else cls(bits, symmetric=False, search=True, output_bits=8)
 
 
 @dataclass(frozen=True)

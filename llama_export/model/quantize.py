@@ -137,9 +137,11 @@ def dequantize_blocks(q: Tensor, scale: Tensor, zero: Tensor | None = None, *,
     return (ints.to(scale.dtype) * scale.unsqueeze(-1)).reshape(rows, k).to(dtype)
 
 
-def fake_quantize(w: Tensor, scheme: WeightQuant, *, scale_dtype: torch.dtype) -> Tensor:
-    """`w` [rows, K] quantized and dequantized again: the values a quantized graph computes with."""
-    return dequantize_blocks(*quantize_blocks(w, **scheme.quantizer, scale_dtype=scale_dtype), dtype=w.dtype)
+def fake_quantize(w: Tensor, scheme: WeightQuant, *, scale_dtype: torch.dtype, param: str = "") -> Tensor:
+    """`w` [rows, K] quantized and dequantized again: the values a quantized graph computes with;
+    `param`: the parameter's name (the output projection may have its own bits, `WeightQuant.at`)."""
+    blocks = quantize_blocks(w, **scheme.at(param).quantizer, scale_dtype=scale_dtype)
+    return dequantize_blocks(*blocks, dtype=w.dtype)
 
 
 def quantized_parameters(model: nn.Module, scheme: WeightQuant) -> list[str]:
@@ -163,5 +165,5 @@ def quantize_model_(model: nn.Module, scheme: WeightQuant) -> list[str]:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in names:
-            params[name].copy_(fake_quantize(params[name], scheme, scale_dtype=params[name].dtype))
+            params[name].copy_(fake_quantize(params[name], scheme, scale_dtype=params[name].dtype, param=name))
     return names

@@ -46,9 +46,11 @@ def exports(ckpt):
     cache = {}
 
     def get(bits: int, tp: int, asym: bool = False):
-        """asym: the asymmetric searched scheme (`WeightQuant.default(4)`), else the symmetric plain one."""
+        """asym: int4's default scheme (asymmetric, searched, output and embedding int8), else the
+        symmetric plain one."""
         if (bits, tp, asym) not in cache:
-            scheme = WeightQuant(bits, BLOCK, embedding=True, symmetric=not asym, search=asym)
+            scheme = (WeightQuant(bits, BLOCK, embedding=True, symmetric=False, search=True, output_bits=8) if asym
+                      else WeightQuant(bits, BLOCK, embedding=True))
             out = ckpt.parent / ("ga" if asym else "g")
             cache[bits, tp, asym] = export(ExportOptions(checkpoint=ckpt, out=out, tp=tp, weights=scheme,
                                                          progress=False))
@@ -256,13 +258,19 @@ def test_asymmetric_graph_holds_uint4_with_zero_points(exports, ckpt):
     three-input DequantizeLinear that onnx's reference evaluates (y = (q - zero) * scale)."""
     from onnx.reference import ReferenceEvaluator
 
+    import dataclasses
+
     path = exports(4, 1, asym=True)
     m = load_manifest(path)
-    assert m.weight_quant == WeightQuant(4, BLOCK, embedding=True, symmetric=False, search=True)
+    assert m.weight_quant == dataclasses.replace(WeightQuant.default(4), block_size=BLOCK, embedding=True)
     model = onnx.load(str(resolve_inside(path, m.rank(0).segments[0].file)))
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dqs) == 4 * CFG.n_layers + 2 and all(len(n.input) == 3 for n in dqs)
     inits = {i.name: i for i in model.graph.initializer}
+    # the output projection and the embedding: symmetric int8 (`output_bits`), no zero point
+    eight = [n for n in dqs if inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    assert sorted(n.input[0] for n in eight) == ["output.weight_t_q", "tok_embeddings.weight_q"]
+    assert all(len(n.input) == 2 for n in eight)
+    assert len(dqs) == 4 * CFG.n_layers + 2 and all(len(n.input) == 3 for n in dqs if n not in eight)
     name = "layers.0.feed_forward.w2.weight_t"
     assert inits[f"{name}_q"].data_type == inits[f"{name}_zero"].data_type == onnx.TensorProto.UINT4
     dq = onnx.helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0, block_size=BLOCK)

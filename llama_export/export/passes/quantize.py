@@ -112,7 +112,7 @@ class QuantizeWeightsPass(Pass, ir.passes.InPlacePass):
             check_blocks(param, k, b, hint=self.where)
             q_shape = ir.Shape(list(value.shape))
             s_shape = ir.Shape([k // b, rows] if axis == 0 else [rows, k // b])
-            lazies = _lazy_quantized(tensor, axis, self.scheme, q_shape, s_shape)
+            lazies = _lazy_quantized(tensor, axis, self.scheme.at(param), q_shape, s_shape)
             inputs = [ir.Value(name=f"{value.name}_{suffix}", const_value=lazy)
                       for suffix, lazy in zip(("q", "scale", "zero"), lazies)]
             for v in inputs:
