@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from llama_export.config import WeightQuant
 from llama_export.errors import ConfigError
 
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # `search`: range shrink factors tried
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)  # `search`: range shrink factors tried
 
 
 def qmax(bits: int) -> int:
@@ -101,27 +101,30 @@ def _fit(blocks: Tensor, *, bits: int, symmetric: bool, search: bool,
         s = s.to(scale_dtype).float()
         return torch.where(s > 0, s, torch.ones_like(s))
 
-    def candidate(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        s = rounded(s)
-        z = torch.zeros_like(s) if base is None else (-base / s).round().clamp(lo_q, hi_q)
-        q = (blocks / s.unsqueeze(-1)).round_().add_(z.unsqueeze(-1)).clamp_(lo_q, hi_q)
-        err = (q - z.unsqueeze(-1)).mul_(s.unsqueeze(-1)).sub_(blocks).square_().sum(dim=-1)
-        return q, s, z, err
+    def zero_for(s: Tensor) -> Tensor:
+        return torch.zeros_like(s) if base is None else (-base / s).round().clamp(lo_q, hi_q)
 
-    best = candidate(span)
-    if not search:
-        return best[:3]
-    for ratio in CLIP_RATIOS:
-        q, s, z, err = candidate(span * ratio)
-        # least-squares scale for these q: argmin_s sum((s (q - z) - w)^2) = <w, q - z> / <q - z, q - z>
-        d = q - z.unsqueeze(-1)
-        den = d.square().sum(dim=-1)
-        refit = torch.where(den > 0, (blocks * d).sum(dim=-1) / den.clamp(min=1), s)
-        for cand in ((q, s, z, err), candidate(refit.abs())):
-            better = cand[3] < best[3]
-            best = tuple(torch.where(better.unsqueeze(-1) if a.dim() > better.dim() else better, a, b)
-                         for a, b in zip(cand, best))
-    return best[:3]
+    def levels(s: Tensor, z: Tensor) -> Tensor:  # q - z, the signed level of each element
+        return (blocks / s.unsqueeze(-1)).round_().add_(z.unsqueeze(-1)).clamp_(lo_q, hi_q).sub_(z.unsqueeze(-1))
+
+    def error(d: Tensor, s: Tensor) -> Tensor:
+        return d.mul_(s.unsqueeze(-1)).sub_(blocks).square_().sum(dim=-1)
+
+    s = rounded(span)
+    z = zero_for(s)
+    if search:
+        err = error(levels(s, z), s)
+        for ratio in CLIP_RATIOS:
+            s_r = rounded(span * ratio)
+            z_r = zero_for(s_r)
+            d = levels(s_r, z_r)
+            # least-squares scale for these levels: argmin_s sum((s d - w)^2) = <w, d> / <d, d>
+            den = d.square().sum(dim=-1)
+            s_fit = rounded(torch.where(den > 0, (blocks * d).sum(dim=-1) / den.clamp(min=1), s_r).abs())
+            err_fit = error(levels(s_fit, z_r), s_fit)
+            better = err_fit < err
+            s, z, err = torch.where(better, s_fit, s), torch.where(better, z_r, z), torch.where(better, err_fit, err)
+    return levels(s, z).add_(z.unsqueeze(-1)), s, z
 
 
 def dequantize_blocks(q: Tensor, scale: Tensor, zero: Tensor | None = None, *,
