@@ -270,12 +270,18 @@ def variants(kind: str) -> list[Variant]:
                 Variant("int4 b64 sym search", int4[True, True, 64]), Variant("int4 new b64 (asym, search)", new(64)),
                 Variant("int4 new b32", new(32)), Variant("int4 new b128", new(128)),
                 Variant("int4 new b64, output int8", new(64), override=(("output", WeightQuant(8, 64)),))]
+    if kind == "ablation":  # blocks of 64 (not aligned with a Q4_1 grid): which part of the new scheme helps
+        d = replace(WeightQuant.default(4), block_size=64)
+        return [fp32, Variant("int4 b64 asym min/max, output int8", replace(d, search=False)),
+                Variant("int4 b64 asym search, output int4", replace(d, output_bits=None)),
+                Variant("int4 b64 sym min/max, output int8", replace(d, symmetric=True, search=False)),
+                Variant("int4 b64 sym search, output int8 (TensorRT)", replace(d, symmetric=True))]
     if kind == "fp32":
         return [fp32]
     if kind == "final":  # the default int4 scheme (asymmetric, searched, output int8) and its neighbours
         d = WeightQuant.default(4)
         return [fp32, Variant("int8 b32", WeightQuant(8)), Variant("int4 old b32", old(32)), Variant("int4 old b64", old(64))] + [
-            Variant(f"int4 new b{b} (default scheme)", replace(d, block_size=b)) for b in (32, 64, 128)] + [
+            Variant(f"int4 new b{b} (default scheme)", replace(d, block_size=b)) for b in (32, 64)] + [
             Variant("int4 new b64, output int4", replace(d, block_size=64, output_bits=None)),
             Variant("int4 b64 symmetric + search + output int8 (TensorRT)", replace(d, block_size=64, symmetric=True))]
     if kind == "classes":  # one class at a time, old scheme (sym, plain range), blocks of 64
@@ -307,7 +313,7 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--n-ctx", type=int, default=512, help="llama-perplexity -c")
-    ap.add_argument("--sweep", nargs="*", default=[], choices=("fp32", "main", "final", "classes", "schemes", "mixed"),
+    ap.add_argument("--sweep", nargs="*", default=[], choices=("fp32", "ablation", "main", "final", "classes", "schemes", "mixed"),
                     help="eager variants to score (none by default)")
     ap.add_argument("--windows", nargs="+", choices=("ours", "lcpp"), default=["ours", "lcpp"],
                     help="how eager variants are scored: our eval's windows, llama.cpp's chunks, or both")
