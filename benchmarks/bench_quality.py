@@ -278,6 +278,9 @@ def variants(kind: str) -> list[Variant]:
                 Variant("int4 b64 sym search, output int8 (TensorRT)", replace(d, symmetric=True))]
     if kind == "fp32":
         return [fp32]
+    if kind == "default64":
+        return [Variant("int4 b64 default scheme (asym, weighted search, output int8)",
+                        replace(WeightQuant.default(4), block_size=64))]
     if kind == "final":  # the default int4 scheme (asymmetric, searched, output int8) and its neighbours
         d = WeightQuant.default(4)
         return [fp32, Variant("int8 b32", WeightQuant(8)), Variant("int4 old b32", old(32)), Variant("int4 old b64", old(64))] + [
@@ -313,7 +316,7 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--n-ctx", type=int, default=512, help="llama-perplexity -c")
-    ap.add_argument("--sweep", nargs="*", default=[], choices=("fp32", "ablation", "main", "final", "classes", "schemes", "mixed"),
+    ap.add_argument("--sweep", nargs="*", default=[], choices=("fp32", "default64", "ablation", "main", "final", "classes", "schemes", "mixed"),
                     help="eager variants to score (none by default)")
     ap.add_argument("--windows", nargs="+", choices=("ours", "lcpp"), default=["ours", "lcpp"],
                     help="how eager variants are scored: our eval's windows, llama.cpp's chunks, or both")

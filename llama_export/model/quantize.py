@@ -17,9 +17,10 @@ The scale comes from the block's range: max|w| / qmax (symmetric) or (max(w, 0) 
 (2**bits - 1) with zero = round(-min(w, 0) / scale) (asymmetric; the range holds 0, so the integer zero
 point is in range and every element is within scale / 2 of its grid point). With `search`, the range is
 also tried shrunk by each ratio of `CLIP_RATIOS` (clipping the block's outliers to spend the levels on
-the bulk of its values), each candidate's scale is refit by least squares to the q it rounds to (the
-idea of llama.cpp's `make_qkx` and of HQQ-style quantizers), and each block keeps the candidate with the
-smallest squared error: never worse than the plain range, which is one of the candidates. An all-zero
+the bulk of its values), each candidate's scale is refit by least squares to the q it rounds to, and
+each block keeps the candidate with the smallest squared error weighted by |w| + the block's RMS (the
+weights of llama.cpp's `make_qkx2_quants`: an error on a large weight costs more): never worse, by that
+measure, than the plain range, which is one of the candidates. An all-zero
 block gets scale 1 (its q are the zero point). Scales are rounded to the graph's scale dtype before q is
 computed, so q is the best integer for the scale the graph really multiplies by.
 """
@@ -107,8 +108,12 @@ def _fit(blocks: Tensor, *, bits: int, symmetric: bool, search: bool,
     def levels(s: Tensor, z: Tensor) -> Tensor:  # q - z, the signed level of each element
         return (blocks / s.unsqueeze(-1)).round_().add_(z.unsqueeze(-1)).clamp_(lo_q, hi_q).sub_(z.unsqueeze(-1))
 
+    # `search` weighs each element's squared error by its magnitude plus the block's RMS (llama.cpp's
+    # make_qkx2 weights, `av_x + |x|`): clipping a large weight costs more than rounding a small one
+    imp = blocks.abs().add_(blocks.square().mean(dim=-1, keepdim=True).sqrt_()) if search else None
+
     def error(d: Tensor, s: Tensor) -> Tensor:
-        return d.mul_(s.unsqueeze(-1)).sub_(blocks).square_().sum(dim=-1)
+        return d.mul_(s.unsqueeze(-1)).sub_(blocks).square_().mul_(imp).sum(dim=-1)
 
     s = rounded(span)
     z = zero_for(s)
@@ -118,9 +123,9 @@ def _fit(blocks: Tensor, *, bits: int, symmetric: bool, search: bool,
             s_r = rounded(span * ratio)
             z_r = zero_for(s_r)
             d = levels(s_r, z_r)
-            # least-squares scale for these levels: argmin_s sum((s d - w)^2) = <w, d> / <d, d>
-            den = d.square().sum(dim=-1)
-            s_fit = rounded(torch.where(den > 0, (blocks * d).sum(dim=-1) / den.clamp(min=1), s_r).abs())
+            # weighted least-squares scale for these levels: argmin_s sum(imp (s d - w)^2) = <w, imp d> / <d, imp d>
+            den = (d.square() * imp).sum(dim=-1)
+            s_fit = rounded(torch.where(den > 0, (blocks * d * imp).sum(dim=-1) / den.clamp(min=1e-30), s_r).abs())
             err_fit = error(levels(s_fit, z_r), s_fit)
             better = err_fit < err
             s, z, err = torch.where(better, s_fit, s), torch.where(better, z_r, z), torch.where(better, err_fit, err)

@@ -103,7 +103,8 @@ def test_asymmetric_block_quantization_formula(bits):
 
 def test_searched_asymmetric_int4_beats_the_old_scheme_on_outliers():
     """Gaussian weights with a few large outliers (no grid of any kind underneath): per block, the
-    searched scale never does worse than the plain range (which is one of its candidates), and the
+    searched scale never does worse than the plain range (one of its candidates) by the error it
+    minimizes, and the
     asymmetric plain range obeys its bound |w - w'| <= (max - min) / 30, below the symmetric bound
     max|w| / 14 wherever the block's range is not symmetric about 0."""
     g = torch.Generator().manual_seed(0)
@@ -112,13 +113,18 @@ def test_searched_asymmetric_int4_beats_the_old_scheme_on_outliers():
     w.view(-1)[hits] = torch.randn(300, generator=g) * 0.2  # ~0.2 % outliers, 10 sigma
     blocks = w.reshape(256, -1, 32)
 
-    def sse(**kw) -> torch.Tensor:
-        deq = fake_quantize(w, WeightQuant(4, 32, **kw), scale_dtype=torch.float32)
-        return (deq - w).reshape(blocks.shape).square().sum(-1)
+    # the search's objective: squared error weighted by |w| + the block's RMS (llama.cpp's make_qkx2)
+    weight = blocks.abs() + blocks.square().mean(-1, keepdim=True).sqrt()
 
-    old, asym, sym_search, new = (sse(symmetric=True, search=False), sse(symmetric=False, search=False),
-                                  sse(symmetric=True, search=True), sse(symmetric=False, search=True))
-    assert torch.all(sym_search <= old * (1 + 1e-6)) and torch.all(new <= asym * (1 + 1e-6))
+    def sse(weighted: bool = False, **kw) -> torch.Tensor:
+        deq = fake_quantize(w, WeightQuant(4, 32, **kw), scale_dtype=torch.float32)
+        err = (deq - w).reshape(blocks.shape).square()
+        return (err * weight if weighted else err).sum(-1)
+
+    for symmetric in (True, False):  # per block, never worse than the plain range by its own measure
+        assert torch.all(sse(True, symmetric=symmetric, search=True)
+                         <= sse(True, symmetric=symmetric, search=False) * (1 + 1e-6))
+    old, asym, new = sse(symmetric=True), sse(symmetric=False), sse(symmetric=False, search=True)
     span = blocks.amax(-1).clamp(min=0) - blocks.amin(-1).clamp(max=0)
     assert torch.all(asym <= 32 * (span / 30) ** 2 * (1 + 1e-5))  # 32 elements, each within half a step
     assert new.sum() < 0.8 * old.sum(), float(new.sum() / old.sum())
