@@ -138,6 +138,10 @@ def eager_sweep(args, variants: list[Variant]) -> list[list]:
     chunks = llama_cpp_chunks(ids.size, args.n_ctx)
     bos = ids[0] if tok.encode("x")[0] == ids[0] else None  # the tokenizer's BOS, where it adds one
     original = {n: p.detach().clone() for n, p in model.named_parameters() if class_rows(model.cfg, n)}
+    if args.perturb:  # off the checkpoint's Q4_1 grid: every weight moved by a little Gaussian noise
+        g = torch.Generator().manual_seed(0)
+        for w in original.values():
+            w.add_(torch.randn(w.shape, generator=g) * (w.std() * args.perturb))
     rows, base = [], {}
     for v in variants:
         t0 = time.perf_counter()
@@ -254,7 +258,7 @@ def schemes() -> dict[str, WeightQuant | None]:
     out: dict[str, WeightQuant | None] = {"fp32": None, "int8": WeightQuant(8)}
     for b in (32, 64, 128):
         out[f"int4-old-b{b}"] = WeightQuant(4, b)
-        out[f"int4-new-b{b}"] = WeightQuant(4, b, symmetric=False, search=True, output_bits=8)
+        out[f"int4-new-b{b}"] = replace(WeightQuant.default(4), block_size=b)
     return out
 
 
@@ -278,9 +282,10 @@ def variants(kind: str) -> list[Variant]:
                 Variant("int4 b64 sym search, output int8 (TensorRT)", replace(d, symmetric=True))]
     if kind == "fp32":
         return [fp32]
-    if kind == "default64":
-        return [Variant("int4 b64 default scheme (asym, weighted search, output int8)",
-                        replace(WeightQuant.default(4), block_size=64))]
+    if kind == "default":  # the default int4 scheme (asymmetric full range, output int8) beside the old one
+        d = WeightQuant.default(4)
+        return [fp32, Variant("int4 old b32", old(32)), Variant("int4 old b64", old(64)),
+                Variant("int4 new b32 (default)", d), Variant("int4 new b64 (default)", replace(d, block_size=64))]
     if kind == "final":  # the default int4 scheme (asymmetric, searched, output int8) and its neighbours
         d = WeightQuant.default(4)
         return [fp32, Variant("int8 b32", WeightQuant(8)), Variant("int4 old b32", old(32)), Variant("int4 old b64", old(64))] + [
@@ -316,7 +321,7 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--n-ctx", type=int, default=512, help="llama-perplexity -c")
-    ap.add_argument("--sweep", nargs="*", default=[], choices=("fp32", "default64", "ablation", "main", "final", "classes", "schemes", "mixed"),
+    ap.add_argument("--sweep", nargs="*", default=[], choices=("fp32", "default", "ablation", "main", "final", "classes", "schemes", "mixed"),
                     help="eager variants to score (none by default)")
     ap.add_argument("--windows", nargs="+", choices=("ours", "lcpp"), default=["ours", "lcpp"],
                     help="how eager variants are scored: our eval's windows, llama.cpp's chunks, or both")
