@@ -243,12 +243,13 @@ def llama_cpp_rows(args) -> list[list]:
     rows, base = [], None
     for name in args.gguf:
         path = args.gguf_dir / name
+        chunks = [] if args.max_tokens is None else ["--chunks", str(args.max_tokens // args.n_ctx)]
         res = subprocess.run([str(args.llama_perplexity), "-m", str(path), "-f", str(args.text), "-c", str(args.n_ctx),
-                              "-t", str(args.threads)], capture_output=True, text=True)
+                              "-t", str(args.threads), *chunks], capture_output=True, text=True)
         m = re.search(r"Final estimate: PPL = ([0-9.]+)", res.stdout + res.stderr)
         ppl = float(m.group(1)) if m else None
         base = ppl if base is None else base
-        rows.append([f"llama.cpp {name}", "llama-perplexity", None, None, _r(ppl), _pct(ppl, base)])
+        rows.append([f"llama.cpp {Path(name).name}", "llama-perplexity", None, None, _r(ppl), _pct(ppl, base)])
         print(f"llama.cpp {name:34s} {ppl}", flush=True)
     return rows
 

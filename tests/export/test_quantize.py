@@ -9,6 +9,8 @@ largest logit, cosine >= 0.999 (observed ~2 % / 0.9999 on these models).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -46,10 +48,10 @@ def exports(ckpt):
     cache = {}
 
     def get(bits: int, tp: int, asym: bool = False):
-        """asym: int4's default scheme (asymmetric, searched, output and embedding int8), else the
-        symmetric plain one."""
+        """asym: int4's default scheme (asymmetric, output and embedding int8), else the symmetric one
+        with every weight in `bits`."""
         if (bits, tp, asym) not in cache:
-            scheme = (WeightQuant(bits, BLOCK, embedding=True, symmetric=False, search=True, output_bits=8) if asym
+            scheme = (dataclasses.replace(WeightQuant.default(bits), block_size=BLOCK, embedding=True) if asym
                       else WeightQuant(bits, BLOCK, embedding=True))
             out = ckpt.parent / ("ga" if asym else "g")
             cache[bits, tp, asym] = export(ExportOptions(checkpoint=ckpt, out=out, tp=tp, weights=scheme,
@@ -263,8 +265,6 @@ def test_asymmetric_graph_holds_uint4_with_zero_points(exports, ckpt):
     """The asymmetric scheme in the graph: uint4 weights and a uint4 zero point per block, as the standard
     three-input DequantizeLinear that onnx's reference evaluates (y = (q - zero) * scale)."""
     from onnx.reference import ReferenceEvaluator
-
-    import dataclasses
 
     path = exports(4, 1, asym=True)
     m = load_manifest(path)
