@@ -222,10 +222,14 @@ def test_fast_ort_kernels_match_the_canonical_graph(bits, asym, exports):
 @pytest.mark.parametrize("asym", [False, True])
 def test_tp2_quantized_matches_tp1_quantized(asym, exports):
     """The fast kernels at TP=2 vs TP=1 (int4; int8 takes the same path): blocks never straddle ranks, so
-    the same integers and scales meet the same activation blocks; only summation order differs."""
+    the same integers and scales meet the same activation blocks; only summation order differs. That
+    order can move an activation across an int8 rounding boundary of MatMulNBits' level 4 (one quantum,
+    1/127 of its block's largest activation): observed 4.3e-3 on logits of order 3 with the asymmetric
+    scheme, 1e-3 before. A wrong block, scale or zero point is off by far more; the exact arithmetic at
+    TP=2 is held to 1e-4 by test_ort_matches_dequantized_eager."""
     one = _logits(exports(4, 1, asym), 1, PROMPT, exact=False)
     two = _logits(exports(4, 2, asym), 2, PROMPT, exact=False)
-    assert (one - two).abs().max() <= 1e-3
+    assert (one - two).abs().max() <= 1e-2
 
 
 def test_block_size_that_would_straddle_ranks_is_refused(ckpt, tmp_path, capsys):
