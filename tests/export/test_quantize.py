@@ -317,3 +317,11 @@ def test_tensorrt_lowering_keeps_the_blocked_dequantize(exports, tmp_path):
     count = [sum(n.op_type == "DequantizeLinear" for n in m.graph.node) for m in (before, after)]
     assert count[0] == count[1] == 2  # w13 (w1 and w3 packed), w2
     assert {i.data_type for i in after.graph.initializer if i.name.endswith("_q")} == {onnx.TensorProto.INT4}
+
+
+def test_a_manifest_written_before_the_asymmetric_scheme_reads_as_what_it_was():
+    old = {"bits": 4, "block_size": 64, "output": True, "embedding": False, "symmetric": True}  # as written then
+    scheme = WeightQuant.from_dict(old)
+    assert scheme == WeightQuant(4, 64) and not scheme.search and scheme.at("output.weight") == scheme
+    assert WeightQuant.from_dict(WeightQuant.default(4).to_dict()) == WeightQuant.default(4)
+    assert WeightQuant.default(4).at("output.weight") == WeightQuant(8, 32)
