@@ -487,8 +487,7 @@ class Engine:
 
     def _emit(self, live: _Live, logits: np.ndarray) -> None:
         """Sample `live`'s next token from its row's logits, hand it over, and end it if it is done."""
-        check_finite(logits[None, :], lambda _: f"in {f'decode step {len(live.out)}' if live.out else 'the prefill'} "
-                                                f"of request {live.handle.index}")
+        check_finite(logits[None, :], lambda _: _where(live))
         if live.request.score:
             token = live.request.score[len(live.out)]
             live.logprobs.append(float(log_softmax(logits)[token]))
@@ -543,6 +542,13 @@ class Engine:
             h._end(error=error)
         if self._on_error is not None:
             self._on_error(error)
+
+
+def _where(live: _Live) -> str:
+    """Where a request's logits were computed, for a message: `in decode step 3 of request 1`."""
+    if live.request.score:
+        return f"in scoring request {live.handle.index}, predicting its continuation's token {len(live.out) + 1}"
+    return f"in {f'decode step {len(live.out)}' if live.out else 'the prefill'} of request {live.handle.index}"
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

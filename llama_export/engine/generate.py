@@ -32,7 +32,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def check_finite(logits: np.ndarray, where: Callable[[int], str]) -> None:
     """NonFiniteError unless every row of `logits` `[B, V]` is finite; `where(row)` says where the row was
-    computed ("in the prefill, row 0"). One pass over the step's logits: cheap next to the step itself."""
+    computed ("in the prefill of request 0"). One pass over the step's logits: cheap next to the step itself."""
     finite = np.isfinite(logits).all(axis=-1)
     if not finite.all():
         raise NonFiniteError(
