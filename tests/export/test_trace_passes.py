@@ -125,3 +125,24 @@ def test_cleanup_refuses_a_graph_with_weights_attached(traced):
     AttachWeightsPass(lambda name: torch.ones(shapes[name]))(again)
     with pytest.raises(ir.passes.PreconditionError):
         CleanupPass()(again)
+
+
+def test_an_export_holds_no_source_path_of_the_machine_that_traced_it(tmp_path):
+    """torch.onnx records each node's Python stack (file paths of this checkout); an export drops them,
+    so its bytes do not depend on where the package is installed."""
+    from pathlib import Path
+
+    import llama_export
+    from llama_export.export.exporter import export
+    from llama_export.export.options import ExportOptions
+    from tests.helpers import random_meta_state, tiny_config, write_meta
+
+    cfg = tiny_config("mha")
+    meta = write_meta(tmp_path / "meta", cfg, random_meta_state(cfg, seed=3))
+    out = export(ExportOptions(checkpoint=meta, out=tmp_path / "graphs", tp=1, progress=False))
+    source = str(Path(llama_export.__file__).resolve().parent).encode()
+    graphs = sorted(out.rglob("*.onnx"))
+    assert graphs
+    for g in graphs:
+        data = g.read_bytes()
+        assert source not in data and b"stack_trace" not in data, g

@@ -4,6 +4,7 @@
     Shape(x) ─► Gather(1) ─► Add(c) ─► Reshape     Shape(x) ─► Gather(1) ─► Add(c) ─► Reshape
     Constant(2) ─► Mul(Constant(3)) ─► Reshape     Constant(6) ─────────────────────► Reshape
     a ─► Identity ─► MatMul                        a ─► MatMul
+    node metadata: torch's stack trace             (dropped: it holds this machine's source paths)
     y = f(a); z = f(a) (same node twice)           y = f(a); z = y
     W (placeholder) ─► Transpose                   W (placeholder) ─► Transpose    (left for `weights`)
     Shape(past_value_4)[0:1]   (batch)             Shape(tokens)[0:1]
@@ -28,6 +29,9 @@ from llama_export.export.passes import Pass
 from llama_export.export.passes.placeholders import is_placeholder, reads_placeholder
 
 
+# torch.onnx records the Python stack of each node's origin, with this machine's file paths: an export
+# would carry them (and its bytes would depend on where the package is installed); they are dropped.
+_STACK_TRACE = "pkg.torch.onnx.stack_trace"
 _INPUT_LIMIT = 16  # elements: only constants this small are folded (shape arithmetic, scalars)
 _FOLD_LIMIT = 1 << 16  # elements: largest folded result; weight-sized tensors are never made here
 
@@ -82,6 +86,8 @@ class CleanupPass(Pass, ir.passes.InPlacePass):
         for p in (common.IdentityEliminationPass(), common.CommonSubexpressionEliminationPass(),
                   common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass()):
             p(model)
+        for node in model.graph.all_nodes():  # the tracing machine's source paths: not for an export
+            node.metadata_props.pop(_STACK_TRACE, None)
         return ir.passes.PassResult(model, modified=True)
 
     def ensures(self, model: ir.Model) -> None:
