@@ -41,9 +41,10 @@ log = logging.getLogger(__name__)
 
 
 def default_checkpoint() -> Path:
-    from llama_export.demo import DEMO_DIR
+    """The checkpoint a command uses without --checkpoint / --model: the built-in demo model."""
+    from llama_export.models import model_checkpoint
 
-    return DEMO_DIR
+    return model_checkpoint("demo")
 
 
 @dataclass(frozen=True)
